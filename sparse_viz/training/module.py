@@ -1,0 +1,192 @@
+"""The LightningModule that trains a `SparseTransformer` through a DSA stage schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from sparse_viz.errors import UserInputError
+from sparse_viz.model import ModelConfig, SparseTransformer
+from sparse_viz.training.stages import Schedule, Stage
+
+
+def default_stages() -> list[Stage]:
+    """dense -> warmup -> sparse: a small model has no pretrained dense checkpoint to start from."""
+    return [
+        Stage(name="dense", steps=300, lr=3e-3, indexer_lr=1e-3, warmup_steps=30),
+        Stage(name="warmup", steps=50, indexer_lr=1e-3),
+        Stage(name="sparse", steps=450, lr=1.5e-3, indexer_lr=5e-4, warmup_steps=10),
+    ]
+
+
+class DSALightningModule(L.LightningModule):
+    """Language-model training with DeepSeek Sparse Attention and a stage schedule.
+
+    The `--model.*` options of `python -m sparse_viz.train` are this constructor's arguments:
+    the `ModelConfig` fields (see `sparse_viz/model/config.py`) plus the training recipe.
+
+    Args:
+        vocab_size ... attention_path: the `ModelConfig` fields, same names and meaning.
+            `vocab_size` is linked to the data's tokenizer by the training command.
+        stages: the schedule (`Stage` list); default dense -> warmup -> sparse.
+            `[Stage("sparse", ...)]` alone is the from-scratch mode.
+        weight_decay: AdamW decoupled weight decay on matrices (not on norms, biases, embeddings
+            of the indexer's LayerNorm).
+        betas: AdamW betas.
+        indexer_loss_weight: multiplier of the summed per-layer indexer KL. The indexer's input
+            is detached, so this only rescales the indexer's gradient.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int = 384,
+        max_seq_len: int = 256,
+        rope_theta: float = 10000.0,
+        tie_embeddings: bool = True,
+        selector: str = "topk",
+        top_k: int = 32,
+        sink_tokens: int = 4,
+        selector_seed: int = 0,
+        use_indexer: bool = True,
+        indexer_heads: int = 4,
+        indexer_dim: int = 32,
+        indexer_rope_dim: int = 16,
+        attention_path: str = "gathered",
+        stages: list[Stage] | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        indexer_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        try:
+            self.model_config = ModelConfig(
+                vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=rope_theta,
+                tie_embeddings=tie_embeddings, selector=selector, top_k=top_k,
+                sink_tokens=sink_tokens, selector_seed=selector_seed, use_indexer=use_indexer,
+                indexer_heads=indexer_heads, indexer_dim=indexer_dim,
+                indexer_rope_dim=indexer_rope_dim, attention_path=attention_path,
+            )
+            self.schedule = Schedule(stages if stages is not None else default_stages())
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
+        if not use_indexer and any(s.name == "warmup" for s in self.schedule.stages):
+            raise UserInputError("a 'warmup' stage trains the indexer: it needs use_indexer=True")
+        self.model = SparseTransformer(self.model_config)
+        self._trainable_for: str | None = None
+        self._batch_started_at: float | None = None
+        self._val_loss_sum = 0.0
+        self._val_token_count = 0
+
+    # ----------------------------------------------------------------- the schedule's view
+    @property
+    def current_stage(self) -> Stage:
+        return self.schedule.locate(self.global_step)[1]
+
+    @property
+    def stage_attention(self) -> str:
+        """`dense` or `sparse`: the attention the current stage trains and validates with."""
+        return self.current_stage.attention
+
+    def _indexer_loss_mode(self, stage: Stage) -> str | None:
+        return stage.indexer_loss if self.model_config.use_indexer else None
+
+    def _set_trainable(self, stage: Stage) -> None:
+        """Freeze the main model in `warmup`: no graph is built through it, only the indexer learns."""
+        if self._trainable_for == stage.name:
+            return
+        for parameter in self.model.main_parameters():
+            parameter.requires_grad_(stage.trains_main)
+        self._trainable_for = stage.name
+
+    # ----------------------------------------------------------------- steps
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._batch_started_at = time.perf_counter()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """One step of the current stage.
+
+        Args:
+            batch: (B, T + 1) token ids; inputs are batch[:, :-1], targets batch[:, 1:].
+        """
+        stage_index, stage, _ = self.schedule.locate(self.global_step)
+        self._set_trainable(stage)
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+        out = self.model(inputs, attention=stage.attention, indexer_loss=self._indexer_loss_mode(stage))
+        lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        loss = lm_loss if stage.trains_main else lm_loss.new_zeros(())
+        if out.indexer_kl is not None:
+            if not torch.isfinite(out.indexer_kl).all():
+                raise FloatingPointError(f"indexer KL is not finite: {out.indexer_kl.tolist()}")
+            loss = loss + self.hparams.indexer_loss_weight * out.indexer_kl.sum()
+            for layer, kl in enumerate(out.indexer_kl.detach()):
+                self.log(f"train/indexer_kl/layer_{layer}", kl)
+            self.log("train/indexer_kl", out.indexer_kl.detach().mean())
+        self.log("train/loss", lm_loss.detach(), prog_bar=True)
+        self.log("train/stage", float(stage_index))
+        main_lr, indexer_lr = self.schedule.learning_rates(self.global_step)
+        self.log("train/lr_main", main_lr)
+        self.log("train/lr_indexer", indexer_lr)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._batch_started_at is not None:
+            elapsed = time.perf_counter() - self._batch_started_at
+            tokens = batch[:, :-1].numel()
+            self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = 0.0
+        self._val_token_count = 0
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Validation LM loss with the attention the current stage uses."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        out = self.model(inputs, attention=self.stage_attention)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        self._val_loss_sum += loss.item()
+        self._val_token_count += targets.numel()
+        return loss / targets.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_token_count:
+            return
+        mean_loss = self._val_loss_sum / self._val_token_count
+        self.log("val/loss", mean_loss, prog_bar=True)
+        self.log("val/ppl", math.exp(min(mean_loss, 50.0)))
+        self.log("val/stage", float(self.schedule.locate(self.global_step)[0]))
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        """AdamW with separate main / indexer parameter groups and per-stage learning rates.
+
+        Base learning rates are 1.0 so that `LambdaLR` factors are the absolute rates the
+        schedule gives; matrices get weight decay, vectors (norms, biases) do not.
+        """
+        groups, roles = [], []
+        for role, parameters in (("main", self.model.main_parameters()), ("indexer", self.model.indexer_parameters())):
+            parameters = list(parameters)
+            decay = [p for p in parameters if p.ndim >= 2]
+            no_decay = [p for p in parameters if p.ndim < 2]
+            for params, wd in ((decay, self.hparams.weight_decay), (no_decay, 0.0)):
+                if params:
+                    groups.append({"params": params, "lr": 1.0, "weight_decay": wd})
+                    roles.append(role)
+        optimizer = torch.optim.AdamW(groups, lr=1.0, betas=tuple(self.hparams.betas))
+        schedule = self.schedule
+
+        def rate(role: str):
+            index = 0 if role == "main" else 1
+            return lambda step: schedule.learning_rates(step)[index]
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [rate(role) for role in roles])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
