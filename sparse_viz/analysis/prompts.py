@@ -1,0 +1,91 @@
+"""Prompt text in, checked token ids out: file/default resolution, chat template, limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_viz.errors import UserInputError
+
+DEFAULT_PROMPT_FILE = Path("prompt.txt")
+DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
+
+
+def read_prompt(prompt: str | None = None, prompt_file: str | Path | None = None) -> str:
+    """The prompt text: `prompt` if given, else `prompt_file`, else ./prompt.txt, else a default.
+
+    Raises:
+        UserInputError: the prompt file cannot be read, or the prompt is empty.
+    """
+    if prompt is None:
+        path = Path(prompt_file) if prompt_file is not None else None
+        if path is None and DEFAULT_PROMPT_FILE.is_file():
+            path = DEFAULT_PROMPT_FILE
+        if path is None:
+            prompt = DEFAULT_PROMPT
+        else:
+            try:
+                # The whole file is the prompt, special tokens and trailing newlines included.
+                prompt = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise UserInputError(f"cannot read prompt file {str(path)!r}: {error.__class__.__name__}") from error
+    if not prompt.strip():
+        raise UserInputError("the prompt is empty")
+    return prompt
+
+
+def apply_chat_template(tokenizer: Any, prompt: str) -> str:
+    """Wrap `prompt` as one user turn with the tokenizer's chat template (generation prompt on).
+
+    Raises:
+        UserInputError: the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserInputError("--chat given but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode_prompt(
+    tokenizer: Any,
+    prompt: str,
+    *,
+    chat: bool = False,
+    max_positions: int | None = None,
+    min_tokens: int = 1,
+    reserve: int = 0,
+) -> torch.Tensor:
+    """Token ids of `prompt`, checked against the model's context.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompt: prompt text (already resolved by `read_prompt`).
+        chat: apply the chat template first.
+        max_positions: the model's context length, or None for no check.
+        min_tokens: fewest tokens the caller can work with.
+        reserve: positions that will be appended later (generated tokens) and must also fit.
+
+    Returns:
+        input_ids: (1, T) int64 on CPU.
+
+    Raises:
+        UserInputError: empty after tokenisation, fewer than `min_tokens`, or longer than the
+            context (including `reserve`).
+    """
+    text = apply_chat_template(tokenizer, prompt) if chat else prompt
+    # The chat template already writes the special tokens; don't add a second BOS.
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"]  # (1, T)
+    n_tokens = ids.shape[1]
+    if n_tokens == 0:
+        raise UserInputError("the prompt is empty after tokenisation")
+    if n_tokens < min_tokens:
+        raise UserInputError(f"the prompt has {n_tokens} token(s); at least {min_tokens} are needed")
+    if max_positions is not None and n_tokens + reserve > max_positions:
+        raise UserInputError(
+            f"the prompt has {n_tokens} tokens (+{reserve} to generate), longer than the model's "
+            f"context of {max_positions}"
+        )
+    return ids.long()

@@ -1,0 +1,99 @@
+"""Tiny random checkpoints (Qwen3, Llama) with a byte-level tokenizer, for fast offline tests.
+
+Each builder returns `(model, tokenizer)`: fp32, eager attention, GQA (4 query / 2 KV heads),
+seeded. `save_tiny(model, tokenizer, dir)` writes a directory that `load_model(dir)` and the
+CLI accept. Weights use a large init range so attention is peaked and masking a key changes
+the output by much more than float32 noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+SPECIAL_TOKENS = ["<bos>", "<eos>", "<pad>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: one token per byte (any text encodes), BOS prepended."""
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + byte_chars)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def _common_config(tokenizer: PreTrainedTokenizerFast, n_layers: int) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+
+
+def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    # Re-draw every parameter (norm weights included) so norms are not all-ones.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                parameter.copy_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator))
+            else:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model.float().eval()
+
+
+def tiny_qwen3(n_layers: int = 3, seed: int = 0) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerFast]:
+    """Tiny Qwen3 (q_norm/k_norm before RoPE), GQA 4/2 heads, hidden 32, fp32, eager."""
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)
+    config = Qwen3Config(**_common_config(tokenizer, n_layers), rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return _finish(Qwen3ForCausalLM(config), seed), tokenizer
+
+
+def tiny_llama(
+    n_layers: int = 2, seed: int = 0, attention_bias: bool = True
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Tiny Llama (SmolLM2's family), GQA 4/2 heads, with q/k/v/o biases by default."""
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **_common_config(tokenizer, n_layers),
+        attention_bias=attention_bias,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return _finish(LlamaForCausalLM(config), seed), tokenizer
+
+
+def save_tiny(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
+    """Save model + tokenizer so that `load_model(directory)` works; returns `directory`."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
