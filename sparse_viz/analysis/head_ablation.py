@@ -1,0 +1,592 @@
+"""Head ablation on pretrained decoder-only checkpoints (Qwen3, Qwen3-VL text, Llama family).
+
+Definition. Ablating query head h of layer L zeroes that head's output z (the o_proj INPUT
+channels `[h*hd, (h+1)*hd)`, REFERENCE §2) at all or at chosen query positions, through a
+forward pre-hook on o_proj. The head still computes its attention; only its contribution to
+the residual stream is removed (the TransformerLens convention). Zeroing a slice of o_proj's
+OUTPUT would not be head ablation.
+
+KV-head ablation. Ablating KV head g of layer L zeroes g's value vectors (the v_proj OUTPUT
+channels `[g*hd, (g+1)*hd)`) at every key position. With GQA every query head h with
+`h // (n_heads / n_kv_heads) == g` reads those values, and its z is a convex combination of
+them, so its z becomes exactly 0: KV-head ablation == ablating that query-head group at all
+positions. (Restricting it to positions would mean something else, so it is not offered.)
+
+Batched sweeps. The prompt batch (N sequences) is replicated k times along the batch dim;
+batch row `a*N + n` carries ablation a on sequence n, and the hooks apply a per-row keep mask,
+so k ablations share one forward.
+
+Metrics (over ALL positions of ALL sequences, never item 0 only), with p = baseline and
+q = ablated next-token distributions:
+    kl_divergence       mean over positions of sum_v p (log p - log q)  (also per position)
+    frac_top1_changed   share of positions whose argmax changed
+    delta_logprob_top1  mean over positions of log q(t*) - log p(t*), t* = baseline's top-1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_viz.errors import UserInputError
+
+# --------------------------------------------------------------------------------------------
+# Model access (the few module objects the ablations need).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where the attention blocks of a causal LM are and how their heads are laid out."""
+
+    attentions: tuple[nn.Module, ...]  # one per decoder layer, each with q/k/v/o_proj
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.attentions)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def of(cls, model: nn.Module) -> AttentionLayout:
+        """Find the decoder layers of a HF causal LM (Llama/Qwen3: model.model.layers;
+        Qwen3-VL: model.model.language_model.layers)."""
+        layers = None
+        for path in ("model.layers", "model.language_model.layers", "language_model.layers", "layers"):
+            obj = model
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if isinstance(obj, nn.ModuleList):
+                layers = obj
+                break
+        if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+            raise UserInputError(f"unsupported architecture {type(model).__name__}: no decoder layers with self_attn found")
+        config = model.config
+        config = getattr(config, "text_config", None) or config
+        n_heads = config.num_attention_heads
+        n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return cls(tuple(layer.self_attn for layer in layers), n_heads, n_kv_heads, head_dim)
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Switch a HF model to eager attention (the only one that returns probabilities) and back."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if not enabled or previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+# --------------------------------------------------------------------------------------------
+# What to ablate.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadAblation:
+    """One ablation: a set of heads zeroed together in one forward.
+
+    Attributes:
+        heads: (layer, query head) pairs whose z is zeroed.
+        kv_heads: (layer, KV head) pairs whose values are zeroed (all positions).
+        positions: query positions where the heads are zeroed; None = all positions.
+        name: label used in tables and reports ("3.5+7.0", "L3", "kv 3.1").
+        kind: "head" (one head), "heads" (several), "layer" (all heads of a layer), "kv_head".
+    """
+
+    heads: tuple[tuple[int, int], ...] = ()
+    kv_heads: tuple[tuple[int, int], ...] = ()
+    positions: tuple[int, ...] | None = None
+    name: str = ""
+    kind: str = "heads"
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.heads + self.kv_heads})
+
+
+_SPEC = re.compile(r"^\s*(\d+)\s*\.\s*(\d+)\s*$")
+
+
+def parse_head_spec(text: str, n_layers: int, n_heads: int, what: str = "head") -> tuple[int, int]:
+    """Parse "L.H" (layer L, head H), checking both ranges.
+
+    Raises:
+        UserInputError: malformed spec or index out of range (one line naming the problem).
+    """
+    match = _SPEC.match(str(text))
+    if not match:
+        raise UserInputError(f"malformed {what} spec {text!r}: expected LAYER.{what.upper().replace(' ', '_')}, e.g. 3.5")
+    layer, head = int(match.group(1)), int(match.group(2))
+    if layer >= n_layers:
+        raise UserInputError(f"{what} spec {text!r}: layer {layer} out of range (model has {n_layers} layers)")
+    if head >= n_heads:
+        raise UserInputError(f"{what} spec {text!r}: {what} {head} out of range (layer has {n_heads} {what}s)")
+    return layer, head
+
+
+def single_head_ablations(layout: AttentionLayout, layers: Sequence[int] | None = None,
+                          positions: Sequence[int] | None = None) -> list[HeadAblation]:
+    """Every query head alone (the `--sweep`), layer-major."""
+    layers = range(layout.n_layers) if layers is None else layers
+    pos = None if positions is None else tuple(positions)
+    return [HeadAblation(heads=((L, h),), positions=pos, name=f"{L}.{h}", kind="head")
+            for L in layers for h in range(layout.n_heads)]
+
+
+def whole_layer_ablations(layout: AttentionLayout, positions: Sequence[int] | None = None) -> list[HeadAblation]:
+    """All heads of each layer together (the `--sweep-layers`)."""
+    pos = None if positions is None else tuple(positions)
+    return [HeadAblation(heads=tuple((L, h) for h in range(layout.n_heads)), positions=pos, name=f"L{L}", kind="layer")
+            for L in range(layout.n_layers)]
+
+
+def validate_ablation(ablation: HeadAblation, layout: AttentionLayout, seq_len: int) -> None:
+    """Raise UserInputError if any index of `ablation` is out of range."""
+    for layer, head in ablation.heads:
+        if not 0 <= layer < layout.n_layers:
+            raise UserInputError(f"ablation {ablation.name}: layer {layer} out of range (model has {layout.n_layers} layers)")
+        if not 0 <= head < layout.n_heads:
+            raise UserInputError(f"ablation {ablation.name}: head {head} out of range (layer has {layout.n_heads} heads)")
+    for layer, group in ablation.kv_heads:
+        if not 0 <= layer < layout.n_layers:
+            raise UserInputError(f"ablation {ablation.name}: layer {layer} out of range (model has {layout.n_layers} layers)")
+        if not 0 <= group < layout.n_kv_heads:
+            raise UserInputError(f"ablation {ablation.name}: KV head {group} out of range (layer has {layout.n_kv_heads} KV heads)")
+    if ablation.kv_heads and ablation.positions is not None:
+        raise UserInputError("KV-head ablation zeroes values at every position; --positions cannot be combined with --ablate-kv")
+    for p in ablation.positions or ():
+        if not -seq_len <= p < seq_len:
+            raise UserInputError(f"position {p} out of range for a sequence of {seq_len} tokens")
+
+
+# --------------------------------------------------------------------------------------------
+# The hooks.
+# --------------------------------------------------------------------------------------------
+
+
+def _keep_masks(rows: Sequence[HeadAblation], layout: AttentionLayout, seq_len: int, kv: bool,
+                device: torch.device, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """Per layer, a (B, T, heads) multiplicative mask: 0 where a row ablates a head, else 1."""
+    n = layout.n_kv_heads if kv else layout.n_heads
+    masks: dict[int, torch.Tensor] = {}
+    for row, ablation in enumerate(rows):
+        pairs = ablation.kv_heads if kv else ablation.heads
+        for layer, head in pairs:
+            if layer not in masks:
+                masks[layer] = torch.ones(len(rows), seq_len, n, device=device, dtype=dtype)  # (B, T, heads)
+            if ablation.positions is None:
+                masks[layer][row, :, head] = 0
+            else:
+                masks[layer][row, list(ablation.positions), head] = 0
+    return masks
+
+
+@contextlib.contextmanager
+def head_ablation_hooks(model: nn.Module, rows: Sequence[HeadAblation], seq_len: int) -> Iterator[None]:
+    """Apply one ablation per batch row while the context is open.
+
+    Args:
+        model: a HF causal LM (see `AttentionLayout.of`).
+        rows: the ablation of each batch row (len = batch size of the forward that follows).
+        seq_len: T of the forward that follows.
+    """
+    layout = AttentionLayout.of(model)
+    param = next(model.parameters())
+    head_keep = _keep_masks(rows, layout, seq_len, False, param.device, param.dtype)
+    kv_keep = _keep_masks(rows, layout, seq_len, True, param.device, param.dtype)
+    hd = layout.head_dim
+    handles = []
+
+    def zero_heads(keep: torch.Tensor):
+        def pre_hook(module, args):
+            z = args[0]  # (B, T, H*hd), head-major
+            B, T, D = z.shape
+            z = (z.view(B, T, D // hd, hd) * keep[:, :T, :, None]).view(B, T, D)  # (B, T, H*hd)
+            return (z, *args[1:])
+        return pre_hook
+
+    def zero_values(keep: torch.Tensor):
+        def hook(module, args, out):
+            B, T, D = out.shape  # (B, T, Hkv*hd)
+            return (out.view(B, T, D // hd, hd) * keep[:, :T, :, None]).view(B, T, D)
+        return hook
+
+    try:
+        for layer, keep in head_keep.items():
+            handles.append(layout.attentions[layer].o_proj.register_forward_pre_hook(zero_heads(keep)))
+        for layer, keep in kv_keep.items():
+            handles.append(layout.attentions[layer].v_proj.register_forward_hook(zero_values(keep)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   patterns: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """One forward; returns fp32 logits (B, T, V) and, if asked, per-layer attention (B, H, T, T)."""
+    with eager_attention(model, patterns):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=patterns, use_cache=False)
+    return out.logits.float(), (tuple(out.attentions) if patterns else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics.
+# --------------------------------------------------------------------------------------------
+
+
+def kl_per_position(base_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) at every position, p = softmax(base), q = softmax(ablated).
+
+    Args:
+        base_logits, ablated_logits: (..., V).
+    Returns:
+        (...) = sum_v p (log p - log q), computed from log_softmax (terms with p = 0 are 0).
+    """
+    logp = F.log_softmax(base_logits.float(), dim=-1)
+    logq = F.log_softmax(ablated_logits.float(), dim=-1)
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def logit_change_metrics(base_logits: torch.Tensor, ablated_logits: torch.Tensor,
+                         valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-position and summary metrics of one ablation.
+
+    Args:
+        base_logits, ablated_logits: (N, T, V) for the same N sequences.
+        valid: (N, T) bool, False on padding; None = all positions.
+    Returns:
+        dict with per-position (N, T) tensors `kl`, `top1_changed`, `delta_logprob_top1` and
+        scalar means over valid positions `kl_divergence`, `frac_top1_changed`,
+        `delta_logprob_top1_mean`, `n_positions`.
+    """
+    logp = F.log_softmax(base_logits.float(), dim=-1)  # (N, T, V)
+    logq = F.log_softmax(ablated_logits.float(), dim=-1)
+    kl = kl_per_position(base_logits, ablated_logits)  # (N, T)
+    top1 = logp.argmax(-1, keepdim=True)  # (N, T, 1)
+    changed = logq.argmax(-1, keepdim=True) != top1
+    delta = (logq.gather(-1, top1) - logp.gather(-1, top1)).squeeze(-1)  # (N, T)
+    changed = changed.squeeze(-1)
+    if valid is None:
+        valid = torch.ones_like(kl, dtype=torch.bool)
+    n = valid.sum()
+    return {
+        "kl": kl, "top1_changed": changed, "delta_logprob_top1": delta,
+        "kl_divergence": (kl * valid).sum() / n,
+        "frac_top1_changed": (changed & valid).sum() / n,
+        "delta_logprob_top1_mean": (delta * valid).sum() / n,
+        "n_positions": n,
+    }
+
+
+def prediction_table(base_logits: torch.Tensor, ablated_logits: torch.Tensor, positions: Sequence[tuple[int, int]],
+                     tokenizer=None, input_ids: torch.Tensor | None = None, k: int = 5) -> list[dict]:
+    """Top-k next tokens before / after the ablation at chosen (sequence, position) pairs.
+
+    Args:
+        base_logits, ablated_logits: (N, T, V).
+        positions: (sequence index, position) pairs.
+    Returns:
+        one dict per pair: seq, position, token (the input token there), before/after lists of
+        {"token", "id", "prob"}, and the ablated prob of the baseline's top-1.
+    """
+    rows = []
+    for n, t in positions:
+        p = F.softmax(base_logits[n, t].float(), -1)  # (V,)
+        q = F.softmax(ablated_logits[n, t].float(), -1)
+        before, after = p.topk(k), q.topk(k)
+        top1 = int(before.indices[0])
+        rows.append({
+            "seq": int(n), "position": int(t),
+            "token": token_text(tokenizer, int(input_ids[n, t])) if input_ids is not None else "",
+            "before": [{"token": token_text(tokenizer, int(i)), "id": int(i), "prob": float(v)} for v, i in zip(*before)],
+            "after": [{"token": token_text(tokenizer, int(i)), "id": int(i), "prob": float(v)} for v, i in zip(*after)],
+            "top1_prob_after": float(q[top1]),
+        })
+    return rows
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """Readable text of one token id (the id itself when there is no tokenizer)."""
+    if tokenizer is None:
+        return str(token_id)
+    return tokenizer.decode([token_id])
+
+
+# --------------------------------------------------------------------------------------------
+# The study.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadAblationResult:
+    """Everything a head-ablation run produced (what the CSV, npz, PNGs and report are made of).
+
+    Attributes:
+        table: one row per ablation (see `run_head_ablation`).
+        ablations: the ablations, in table order.
+        kl_per_position: (A, N, T) KL(baseline || ablated) at every position (NaN on padding).
+        input_ids: (N, T); valid: (N, T) bool.
+        tokens: per sequence, the token strings.
+        baseline_patterns: {layer: (N, H, T, T)} per sequence, never averaged; empty if not captured.
+        ablated_patterns: per ablation, {layer: (N, H, T, T)} at its pattern layers.
+        predictions: per ablation, the prediction table (see `prediction_table`).
+        layout: the model's AttentionLayout (n_layers, n_heads, ...).
+    """
+
+    table: pd.DataFrame
+    ablations: list[HeadAblation]
+    kl_per_position: np.ndarray
+    input_ids: np.ndarray
+    valid: np.ndarray
+    tokens: list[list[str]]
+    baseline_patterns: dict[int, np.ndarray] = field(default_factory=dict)
+    ablated_patterns: list[dict[int, np.ndarray]] = field(default_factory=list)
+    predictions: list[list[dict]] = field(default_factory=list)
+    layout: AttentionLayout | None = None
+
+
+def auto_pattern_layer(ablation: HeadAblation, n_layers: int) -> int:
+    """The first layer whose attention an ablation can change: the one after its deepest layer.
+
+    (Head ablation is post-attention, so the ablated layer's own pattern never changes.)
+    """
+    return min(max(ablation.layers) + 1, n_layers - 1)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise prompts, right-padded; returns input_ids (N, T) and attention_mask (N, T)."""
+    if not prompts or any(not p for p in prompts):
+        raise UserInputError("empty prompt: give at least one non-empty prompt")
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    T = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(encoded), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    for n, e in enumerate(encoded):
+        ids[n, : len(e)] = torch.tensor(e)
+        mask[n, : len(e)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def head_ablation_study(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    ablations: Sequence[HeadAblation],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 16,
+    patterns: bool = True,
+    pattern_layers: Sequence[int] | None = None,
+    prediction_positions: Sequence[int] | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> HeadAblationResult:
+    """Run the baseline and every ablation, batched, and measure the effect on the logits.
+
+    Args:
+        model: HF causal LM (eval mode; any device/dtype).
+        input_ids: (N, T) token ids; attention_mask: (N, T) 1 = token, 0 = right padding.
+        ablations: what to ablate; each is measured against the same baseline.
+        batch_size: ablations per forward (each contributes N batch rows).
+        patterns: capture attention probabilities (eager attention).
+        pattern_layers: layers whose ablated patterns are kept; None = `auto_pattern_layer`.
+        prediction_positions: positions for the prediction table (negative from the end of
+            each sequence); None = the last token of each sequence.
+        tokenizer: for token strings (optional).
+    Returns:
+        HeadAblationResult.
+    """
+    from tqdm.auto import tqdm
+
+    layout = AttentionLayout.of(model)
+    N, T = input_ids.shape
+    for ablation in ablations:
+        validate_ablation(ablation, layout, T)
+    if batch_size < 1:
+        raise UserInputError(f"batch size must be >= 1, got {batch_size}")
+    if pattern_layers is not None:
+        for layer in pattern_layers:
+            if not 0 <= layer < layout.n_layers:
+                raise UserInputError(f"pattern layer {layer} out of range (model has {layout.n_layers} layers)")
+    model.eval()
+    valid = torch.ones(N, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
+    lengths = valid.sum(1).tolist()
+    pred_pos = []
+    for n in range(N):
+        for p in (prediction_positions if prediction_positions is not None else [-1]):
+            t = p if p >= 0 else lengths[n] + p
+            if not 0 <= t < lengths[n]:
+                raise UserInputError(f"prediction position {p} out of range for sequence {n} of {lengths[n]} tokens")
+            pred_pos.append((n, t))
+
+    base_logits, base_attn = forward_logits(model, input_ids, attention_mask, patterns)  # (N, T, V)
+    baseline_patterns = {L: a.float().cpu().numpy() for L, a in enumerate(base_attn)} if patterns else {}
+
+    records, kl_rows, ablated_patterns, predictions = [], [], [], []
+    chunks = [list(ablations[i:i + batch_size]) for i in range(0, len(ablations), batch_size)]
+    bar = tqdm(total=len(ablations), desc="head ablation", unit="ablation", disable=not progress)
+    for chunk in chunks:
+        rows = [a for a in chunk for _ in range(N)]  # row a*N + n: ablation a on sequence n
+        ids = input_ids.repeat(len(chunk), 1)  # (k*N, T)
+        mask = None if attention_mask is None else attention_mask.repeat(len(chunk), 1)
+        with head_ablation_hooks(model, rows, T):
+            logits, attn = forward_logits(model, ids, mask, patterns)  # (k*N, T, V)
+        for a, ablation in enumerate(chunk):
+            abl = logits[a * N:(a + 1) * N]  # (N, T, V)
+            m = logit_change_metrics(base_logits, abl, valid)
+            kl_rows.append(torch.where(valid, m["kl"], torch.nan).cpu().numpy())
+            records.append(_table_row(ablation, layout, m))
+            predictions.append(prediction_table(base_logits, abl, pred_pos, tokenizer, input_ids))
+            if patterns:
+                layers = pattern_layers if pattern_layers is not None else [auto_pattern_layer(ablation, layout.n_layers)]
+                ablated_patterns.append({L: attn[L][a * N:(a + 1) * N].float().cpu().numpy() for L in layers})
+        bar.update(len(chunk))
+    bar.close()
+
+    ids_np = input_ids.cpu().numpy()
+    tokens = [[token_text(tokenizer, int(i)) for i in ids_np[n, : lengths[n]]] for n in range(N)]
+    return HeadAblationResult(
+        table=pd.DataFrame.from_records(records, columns=TABLE_COLUMNS),
+        ablations=list(ablations),
+        kl_per_position=np.stack(kl_rows) if kl_rows else np.zeros((0, N, T)),
+        input_ids=ids_np, valid=valid.cpu().numpy(), tokens=tokens,
+        baseline_patterns=baseline_patterns, ablated_patterns=ablated_patterns,
+        predictions=predictions, layout=layout,
+    )
+
+
+TABLE_COLUMNS = ["ablation", "kind", "layer", "head", "n_heads_ablated", "positions", "kl_divergence",
+                 "kl_max_position", "frac_top1_changed", "delta_logprob_top1", "n_positions"]
+
+
+def _table_row(ablation: HeadAblation, layout: AttentionLayout, m: dict[str, torch.Tensor]) -> dict:
+    pairs = ablation.heads + ablation.kv_heads
+    layers = ablation.layers
+    n_query_heads = len(ablation.heads) + len(ablation.kv_heads) * layout.group_size
+    return {
+        "ablation": ablation.name,
+        "kind": ablation.kind,
+        "layer": layers[0] if len(layers) == 1 else -1,  # -1: spans several layers
+        "head": pairs[0][1] if len(pairs) == 1 else -1,  # -1: several heads (or KV group)
+        "n_heads_ablated": n_query_heads,
+        "positions": "all" if ablation.positions is None else " ".join(map(str, ablation.positions)),
+        "kl_divergence": float(m["kl_divergence"]),
+        "kl_max_position": float(torch.nan_to_num(m["kl"], nan=0.0).max()),
+        "frac_top1_changed": float(m["frac_top1_changed"]),
+        "delta_logprob_top1": float(m["delta_logprob_top1_mean"]),
+        "n_positions": int(m["n_positions"]),
+    }
+
+
+def build_ablations(layout: AttentionLayout, *, ablate: Sequence[str] = (), ablate_kv: Sequence[str] = (),
+                    sweep: bool = False, sweep_layers: bool = False,
+                    positions: Sequence[int] | None = None) -> list[HeadAblation]:
+    """Turn CLI-style specs into ablations.
+
+    Args:
+        ablate: "L.H" specs zeroed TOGETHER (one ablation).
+        ablate_kv: "L.G" KV-head specs zeroed together (one ablation; with `ablate`, the same one).
+        sweep: every query head alone; sweep_layers: every layer's heads together.
+        positions: query positions for head ablations (None = all).
+    """
+    pos = None if positions is None else tuple(positions)
+    out: list[HeadAblation] = []
+    heads = tuple(parse_head_spec(s, layout.n_layers, layout.n_heads) for s in ablate)
+    kv = tuple(parse_head_spec(s, layout.n_layers, layout.n_kv_heads, what="kv head") for s in ablate_kv)
+    if len(set(heads)) != len(heads) or len(set(kv)) != len(kv):
+        raise UserInputError("the same head is listed twice in --ablate / --ablate-kv")
+    if heads or kv:
+        name = "+".join([f"{L}.{h}" for L, h in heads] + [f"kv{L}.{g}" for L, g in kv])
+        kind = "kv_head" if kv and not heads and len(kv) == 1 else ("head" if len(heads) == 1 and not kv else "heads")
+        out.append(HeadAblation(heads=heads, kv_heads=kv, positions=pos, name=name, kind=kind))
+    if sweep:
+        out += single_head_ablations(layout, positions=pos)
+    if sweep_layers:
+        out += whole_layer_ablations(layout, positions=pos)
+    if not out:
+        raise UserInputError("nothing to ablate: give --ablate L.H ..., --ablate-kv L.G, --sweep or --sweep-layers")
+    return out
+
+
+def run_head_ablation(
+    model: nn.Module,
+    prompts: str | Sequence[str] | torch.Tensor,
+    *,
+    tokenizer=None,
+    ablate: Sequence[str] = (),
+    ablate_kv: Sequence[str] = (),
+    sweep: bool = False,
+    sweep_layers: bool = False,
+    positions: Sequence[int] | None = None,
+    batch_size: int = 16,
+    patterns: bool = True,
+    pattern_layers: Sequence[int] | None = None,
+    prediction_positions: Sequence[int] | None = None,
+    output_dir=None,
+    progress: bool = True,
+    title: str = "Head ablation",
+) -> pd.DataFrame:
+    """Head ablation from specs; the Python face of `python -m sparse_viz.analysis heads`.
+
+    Args:
+        model: HF causal LM, or a LoadedModel (with .model and .tokenizer).
+        prompts: a prompt, several prompts (batch items, right-padded), or input_ids (N, T).
+        ablate, ablate_kv, sweep, sweep_layers, positions: see `build_ablations`.
+        output_dir: if given, writes head_ablation.csv, head_ablation_patterns.npz, PNGs and
+            report.html there (see `sparse_viz.report.ablation.write_head_ablation_outputs`).
+    Returns:
+        DataFrame, one row per ablation: ablation, kind, layer, head (-1 = several),
+        n_heads_ablated, positions, kl_divergence, kl_max_position, frac_top1_changed,
+        delta_logprob_top1, n_positions.
+    """
+    if hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, nn.Module):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    device = next(model.parameters()).device
+    if isinstance(prompts, torch.Tensor):
+        input_ids, attention_mask = prompts.to(device), None
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+    else:
+        if tokenizer is None:
+            raise UserInputError("text prompts need a tokenizer")
+        input_ids, attention_mask = encode_prompts(tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), device)
+        if bool(attention_mask.all()):
+            attention_mask = None
+    layout = AttentionLayout.of(model)
+    ablations = build_ablations(layout, ablate=ablate, ablate_kv=ablate_kv, sweep=sweep,
+                                sweep_layers=sweep_layers, positions=positions)
+    result = head_ablation_study(model, input_ids, ablations, attention_mask=attention_mask, batch_size=batch_size,
+                                 patterns=patterns, pattern_layers=pattern_layers,
+                                 prediction_positions=prediction_positions, tokenizer=tokenizer, progress=progress)
+    if output_dir is not None:
+        from sparse_viz.report.ablation import write_head_ablation_outputs
+
+        write_head_ablation_outputs(result, output_dir, title=title)
+    return result.table

@@ -1,0 +1,176 @@
+"""Head ablation against independent references on tiny random Qwen3 and Llama models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from sparse_viz.analysis.head_ablation import (
+    AttentionLayout,
+    HeadAblation,
+    build_ablations,
+    head_ablation_hooks,
+    head_ablation_study,
+    kl_per_position,
+    logit_change_metrics,
+    run_head_ablation,
+)
+from sparse_viz.errors import UserInputError
+
+VOCAB = 97
+
+
+def tiny(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                  attn_implementation="eager")
+    if arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+
+
+@pytest.fixture(params=["qwen3", "llama"])
+def model(request):
+    return tiny(request.param)
+
+
+def ids(n=2, t=9, seed=1):
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_ablated_logits(model, input_ids, heads, positions=None):
+    """Independent reference: a plain pre-hook that writes zeros into o_proj's input slice."""
+    hd = model.config.head_dim
+    by_layer = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    handles = []
+    for layer, hs in by_layer.items():
+        def pre_hook(module, args, hs=hs):
+            z = args[0].clone()
+            for h in hs:
+                if positions is None:
+                    z[:, :, h * hd:(h + 1) * hd] = 0.0
+                else:
+                    for p in positions:
+                        z[:, p, h * hd:(h + 1) * hd] = 0.0
+            return (z,)
+        handles.append(model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(pre_hook))
+    try:
+        with torch.no_grad():
+            return model(input_ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hand_kl(base, abl):
+    p = torch.softmax(base, -1)
+    return (p * (torch.log(p) - torch.log_softmax(abl, -1))).sum(-1).mean()
+
+
+def test_ablation_logits_match_plain_pre_hook(model):
+    x = ids()
+    with torch.no_grad():
+        base = model(x).logits
+    for heads, positions in [([(0, 1)], None), ([(1, 3), (2, 0)], None), ([(0, 2)], [2, 5])]:
+        expected = reference_ablated_logits(model, x, heads, positions)
+        ablation = HeadAblation(heads=tuple(heads), positions=None if positions is None else tuple(positions))
+        with head_ablation_hooks(model, [ablation] * x.shape[0], x.shape[1]), torch.no_grad():
+            got = model(x).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert (got - base).abs().max() > 1e-4  # the ablation does something
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, base, rtol=0, atol=0)  # hooks removed
+
+
+def test_kl_matches_hand_written_formula(model):
+    x = ids()
+    expected_logits = reference_ablated_logits(model, x, [(1, 2)])
+    with torch.no_grad():
+        base = model(x).logits
+    table = run_head_ablation(model, x, ablate=["1.2"], patterns=False, progress=False)
+    kl = hand_kl(base, expected_logits)
+    # fp32 cancellation: the two formulas agree to ~1e-4 relative on a KL of ~1e-4
+    assert table.loc[0, "kl_divergence"] == pytest.approx(float(kl), rel=1e-3)
+    # per position, over ALL sequences (not item 0 only)
+    torch.testing.assert_close(kl_per_position(base, expected_logits),
+                               (torch.softmax(base, -1) * (torch.log_softmax(base, -1) - torch.log_softmax(expected_logits, -1))).sum(-1))
+    changed = (base.argmax(-1) != expected_logits.argmax(-1)).float().mean()
+    assert table.loc[0, "frac_top1_changed"] == pytest.approx(float(changed))
+    top1 = base.argmax(-1, keepdim=True)
+    delta = (torch.log_softmax(expected_logits, -1).gather(-1, top1) - torch.log_softmax(base, -1).gather(-1, top1)).mean()
+    assert table.loc[0, "delta_logprob_top1"] == pytest.approx(float(delta), rel=1e-5, abs=1e-7)
+
+
+def test_metrics_use_every_batch_item_hand_computed():
+    base = torch.zeros(2, 1, 3)  # uniform predictions, argmax = token 0
+    abl = torch.zeros(2, 1, 3)
+    abl[1, 0, 2] = 5.0  # only the SECOND sequence changes, its argmax becomes token 2
+    m = logit_change_metrics(base, abl)
+    z = 2 + math.exp(5.0)
+    kl_item2 = sum(1 / 3 * (math.log(1 / 3) - math.log(q)) for q in (1 / z, 1 / z, math.exp(5.0) / z))
+    assert float(m["kl_divergence"]) == pytest.approx(kl_item2 / 2, rel=1e-6)  # mean over 2 positions
+    assert float(m["frac_top1_changed"]) == pytest.approx(0.5)
+    assert float(m["delta_logprob_top1_mean"]) == pytest.approx((math.log(1 / z) - math.log(1 / 3)) / 2, rel=1e-6)
+    valid = torch.tensor([[False], [True]])  # padding excluded from the mean
+    assert float(logit_change_metrics(base, abl, valid)["kl_divergence"]) == pytest.approx(kl_item2, rel=1e-6)
+
+
+def test_batched_sweep_equals_one_at_a_time(model):
+    x = ids(n=2, t=7)
+    layout = AttentionLayout.of(model)
+    ablations = build_ablations(layout, sweep=True)
+    batched = head_ablation_study(model, x, ablations, batch_size=5, patterns=True, progress=False)
+    for i, ablation in enumerate(ablations):
+        single = head_ablation_study(model, x, [ablation], batch_size=1, patterns=True, progress=False)
+        for col in ["kl_divergence", "frac_top1_changed", "delta_logprob_top1"]:
+            assert batched.table.loc[i, col] == pytest.approx(single.table.loc[0, col], rel=1e-4, abs=1e-7)
+        for layer, pat in single.ablated_patterns[0].items():
+            torch.testing.assert_close(torch.from_numpy(batched.ablated_patterns[i][layer]), torch.from_numpy(pat), atol=1e-6, rtol=0)
+    assert list(batched.table["ablation"]) == [f"{L}.{h}" for L in range(3) for h in range(4)]
+
+
+def test_patterns_are_per_sequence_and_match_model(model):
+    x = ids(n=3, t=6)
+    result = head_ablation_study(model, x, build_ablations(AttentionLayout.of(model), ablate=["0.1"]), progress=False)
+    with torch.no_grad():
+        attn = model(x, output_attentions=True).attentions
+    assert result.baseline_patterns[1].shape == (3, 4, 6, 6)
+    torch.testing.assert_close(torch.from_numpy(result.baseline_patterns[1]), attn[1], rtol=0, atol=1e-6)
+    ablated_layer1 = result.ablated_patterns[0][1]  # layer after the ablated one: changed
+    assert abs(ablated_layer1 - result.baseline_patterns[1]).max() > 1e-5
+
+
+def test_kv_head_ablation_equals_its_query_group(model):
+    """Definition: zeroing KV head g's values == zeroing z of every query head h with h // group == g."""
+    x = ids()
+    layout = AttentionLayout.of(model)
+    assert layout.group_size == 2
+    for g in range(layout.n_kv_heads):
+        kv = head_ablation_study(model, x, build_ablations(layout, ablate_kv=[f"1.{g}"]), patterns=False, progress=False)
+        group_heads = [(1, h) for h in range(layout.n_heads) if h // layout.group_size == g]
+        expected = reference_ablated_logits(model, x, group_heads)
+        with head_ablation_hooks(model, [kv.ablations[0]] * 2, x.shape[1]), torch.no_grad():
+            got = model(x).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert kv.table.loc[0, "n_heads_ablated"] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ablate=["3.0"]), "layer 3 out of range"),
+    (dict(ablate=["0.4"]), "head 4 out of range"),
+    (dict(ablate=["0-1"]), "malformed head spec"),
+    (dict(ablate_kv=["0.2"]), "kv head 2 out of range"),
+    (dict(ablate_kv=["0.1"], positions=[1]), "--positions cannot be combined"),
+    (dict(ablate=["0.1"], positions=[40]), "position 40 out of range"),
+    (dict(), "nothing to ablate"),
+])
+def test_bad_input_is_one_clear_error(kwargs, message):
+    model = tiny("qwen3")
+    with pytest.raises(UserInputError, match=message):
+        run_head_ablation(model, ids(), patterns=False, progress=False, **kwargs)
