@@ -1,0 +1,191 @@
+"""Causal self-attention, dense or restricted to a per-query selection of keys.
+
+Three ways to attend, with one meaning:
+- `dense_causal_attention`: every past key; PyTorch's fused SDPA (fast path, no probabilities).
+- `masked_sparse_attention`: dense scores with -inf outside the selection (the readable
+  reference; O(T^2) memory).
+- `gathered_sparse_attention`: only the k selected keys/values of each query are touched
+  (O(T*k) memory, queries processed in chunks); same results as the masked path.
+
+The selection (B, T, k) is shared by every head of the layer (REFERENCE §1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_rope
+
+ATTENTION_CHUNK = 256  # queries per chunk in the gathered path: bounds its (B, Tc, k, C) buffers
+
+
+def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Dense causal softmax(q k^T / sqrt(hd)).
+
+    Args:
+        q, k: (B, H, T, hd).
+
+    Returns:
+        (B, H, T, T) probabilities; zero for future keys.
+    """
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention through fused SDPA (the fast path when no probabilities are needed).
+
+    Args:
+        q, k, v: (B, H, T, hd).
+
+    Returns:
+        (B, H, T, hd).
+    """
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def selection_mask(selected: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Boolean (B, T, T) matrix, True at (t, s) when s is among t's selected keys.
+
+    Args:
+        selected: (B, T, k) long, -1 = unfilled slot.
+        seq_len: T.
+    """
+    B, T, _ = selected.shape
+    allowed = torch.zeros(B, T, seq_len + 1, dtype=torch.bool, device=selected.device)
+    # Unfilled slots write into a spare last column that is then dropped.
+    allowed.scatter_(-1, selected.masked_fill(selected < 0, seq_len), True)
+    return allowed[..., :seq_len]
+
+
+def gather_selected(dense: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Read a (..., T, T) key-space tensor at the selected keys.
+
+    Args:
+        dense: (B, H, T, T) or (B, T, T).
+        selected: (B, T, k) long, -1 = unfilled slot (read as 0).
+
+    Returns:
+        (B, H, T, k) or (B, T, k); unfilled slots hold 0.
+    """
+    index = selected.clamp(min=0)
+    valid = selected >= 0
+    if dense.dim() == 4:
+        index, valid = index[:, None], valid[:, None]
+        index = index.expand(dense.shape[0], dense.shape[1], *index.shape[2:])
+    return dense.gather(-1, index).masked_fill(~valid, 0.0)
+
+
+def scatter_selected(values: torch.Tensor, selected: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Inverse of `gather_selected`: (B, H, T, k) values into a zero (B, H, T, T) key space."""
+    B, H, T, k = values.shape
+    out = values.new_zeros(B, H, T, seq_len + 1)
+    index = selected.masked_fill(selected < 0, seq_len)[:, None].expand(B, H, T, k)
+    out.scatter_(-1, index, values)
+    return out[..., :seq_len]
+
+
+def masked_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, return_probs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference sparse attention: dense scores, -inf outside each query's selection.
+
+    Args:
+        q, k, v: (B, H, T, hd).
+        selected: (B, T, k) long, causal, -1 = unfilled; shared by all heads.
+        return_probs: also return the probabilities.
+
+    Returns:
+        out: (B, H, T, hd).
+        probs: (B, H, T, T) (zero off the selection) or None.
+    """
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    allowed = selection_mask(selected, T)[:, None]  # (B, 1, T, T)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # (B, H, T, T)
+    return probs @ v, (probs if return_probs else None)
+
+
+def gathered_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selected: torch.Tensor,
+    return_probs: bool = False,
+    chunk_size: int = ATTENTION_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sparse attention that touches only the selected keys: O(T * k) scores.
+
+    For each chunk of queries, the k selected key/value rows of each query are gathered
+    (all heads at once, since the selection is shared) and attended over.
+
+    Args:
+        q, k, v: (B, H, T, hd).
+        selected: (B, T, k) long, causal, -1 = unfilled; shared by all heads.
+        return_probs: also return the probabilities in selection layout.
+        chunk_size: queries per chunk (bounds the (B, Tc, k, H, hd) buffers).
+
+    Returns:
+        out: (B, H, T, hd).
+        probs: (B, H, T, k), probs[b, h, t, j] = weight of key selected[b, t, j] (0 on
+            unfilled slots), or None.
+    """
+    B, H, T, hd = q.shape
+    keys = k.transpose(1, 2)  # (B, T, H, hd)
+    values = v.transpose(1, 2)  # (B, T, H, hd)
+    batch = torch.arange(B, device=q.device)[:, None, None]  # (B, 1, 1)
+    outs, probs_chunks = [], []
+    for start in range(0, T, chunk_size):
+        sel = selected[:, start : start + chunk_size]  # (B, Tc, k)
+        valid = sel >= 0
+        index = sel.clamp(min=0)
+        k_sel = keys[batch, index]  # (B, Tc, k, H, hd)
+        v_sel = values[batch, index]  # (B, Tc, k, H, hd)
+        q_c = q[:, :, start : start + chunk_size]  # (B, H, Tc, hd)
+        scores = torch.einsum("bhtd,btjhd->bhtj", q_c, k_sel) / math.sqrt(hd)  # (B, H, Tc, k)
+        probs = scores.masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1)  # (B, H, Tc, k)
+        outs.append(torch.einsum("bhtj,btjhd->bhtd", probs, v_sel))  # (B, H, Tc, hd)
+        if return_probs:
+            probs_chunks.append(probs)
+    out = torch.cat(outs, dim=2)  # (B, H, T, hd)
+    return out, (torch.cat(probs_chunks, dim=2) if return_probs else None)
+
+
+class CausalSelfAttention(nn.Module):
+    """Projections of one attention layer; the attending itself is done by the functions above."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (both rotated) and values.
+
+        Args:
+            x: (B, T, d_model) normed input.
+            cos, sin: (T, head_dim / 2).
+
+        Returns:
+            q, k, v: (B, H, T, hd).
+        """
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, hd) head outputs -> (B, T, d_model) after the output projection."""
+        B, H, T, hd = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))

@@ -1,0 +1,105 @@
+"""The Lightning Indexer of DeepSeek Sparse Attention (REFERENCE §1, Eq. 1).
+
+    I[t, s] = sum_j  w[t, j] * ReLU(q_I[t, j] . k_I[s]) * d_I**-0.5       (s <= t; else -inf)
+
+with q_I = W_q(x_t) as (H_I, d_I), ONE key k_I = LayerNorm(W_k(x_s)) of size d_I shared by all
+indexer heads, and w = W_w(x_t) * H_I**-0.5 (a raw linear output, no softmax). RoPE is applied
+to the first `indexer_rope_dim` dims of q_I and k_I in the non-interleaved layout. The Hadamard
+rotation and FP8 quantisation of the reference code are inference tricks and are left out.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_partial_rope
+
+
+class LightningIndexer(nn.Module):
+    """Scores every past key for every query; its input is always detached.
+
+    Detaching inside `forward` (not at the call site) makes it impossible for the indexer to
+    push gradient into the main model: it learns only from its own KL loss.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.indexer_heads
+        self.head_dim = config.indexer_dim
+        self.wq = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
+        self.ww = nn.Linear(config.d_model, self.n_heads, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        return_head_terms: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Index scores of all (query, key) pairs.
+
+        Args:
+            x: (B, T, d_model) layer input (the normed residual stream); detached here.
+            cos, sin: (T, indexer_rope_dim / 2) RoPE tables.
+            return_head_terms: also return the per-head terms that sum to I.
+
+        Returns:
+            scores: (B, T, T) float, I[t, s]; -inf for s > t.
+            head_terms: (B, H_I, T, T) or None; w[t,j] * ReLU(q_I[t,j] . k_I[s]) * d_I**-0.5,
+                zero for s > t.
+        """
+        x = x.detach()
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H_I, T, d_I)
+        k = self.k_norm(self.wk(x))  # (B, T, d_I)
+        q = apply_partial_rope(q, cos, sin)
+        k = apply_partial_rope(k, cos, sin)
+        w = self.ww(x) * self.n_heads**-0.5  # (B, T, H_I)
+
+        logits = torch.relu(q @ k[:, None].transpose(-1, -2))  # (B, H_I, T, T)
+        logits = logits * self.head_dim**-0.5
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
+        if return_head_terms:
+            head_terms = logits * w.transpose(1, 2)[..., None]  # (B, H_I, T, T)
+            head_terms = head_terms.masked_fill(future, 0.0)
+            scores = head_terms.sum(1)  # (B, T, T)
+        else:
+            head_terms = None
+            # (B, T, 1, H_I) @ (B, T, H_I, T): the weighted head sum without a (B,H_I,T,T) product
+            scores = (w[:, :, None, :] @ logits.transpose(1, 2)).squeeze(2)  # (B, T, T)
+        scores = scores.masked_fill(future, float("-inf"))
+        return scores, head_terms
+
+
+def indexer_kl(target: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p || softmax(I)) over each row's valid keys (the indexer's training loss).
+
+    Both distributions are restricted to, and renormalised over, the valid keys of the row: the
+    causal keys in the warm-up stage, the selected set S_t in the sparse stage. Keys whose score
+    is -inf count as invalid. Computed with `log_softmax` on the masked row (never
+    `softmax().log()`), and a row with no valid key contributes 0, so the result is always finite.
+
+    Args:
+        target: (B, T, K) non-negative weights p (main attention summed over heads); detached here.
+        scores: (B, T, K) index scores I at the same keys.
+        valid: (B, T, K) or broadcastable bool.
+
+    Returns:
+        (B, T) float32 KL per query row.
+    """
+    scores = scores.float()
+    valid = valid & torch.isfinite(scores)
+    row_has_keys = valid.any(dim=-1, keepdim=True)  # (B, T, 1)
+    # A row with no valid key would be all -inf and give NaN in log_softmax; it gets zeros instead.
+    masked_scores = scores.masked_fill(~valid, float("-inf")).masked_fill(~row_has_keys, 0.0)
+    log_q = torch.log_softmax(masked_scores, dim=-1)  # (B, T, K)
+    p = target.detach().float().masked_fill(~valid, 0.0)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)  # L1-normalised
+    support = p > 0
+    log_p = torch.where(support, p, torch.ones_like(p)).log()
+    terms = torch.where(support, p * (log_p - log_q.masked_fill(~support, 0.0)), torch.zeros_like(p))
+    return terms.sum(dim=-1)
