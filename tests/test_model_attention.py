@@ -1,0 +1,163 @@
+"""Sparse attention paths against a naive loop and each other; the model's dense/sparse switch;
+traces; configuration errors."""
+
+import math
+
+import pytest
+import torch
+
+from sparse_viz.model import AttentionTrace, ModelConfig, SparseTransformer, TransformerOutput, select_keys
+from sparse_viz.model.attention import gathered_sparse_attention, masked_sparse_attention
+from sparse_viz.model.config import SELECTORS
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(
+        vocab_size=43, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=40, top_k=5,
+        sink_tokens=2, indexer_heads=2, indexer_dim=8, indexer_rope_dim=4,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def naive_sparse_attention(q, k, v, selected):
+    """Per (b, h, t): softmax over the selected keys only, by plain loops."""
+    B, H, T, hd = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                keys = [s for s in selected[b, t].tolist() if s >= 0]
+                logits = [float(q[b, h, t] @ k[b, h, s]) / math.sqrt(hd) for s in keys]
+                top = max(logits)
+                weights = [math.exp(x - top) for x in logits]
+                z = sum(weights)
+                for w, s in zip(weights, keys):
+                    out[b, h, t] += (w / z) * v[b, h, s]
+    return out
+
+
+@pytest.mark.parametrize("name", ["topk", "local", "sink_local", "random", "oracle"])
+def test_masked_and_gathered_paths_equal_a_naive_loop(name):
+    g = torch.Generator().manual_seed(0)
+    B, H, T, hd = 2, 3, 11, 4
+    q, k, v = (torch.randn(B, H, T, hd, generator=g) for _ in range(3))
+    selected = select_keys(name, top_k=4, seq_len=T, index_scores=torch.randn(B, T, T, generator=g),
+                           dense_probs=torch.rand(B, H, T, T, generator=g), sink_tokens=1, batch_size=B)
+    expected = naive_sparse_attention(q, k, v, selected)
+    masked, masked_probs = masked_sparse_attention(q, k, v, selected, return_probs=True)
+    gathered, gathered_probs = gathered_sparse_attention(q, k, v, selected, return_probs=True, chunk_size=3)
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered, expected, rtol=1e-5, atol=1e-5)
+    # The gathered probabilities, read in key space, are the masked path's.
+    dense_from_gathered = torch.zeros(B, H, T, T)
+    for b in range(B):
+        for t in range(T):
+            for j, s in enumerate(selected[b, t].tolist()):
+                if s >= 0:
+                    dense_from_gathered[b, :, t, s] = gathered_probs[b, :, t, j]
+    torch.testing.assert_close(dense_from_gathered, masked_probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_gathered_model_equals_masked_model_for_every_selector(selector):
+    ids = torch.randint(0, 43, (2, 23), generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for path in ("masked", "gathered"):
+        torch.manual_seed(0)
+        model = SparseTransformer(tiny_config(selector=selector, attention_path=path))
+        out = model(ids, indexer_loss="selected", trace="full")
+        outputs.append(out)
+    masked, gathered = outputs
+    torch.testing.assert_close(gathered.logits, masked.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered.indexer_kl, masked.indexer_kl, rtol=1e-4, atol=1e-6)
+    for a, b in zip(masked.traces, gathered.traces):
+        torch.testing.assert_close(b.attn_probs, a.attn_probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["masked", "gathered"])
+def test_topk_with_k_at_least_T_equals_dense_attention(path):
+    torch.manual_seed(0)
+    model = SparseTransformer(tiny_config(top_k=16, attention_path=path))
+    ids = torch.randint(0, 43, (2, 16), generator=torch.Generator().manual_seed(2))
+    sparse = model(ids, attention="sparse").logits
+    dense = model(ids, attention="dense").logits
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    # ...and with k < T the two differ (the selection really restricts attention).
+    small = SparseTransformer(tiny_config(top_k=3, attention_path=path))
+    small.load_state_dict(model.state_dict())
+    assert (small(ids).logits - dense).abs().max() > 1e-4
+
+
+def test_dense_fast_path_equals_the_explicit_softmax_path():
+    """attention='dense' uses fused SDPA unless probabilities are needed; both give the same logits."""
+    torch.manual_seed(0)
+    model = SparseTransformer(tiny_config(use_indexer=False, selector="dense"))
+    ids = torch.randint(0, 43, (2, 20), generator=torch.Generator().manual_seed(3))
+    fast = model(ids, attention="dense").logits
+    explicit = model(ids, attention="dense", trace="full").logits
+    torch.testing.assert_close(fast, explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_traces_hold_what_was_asked_for_with_the_documented_shapes():
+    torch.manual_seed(0)
+    config = tiny_config(top_k=4)
+    model = SparseTransformer(config)
+    ids = torch.randint(0, 43, (2, 9))
+    out = model(ids)
+    assert isinstance(out, TransformerOutput) and out.traces is None and out.indexer_kl is None
+    assert out.logits.shape == (2, 9, 43)
+
+    select = model(ids, trace="select").traces
+    assert len(select) == 2 and all(isinstance(t, AttentionTrace) for t in select)
+    assert select[0].selected.shape == (2, 9, 4) and select[0].index_scores.shape == (2, 9, 9)
+    assert select[0].attn_probs is None and select[0].dense_attn_probs is None and select[0].index_head_terms is None
+
+    full = model(ids, trace="full").traces[1]
+    assert full.index_head_terms.shape == (2, 2, 9, 9)
+    assert full.attn_probs.shape == (2, 4, 9, 9) and full.dense_attn_probs.shape == (2, 4, 9, 9)
+    torch.testing.assert_close(full.index_head_terms.sum(1), full.index_scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), 0.0))
+    torch.testing.assert_close(full.attn_probs.sum(-1), torch.ones(2, 4, 9))
+    # Used probabilities are zero off the selection.
+    off = torch.ones(2, 9, 9, dtype=torch.bool)
+    for b in range(2):
+        for t in range(9):
+            for s in full.selected[b, t].tolist():
+                if s >= 0:
+                    off[b, t, s] = False
+    assert full.attn_probs.masked_select(off[:, None].expand_as(full.attn_probs)).abs().max() == 0.0
+
+    dense = model(ids, attention="dense", trace="select").traces[0]
+    assert dense.selected is None
+
+
+def test_a_dense_model_without_indexer_traces_no_index_scores():
+    model = SparseTransformer(tiny_config(use_indexer=False, selector="local"))
+    trace = model(torch.randint(0, 43, (1, 8)), trace="full").traces[0]
+    assert trace.index_scores is None and trace.index_head_terms is None
+    assert model.indexer_parameters() == []
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(selector="bogus"), "unknown selector"),
+    (dict(top_k=0), "top_k must be > 0"),
+    (dict(top_k=-3), "top_k must be > 0"),
+    (dict(attention_path="sideways"), "unknown attention_path"),
+    (dict(selector="topk", use_indexer=False), "needs the Lightning Indexer"),
+])
+def test_bad_config_raises_a_clear_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_bad_forward_arguments_raise_a_clear_value_error():
+    model = SparseTransformer(tiny_config(max_seq_len=8))
+    with pytest.raises(ValueError, match="exceeds max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention="sparce")
+    with pytest.raises(ValueError, match="indexer_loss must be one of"):
+        model(torch.zeros(1, 4, dtype=torch.long), indexer_loss="some")
+    no_indexer = SparseTransformer(tiny_config(max_seq_len=8, selector="local", use_indexer=False))
+    with pytest.raises(ValueError, match="needs the Lightning Indexer"):
+        no_indexer(torch.zeros(1, 4, dtype=torch.long), indexer_loss="all")
