@@ -63,26 +63,16 @@ class AttentionLayout:
 
     @classmethod
     def of(cls, model: nn.Module) -> AttentionLayout:
-        """Find the decoder layers of a HF causal LM (Llama/Qwen3: model.model.layers;
-        Qwen3-VL: model.model.language_model.layers)."""
-        layers = None
-        for path in ("model.layers", "model.language_model.layers", "language_model.layers", "layers"):
-            obj = model
-            for part in path.split("."):
-                obj = getattr(obj, part, None)
-                if obj is None:
-                    break
-            if isinstance(obj, nn.ModuleList):
-                layers = obj
-                break
-        if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
-            raise UserInputError(f"unsupported architecture {type(model).__name__}: no decoder layers with self_attn found")
-        config = model.config
-        config = getattr(config, "text_config", None) or config
-        n_heads = config.num_attention_heads
-        n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        return cls(tuple(layer.self_attn for layer in layers), n_heads, n_kv_heads, head_dim)
+        """The layout of a HF causal LM, through the shared `ArchitectureAdapter`.
+
+        Raises:
+            UserInputError: unsupported architecture.
+        """
+        from sparse_viz.analysis.loading import ArchitectureAdapter
+
+        adapter = ArchitectureAdapter.for_model(model)
+        attentions = tuple(adapter.attention(i) for i in range(adapter.n_layers))
+        return cls(attentions, adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
 
 
 @contextlib.contextmanager
