@@ -199,6 +199,32 @@ def analyse_probe(
     return scalars, arrays, stacked
 
 
+def snapshot_record(step: int, scalars: dict, arrays: dict[str, np.ndarray], *, stage: str, attention: str,
+                    selected_by_attention: bool, token_lookup: dict[int, str], epoch: int = 0,
+                    val_loss: float | None = None, tokens_per_s: float | None = None,
+                    snapshot_seconds: float | None = None) -> dict:
+    """The history line of one snapshot: identification, training context and the scalars.
+
+    `top_tokens[layer]` lists [token text, times selected] of the most selected probe tokens.
+    """
+    ids, counts = arrays["top_token_ids"], arrays["top_token_counts"]
+    return {
+        "step": int(step),
+        "epoch": int(epoch),
+        "stage": stage,
+        "attention": attention,
+        "selection_source": "attention" if selected_by_attention else "indexer_topk",
+        "val_loss": val_loss,
+        "tokens_per_s": tokens_per_s,
+        "snapshot_seconds": snapshot_seconds,
+        **scalars,
+        "top_tokens": [
+            [[token_lookup.get(int(i), ""), int(c)] for i, c in zip(ids[layer], counts[layer]) if i >= 0]
+            for layer in range(ids.shape[0])
+        ],
+    }
+
+
 class SelectionAnalysisCallback(L.Callback):
     """Record selection quality and patterns on a fixed probe batch every N training steps.
 
@@ -262,7 +288,6 @@ class SelectionAnalysisCallback(L.Callback):
             "selector": cfg.selector,
             "every_n_steps": self.every_n_steps,
             "token_types": list(TOKEN_TYPES),
-            "top_token_strings": {},
             "run_name": Path(trainer.default_root_dir).name,
         })
         self._token_lookup = {}
@@ -319,23 +344,13 @@ class SelectionAnalysisCallback(L.Callback):
             model.train(was_training)
         stage = pl_module.current_stage
         val_loss = trainer.callback_metrics.get("val/loss")
-        source = "attention" if attention == "sparse" and traces[0].selected is not None else "indexer_topk"
-        record = {
-            "step": int(step),
-            "epoch": int(trainer.current_epoch),
-            "stage": getattr(stage, "name", str(stage)),
-            "attention": attention,
-            "selection_source": source,
-            "val_loss": float(val_loss) if val_loss is not None else None,
-            "tokens_per_s": self._tokens / self._train_seconds if self._train_seconds > 0 else None,
-            "snapshot_seconds": time.perf_counter() - started,
-            **scalars,
-        }
-        ids = arrays["top_token_ids"]
-        record["top_tokens"] = [
-            [[self._token_lookup.get(int(i), ""), int(c)] for i, c in zip(ids[layer], arrays["top_token_counts"][layer]) if i >= 0]
-            for layer in range(ids.shape[0])
-        ]
+        record = snapshot_record(
+            step, scalars, arrays, stage=getattr(stage, "name", str(stage)), attention=attention,
+            selected_by_attention=attention == "sparse" and traces[0].selected is not None,
+            token_lookup=self._token_lookup, epoch=int(trainer.current_epoch),
+            val_loss=float(val_loss) if val_loss is not None else None,
+            tokens_per_s=self._tokens / self._train_seconds if self._train_seconds > 0 else None,
+            snapshot_seconds=time.perf_counter() - started)
         written = self.store.append(record, arrays)
         self._tokens, self._train_seconds = 0, 0.0
         if not written:
@@ -357,6 +372,9 @@ class SelectionAnalysisCallback(L.Callback):
         out: dict[str, list[torch.Tensor]] = {name: [] for name in BASELINES}
         for trace in traces:
             for name in BASELINES:
+                if name == "sink_local" and not 0 <= cfg.sink_tokens < k:
+                    out.pop(name, None)
+                    continue
                 out[name].append(select_keys(
                     name, top_k=k, seq_len=T, index_scores=trace.index_scores,
                     dense_probs=trace.dense_attn_probs, sink_tokens=cfg.sink_tokens,

@@ -1,0 +1,342 @@
+"""Matplotlib figures of a training run, made from the files in its run directory only.
+
+    plots/attention_patterns.png   6 panels (issue 3 item 3)
+    plots/indexer_behavior.png     4 panels
+    plots/selection/step_XXXXXXX.png   one selection heatmap (query x key) per snapshot,
+                                   one panel per chosen layer
+
+Reads `analysis/history.jsonl`, `analysis/step_*.npz` and `analysis/probe.json` through
+`RunStore` (numpy only): no torch, no model. Figures are built with `matplotlib.figure.Figure`
+and the Agg canvas, so no pyplot state or GUI backend is involved.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sparse_viz.tracking.store import RunStore
+from sparse_viz.tracking.token_types import TOKEN_TYPES
+
+DPI = 120
+BASELINE_STYLES = {
+    "mass_at_k": ("indexer", "#3b6fd8", "-"),
+    "mass_at_k_oracle": ("oracle", "#2e7d32", "--"),
+    "mass_at_k_sink_local": ("sink+local", "#8e44ad", ":"),
+    "mass_at_k_local": ("local", "#e67e22", ":"),
+    "mass_at_k_random": ("random", "#7f8c8d", "-."),
+}
+STAGE_COLOURS = {"dense": "#f2f4f7", "warmup": "#fff4e0", "sparse": "#eaf3ea"}
+
+
+def _value(record: dict, name: str) -> float:
+    value = record.get(name)
+    return math.nan if value is None else float(value)
+
+
+def _series(history: Sequence[dict], name: str) -> np.ndarray:
+    return np.array([_value(r, name) for r in history], dtype=np.float64)
+
+
+def _steps(history: Sequence[dict]) -> np.ndarray:
+    return np.array([int(r["step"]) for r in history])
+
+
+def _shade_stages(ax, history: Sequence[dict]) -> None:
+    """Background bands for the training stages (dense / warmup / sparse)."""
+    if not history:
+        return
+    steps = _steps(history)
+    start = 0
+    for i in range(1, len(history) + 1):
+        if i == len(history) or history[i].get("stage") != history[start].get("stage"):
+            end = steps[i] if i < len(history) else steps[-1]
+            colour = STAGE_COLOURS.get(str(history[start].get("stage")), "#ffffff")
+            ax.axvspan(steps[start], end, color=colour, zorder=0, lw=0)
+            start = i
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Save through a temp file + rename: a killed render never leaves a half-written PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#667085")
+
+
+def _layer_mean(array: np.ndarray) -> np.ndarray:
+    """Mean over the leading layer axis, ignoring NaN (all-NaN -> NaN without a warning)."""
+    with np.errstate(invalid="ignore"):
+        count = np.sum(np.isfinite(array), axis=0)
+        total = np.nansum(array, axis=0)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _pick(n: int, most: int = 6) -> list[int]:
+    """Up to `most` evenly spaced indices of n items, first and last included."""
+    if n <= most:
+        return list(range(n))
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, most)})
+
+
+def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -> Figure:
+    """The 6 panels: position frequency, entropy, score distribution, quality/efficiency,
+    head pattern clustering (PCA + KMeans), selection quality vs validation loss."""
+    fig = Figure(figsize=(18, 10))
+    axes = fig.subplots(2, 3)
+    steps = _steps(history)
+    import matplotlib
+
+    viridis = matplotlib.colormaps["viridis"]
+
+    # 1. selection frequency by absolute key position, a few snapshots
+    ax = axes[0, 0]
+    chosen = [i for i in _pick(len(history)) if steps[i] in snapshots]
+    for j, i in enumerate(chosen):
+        freq = _layer_mean(snapshots[steps[i]]["pos_freq"])
+        ax.plot(np.arange(len(freq)), freq, color=viridis(j / max(len(chosen) - 1, 1)), lw=1.2,
+                label=f"step {steps[i]}")
+    if chosen:
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "no snapshot arrays")
+    ax.set_title("Selection frequency by key position")
+    ax.set_xlabel("key position s")
+    ax.set_ylabel("P(s selected | visible), informative rows")
+
+    # 2. attention entropy over steps
+    ax = axes[0, 1]
+    _shade_stages(ax, history)
+    ax.plot(steps, _series(history, "entropy_sparse"), "o-", label="attention used (sparse)", ms=3)
+    ax.plot(steps, _series(history, "entropy_dense"), "s--", label="dense attention", ms=3)
+    ax.set_title("Attention entropy over steps")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("entropy (nats, mean over heads and queries)")
+    ax.legend(fontsize=8)
+
+    # 3. indexer score distribution (first / middle / last snapshot, all layers pooled)
+    ax = axes[0, 2]
+    drawn = False
+    for j, i in enumerate(_pick(len(history), 3)):
+        arrays = snapshots.get(steps[i])
+        if arrays is None or not np.isfinite(arrays["score_edges"]).any():
+            continue
+        edges, hist = arrays["score_edges"], arrays["score_hist"]
+        centres = (edges[:, 1:] + edges[:, :-1]) / 2
+        ok = np.isfinite(centres)
+        common = np.linspace(np.nanmin(edges), np.nanmax(edges), 41)
+        counts, _ = np.histogram(centres[ok], bins=common, weights=hist[ok])
+        ax.stairs(counts / max(counts.sum(), 1), common, label=f"step {steps[i]}",
+                  color=viridis(j / 2), lw=1.5)
+        drawn = True
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "no indexer")
+    ax.set_title("Indexer score distribution I[t, s], s <= t")
+    ax.set_xlabel("score")
+    ax.set_ylabel("share of (t, s) pairs")
+
+    # 4. selection quality and efficiency over steps
+    ax = axes[1, 0]
+    _shade_stages(ax, history)
+    for name, (label, colour, style) in BASELINE_STYLES.items():
+        values = _series(history, name)
+        if np.isfinite(values).any():
+            ax.plot(steps, values, style, color=colour, label=f"mass@k {label}", lw=1.5)
+    recall = _series(history, "recall_at_k")
+    if np.isfinite(recall).any():
+        ax.plot(steps, recall, "-", color="#c0392b", lw=1, alpha=0.8, label="recall@k indexer")
+    ax.plot(steps, _series(history, "keys_share"), ":", color="#101828", lw=1, label="keys attended / visible")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Selection quality and efficiency")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share")
+    ax.legend(fontsize=7, ncol=2)
+
+    # 5. attention pattern clustering: PCA + KMeans over per-head distance profiles
+    ax = axes[1, 1]
+    points, point_steps = [], []
+    for step in steps:
+        arrays = snapshots.get(step)
+        if arrays is None:
+            continue
+        features = arrays["head_features"]  # (L, H, F)
+        points.append(features.reshape(-1, features.shape[-1]))
+        point_steps.append(np.full(points[-1].shape[0], step))
+    if points and sum(len(p) for p in points) >= 3:
+        from sklearn.cluster import KMeans
+        from sklearn.decomposition import PCA
+
+        X = np.nan_to_num(np.concatenate(points))
+        colour_steps = np.concatenate(point_steps)
+        xy = PCA(n_components=2, random_state=0).fit_transform(X) if X.shape[1] >= 2 else np.c_[X, X]
+        n_clusters = min(4, len(np.unique(X, axis=0)))
+        labels = KMeans(n_clusters=max(n_clusters, 1), n_init=10, random_state=0).fit_predict(X)
+        markers = "osD^"
+        for c in range(max(n_clusters, 1)):
+            sel = labels == c
+            scatter = ax.scatter(xy[sel, 0], xy[sel, 1], c=colour_steps[sel], cmap="viridis",
+                                 vmin=steps.min(), vmax=max(steps.max(), steps.min() + 1),
+                                 marker=markers[c % 4], s=22, label=f"cluster {c}", alpha=0.85)
+        fig.colorbar(scatter, ax=ax, label="training step")
+        ax.legend(fontsize=7)
+    else:
+        _empty(ax, "too few heads to cluster")
+    ax.set_title("Head attention patterns (PCA of distance profiles, KMeans)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+
+    # 6. selection quality vs validation loss
+    ax = axes[1, 2]
+    loss, mass = _series(history, "val_loss"), _series(history, "mass_at_k")
+    ok = np.isfinite(loss) & np.isfinite(mass)
+    if ok.any():
+        scatter = ax.scatter(mass[ok], loss[ok], c=steps[ok], cmap="viridis", s=28)
+        fig.colorbar(scatter, ax=ax, label="training step")
+    else:
+        _empty(ax, "no validation loss recorded yet")
+    ax.set_title("Selection quality vs validation loss")
+    ax.set_xlabel("mass@k of the indexer's selection")
+    ax.set_ylabel("validation loss (latest at the snapshot)")
+    fig.tight_layout()
+    return fig
+
+
+def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> Figure:
+    """The 4 panels: head specialisation, score mean ± std, selection biases, token types."""
+    fig = Figure(figsize=(15, 9))
+    axes = fig.subplots(2, 2)
+    steps = _steps(history)
+    have = [s for s in steps if s in snapshots]
+
+    # 1. indexer head specialisation (mean over layers, one line per head)
+    ax = axes[0, 0]
+    _shade_stages(ax, history)
+    if have:
+        spec = np.stack([_layer_mean(snapshots[s]["head_spec"]) for s in have])  # (S, H_I)
+        for head in range(spec.shape[1]):
+            if np.isfinite(spec[:, head]).any():
+                ax.plot(have, spec[:, head], "o-", ms=3, label=f"head {head}")
+        ax.legend(fontsize=8)
+    ax.set_title("Indexer head specialisation (1 - normalised entropy)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("specialisation (0 spread, 1 one key)")
+
+    # 2. score mean ± std, min/max
+    ax = axes[0, 1]
+    _shade_stages(ax, history)
+    mean, std = _series(history, "score_mean"), _series(history, "score_std")
+    if np.isfinite(mean).any():
+        ax.plot(steps, mean, "o-", ms=3, color="#3b6fd8", label="mean")
+        ax.fill_between(steps, mean - std, mean + std, color="#3b6fd8", alpha=0.25, label="± std")
+        ax.plot(steps, _series(history, "score_min"), ":", color="#667085", label="min / max")
+        ax.plot(steps, _series(history, "score_max"), ":", color="#667085")
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "no indexer")
+    ax.set_title("Indexer score evolution")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("I[t, s]")
+
+    # 3. selection biases over steps
+    ax = axes[1, 0]
+    _shade_stages(ax, history)
+    for name, label in (("sink_share", "sink share (key 0)"), ("local_share", "local-window share (t - s < k)"),
+                        ("jaccard_prev", "Jaccard with previous snapshot")):
+        values = _series(history, name)
+        if np.isfinite(values).any():
+            ax.plot(steps, values, "o-", ms=3, label=label)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("Selection bias and stability")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share")
+
+    # 4. selected token types at the last snapshot vs their share of visible keys
+    ax = axes[1, 1]
+    if have:
+        last = snapshots[have[-1]]
+        share, base = _layer_mean(last["type_share"]), _layer_mean(last["type_base"])
+        x = np.arange(len(TOKEN_TYPES))
+        ax.bar(x - 0.2, share, width=0.4, label=f"selected keys (step {have[-1]})", color="#3b6fd8")
+        ax.bar(x + 0.2, base, width=0.4, label="visible keys (base rate)", color="#d0d5dd")
+        ax.set_xticks(x, TOKEN_TYPES, rotation=20)
+        ax.legend(fontsize=8)
+    ax.set_title("Selected token types")
+    ax.set_ylabel("share of selections / of visible keys")
+    fig.tight_layout()
+    return fig
+
+
+def selection_heatmap_figure(arrays: dict, layers: Sequence[int], step: int) -> Figure:
+    """Query x key selection matrix of probe row 0 for each chosen layer.
+
+    A selected cell's colour is the dense attention probability (mean over heads) on that key;
+    visible but unselected cells are light grey; the future is white.
+    """
+    fig = Figure(figsize=(4.2 * len(layers), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, len(layers)))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["magma_r"].copy()
+    cmap.set_bad("#ffffff")
+    for ax, layer in zip(axes, layers):
+        selected = arrays["show_selected"][layer].astype(np.int64)  # (T, k)
+        dense = arrays["show_dense"][layer]  # (T, k)
+        T = selected.shape[0]
+        image = np.full((T, T), np.nan)
+        image[np.tril(np.ones((T, T), dtype=bool))] = -1.0
+        rows, slots = np.nonzero(selected >= 0)
+        image[rows, selected[rows, slots]] = np.nan_to_num(np.sqrt(np.clip(dense[rows, slots], 0, 1)))
+        shown = np.ma.masked_invalid(np.where(image < 0, np.nan, image))
+        ax.imshow(np.where(image == -1.0, 1.0, np.nan), cmap="Greys", vmin=0, vmax=12, interpolation="nearest")
+        im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"layer {layer}, step {step}")
+        ax.set_xlabel("key s")
+        ax.set_ylabel("query t")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="sqrt(dense attention) on selected keys")
+    return fig
+
+
+def render_plots(run_dir: str | os.PathLike, heatmap_layers: Sequence[int] | None = None) -> list[Path]:
+    """Write the two summary PNGs and any missing per-snapshot heatmaps of a run directory.
+
+    Args:
+        run_dir: a run directory with `analysis/history.jsonl`.
+        heatmap_layers: layers in the heatmaps (None: all layers).
+
+    Returns:
+        The paths written.
+    """
+    store = RunStore(run_dir)
+    history = store.read_history()
+    snapshots = {}
+    for record in history:
+        if store.snapshot_path(record["step"]).is_file():
+            snapshots[int(record["step"])] = store.load_snapshot(record["step"])
+    plots = Path(run_dir) / "plots"
+    written = [
+        _save(attention_patterns_figure(history, snapshots), plots / "attention_patterns.png"),
+        _save(indexer_behavior_figure(history, snapshots), plots / "indexer_behavior.png"),
+    ]
+    for step, arrays in snapshots.items():
+        n_layers = arrays["show_selected"].shape[0]
+        layers = [l for l in (heatmap_layers if heatmap_layers is not None else range(n_layers)) if 0 <= l < n_layers]
+        target = plots / "selection" / f"step_{step:07d}.png"
+        if not layers or (target.is_file() and target.stat().st_mtime >= store.snapshot_path(step).stat().st_mtime):
+            continue
+        written.append(_save(selection_heatmap_figure(arrays, layers, step), target))
+    return written
