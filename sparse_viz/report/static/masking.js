@@ -86,8 +86,12 @@
     });
     svg.append("text").attr("x", margin.left).attr("y", 10).text(`${METRIC_NAMES[state.metric]}${state.cap === "max" ? "" : " (capped at " + state.cap + ")"}`);
     svg.append("rect").attr("x", margin.left).attr("y", margin.top).attr("width", width).attr("height", height).attr("fill", `url(#${id})`);
+    const axis = d3.axisBottom(axisScale).tickSize(3).tickFormat(tickLabel);
+    // A log axis labels powers of ten only; the others would overlap.
+    if (state.scale === "log") axis.tickValues(axisScale.ticks().filter((t) => Math.abs(Math.log10(t) - Math.round(Math.log10(t))) < 1e-9));
+    else axis.ticks(5);
     svg.append("g").attr("transform", `translate(${margin.left},${margin.top + height})`)
-      .call(d3.axisBottom(axisScale).ticks(5, "~g").tickSize(3)).call((g) => g.select(".domain").remove());
+      .call(axis).call((g) => g.select(".domain").remove());
   }
 
   // ----- heatmap (one variant) -----------------------------------------------------------------
@@ -97,6 +101,9 @@
     const holder = d3.select("#heatmap").attr("hidden", null);
     holder.selectAll("*").remove();
     const table = holder.append("table").attr("class", "heatmap").attr("data-variant", g.name);
+    // Cells share the panel's width (between 16 and 40 px each) instead of a fixed narrow column.
+    const room = (holder.node().clientWidth || 900) - 280;
+    table.style("--cell-w", `${Math.max(16, Math.min(40, Math.floor(room / Math.max(layers.length, 1))))}px`);
     const head = table.append("thead").append("tr");
     head.append("th").attr("class", "row-head").text("pos  token");
     head.selectAll("th.layer").data(layers).join("th").attr("class", "layer").attr("scope", "col").text((l) => l);
@@ -184,7 +191,7 @@
     holder.selectAll("*").remove();
     const svg = holder.append("svg").attr("width", width).attr("height", items.length * rowH + 24)
       .attr("aria-label", `Impact per token, ${state.agg} over layers, ${variantLabel}`);
-    svg.append("g").attr("transform", `translate(${labelW},${items.length * rowH + 2})`).call(d3.axisBottom(x).ticks(6).tickSize(3));
+    svg.append("g").attr("transform", `translate(${labelW},${items.length * rowH + 2})`).call(d3.axisBottom(x).ticks(6).tickSize(3).tickFormat(tickLabel));
     const g = svg.selectAll("g.row").data(items).join("g").attr("class", "row")
       .attr("data-position", (d) => d.p).attr("data-value", (d) => (Number.isFinite(d.v) ? d.v : ""))
       .attr("transform", (d, i) => `translate(0,${i * rowH})`);
@@ -199,6 +206,9 @@
       `Masked token ${d.p}: "${SV.tokenLabel(d.token)}"\n${state.agg} over layers (${variantLabel}), ${METRIC_NAMES[state.metric]}: ${SV.format(Number.isFinite(d.v) ? d.v : null, 5)}`))
       .on("mouseleave", () => tooltip.hide());
   }
+
+  // 10 not 1e+1, 0.005 not 5m: three significant digits, trailing zeros dropped.
+  function tickLabel(v) { return String(Number(Number(v).toPrecision(3))); }
 
   function truncate(text, n) { return text.length > n ? text.slice(0, n - 1) + "\u2026" : text; }
 
