@@ -30,7 +30,7 @@ COMMAND_HELP: dict[str, str] = {}
 # that `import sparse_viz.analysis.cli` stays cheap. Add new analyses here, e.g.
 #   "sparse_viz.analysis.head_ablation"       (heads)
 #   "sparse_viz.analysis.component_ablation"  (components)
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["sparse_viz.analysis.ablation_cli"]  # heads, components (issue 6)
 
 
 def register_command(name: str, add_arguments: AddArguments, run: Run, help: str = "") -> None:

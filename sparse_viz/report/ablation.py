@@ -1,0 +1,330 @@
+"""Files of a head- or component-ablation run: CSV, patterns .npz, PNGs and report.html.
+
+Everything is written into a temporary sibling folder and moved into place at the end, so a
+failed run never leaves a half-written output folder.
+
+Report payload (read by static/ablation.js):
+    kind: "heads" | "components"; n_layers, n_heads; notes: [str]; tokens: [[str]] per sequence
+    ablations: [{name, kind, layer, head, kl_divergence, frac_top1_changed, delta_logprob_top1,
+                 kl_per_position: [[float]] per sequence, predictions: [...],
+                 pattern_layers: [int], patterns: {layer: key} | null}]
+    patterns: {key: {shape: [N, H, T, T], data: base64 of uint8 round(255 * p)}}
+    baseline: {layer: key}
+    masks (components): {module: [float]}, ablated (components): {module: [int]}, pgd_history
+Attention probabilities are quantised to 1/255 for the page only; the .npz keeps float32.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparse_viz.report.html import render_report, write_text_atomic
+
+# Bytes of quantised attention patterns the page may carry (beyond that: the .npz has them).
+PATTERN_BUDGET = 12_000_000
+MAX_REPORT_SEQUENCES = 4
+MAX_PATTERN_PNGS = 6
+
+
+def _encode(pattern: np.ndarray) -> dict[str, Any]:
+    """(N, H, T, T) probabilities -> {shape, data: base64 uint8}."""
+    q = np.clip(np.rint(np.nan_to_num(pattern) * 255.0), 0, 255).astype(np.uint8)
+    return {"shape": list(q.shape), "data": base64.b64encode(q.tobytes()).decode("ascii")}
+
+
+def _round(values: np.ndarray, digits: int = 6) -> list:
+    return [[None if not np.isfinite(v) else float(np.round(v, digits)) for v in row] for row in values]
+
+
+class _PatternStore:
+    """Patterns to embed, keyed by content identity, within PATTERN_BUDGET bytes."""
+
+    def __init__(self, budget: int = PATTERN_BUDGET):
+        self.budget, self.used, self.items = budget, 0, {}
+
+    def add(self, key: str, pattern: np.ndarray) -> bool:
+        pattern = pattern[:MAX_REPORT_SEQUENCES]
+        if key in self.items:
+            return True
+        if self.used + pattern.size > self.budget:
+            return False
+        self.items[key] = _encode(pattern)
+        self.used += pattern.size
+        return True
+
+
+class _OutputDir:
+    """Write into a temp sibling of `final`, then swap it in (the old folder is removed)."""
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}."))
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old.{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg).
+# --------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def patterns_figure(baseline: np.ndarray, ablated: np.ndarray, tokens: list[str], title: str):
+    """Baseline (top row) vs ablated (bottom row) attention of every head of one layer.
+
+    Args:
+        baseline, ablated: (H, T, T) for ONE sequence.
+    """
+    plt = _pyplot()
+    H, T, _ = baseline.shape
+    fig, axes = plt.subplots(2, H, figsize=(2.0 * H + 1, 4.6), squeeze=False)
+    for h in range(H):
+        for row, (pattern, label) in enumerate(((baseline, "baseline"), (ablated, "ablated"))):
+            ax = axes[row, h]
+            ax.imshow(pattern[h], vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"head {h}", fontsize=9)
+            if h == 0:
+                ax.set_ylabel(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def head_heatmap_figure(table, n_layers: int, n_heads: int):
+    """Layer x head heatmaps of KL and of the share of changed top-1 predictions (single heads)."""
+    plt = _pyplot()
+    singles = table[table["kind"] == "head"]
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.5 * n_heads * 2, 1.5 + 0.25 * n_layers), squeeze=False)
+    for ax, column, label in zip(axes[0], ("kl_divergence", "frac_top1_changed"), ("KL(baseline || ablated)", "share of top-1 changed")):
+        grid = np.full((n_layers, n_heads), np.nan)
+        for _, row in singles.iterrows():
+            grid[int(row["layer"]), int(row["head"])] = row[column]
+        image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_xlabel("head"), ax.set_ylabel("layer"), ax.set_title(label, fontsize=10)
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def _save_fig(fig, path: Path) -> None:
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:80]
+
+
+# --------------------------------------------------------------------------------------------
+# Head ablation.
+# --------------------------------------------------------------------------------------------
+
+
+def head_ablation_payload(result, title: str = "Head ablation") -> dict[str, Any]:
+    """The JSON payload of the head-ablation report (see the module docstring)."""
+    layout = result.layout
+    store = _PatternStore()
+    baseline = {}
+    # Embed baseline layers that some ablation's patterns refer to first, then others if room.
+    order = np.argsort(-result.table["kl_divergence"].to_numpy(), kind="stable")
+    needed = sorted({L for pats in result.ablated_patterns for L in pats})
+    for L in needed + [L for L in sorted(result.baseline_patterns) if L not in needed]:
+        if store.add(f"b{L}", result.baseline_patterns[L]):
+            baseline[str(L)] = f"b{L}"
+    ablations = []
+    for i, ablation in enumerate(result.ablations):
+        row = result.table.iloc[i]
+        ablations.append({
+            "name": ablation.name, "kind": ablation.kind, "layer": int(row["layer"]), "head": int(row["head"]),
+            "heads": [list(p) for p in ablation.heads], "kv_heads": [list(p) for p in ablation.kv_heads],
+            "positions": row["positions"],
+            "kl_divergence": float(row["kl_divergence"]), "frac_top1_changed": float(row["frac_top1_changed"]),
+            "delta_logprob_top1": float(row["delta_logprob_top1"]),
+            "kl_per_position": _round(result.kl_per_position[i][:MAX_REPORT_SEQUENCES]),
+            "predictions": [p for p in result.predictions[i] if p["seq"] < MAX_REPORT_SEQUENCES],
+            "pattern_layers": sorted(result.ablated_patterns[i]) if result.ablated_patterns else [],
+            "patterns": None,
+        })
+    for i in order:  # the largest effects get their patterns embedded first
+        if not result.ablated_patterns:
+            break
+        keys = {}
+        for L, pattern in result.ablated_patterns[i].items():
+            if str(L) in baseline and store.add(f"a{i}_{L}", pattern):
+                keys[str(L)] = f"a{i}_{L}"
+        ablations[i]["patterns"] = keys or None
+    notes = [
+        "Ablating head h of layer L zeroes its output z (the o_proj input slice [h*hd, (h+1)*hd)); the head's "
+        "own attention is unchanged, so ablated patterns are shown at later layers.",
+        "KL(baseline || ablated) = mean over ALL positions of ALL sequences of sum_v p (log p - log q).",
+    ]
+    if any(a.kv_heads for a in result.ablations):
+        notes.append("KV-head ablation zeroes that KV head's values at every position; with GQA this equals "
+                     f"ablating its {layout.group_size} query heads.")
+    missing = sum(a["patterns"] is None for a in ablations) if result.ablated_patterns else 0
+    if missing:
+        notes.append(f"{missing} ablation(s) have no patterns in this page (size budget); "
+                     "head_ablation_patterns.npz has them all.")
+    return {
+        "kind": "heads", "title": title, "n_layers": layout.n_layers, "n_heads": layout.n_heads,
+        "n_kv_heads": layout.n_kv_heads, "notes": notes,
+        "tokens": result.tokens[:MAX_REPORT_SEQUENCES], "n_sequences": len(result.tokens),
+        "ablations": ablations, "patterns": store.items, "baseline": baseline,
+    }
+
+
+def write_head_ablation_outputs(result, output_dir, *, title: str = "Head ablation", plots: bool = True) -> Path:
+    """Write head_ablation.csv, head_ablation_patterns.npz, predictions.json, plots/*.png, report.html.
+
+    Returns:
+        The output folder.
+    """
+    import json
+
+    with _OutputDir(output_dir) as out:
+        result.table.to_csv(out / "head_ablation.csv", index=False)
+        arrays = {"kl_per_position": result.kl_per_position, "input_ids": result.input_ids, "valid": result.valid,
+                  "ablation_names": np.array([a.name for a in result.ablations])}
+        for L, pattern in result.baseline_patterns.items():
+            arrays[f"baseline_layer{L}"] = pattern
+        for i, pats in enumerate(result.ablated_patterns):
+            for L, pattern in pats.items():
+                arrays[f"ablation{i}_layer{L}"] = pattern
+        _save_npz(out / "head_ablation_patterns.npz", arrays)
+        write_text_atomic(out / "predictions.json", json.dumps(
+            {a.name: p for a, p in zip(result.ablations, result.predictions)}, ensure_ascii=False, indent=1))
+        if plots:
+            if (result.table["kind"] == "head").sum() > 1:
+                _save_fig(head_heatmap_figure(result.table, result.layout.n_layers, result.layout.n_heads),
+                          out / "plots" / "head_ablation_heatmap.png")
+            if result.ablated_patterns:
+                order = np.argsort(-result.table["kl_divergence"].to_numpy(), kind="stable")[:MAX_PATTERN_PNGS]
+                for i in order:
+                    for L, pattern in result.ablated_patterns[i].items():
+                        for n in range(min(len(pattern), 2)):
+                            name = result.ablations[i].name
+                            fig = patterns_figure(result.baseline_patterns[L][n], pattern[n], result.tokens[n],
+                                                  f"ablation {name}: layer {L} attention, sequence {n}")
+                            _save_fig(fig, out / "plots" / f"patterns_{_slug(name)}_layer{L}_seq{n}.png")
+        render_report("ablation.html.j2", out / "report.html", title=title, data=head_ablation_payload(result, title))
+    return Path(output_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Component ablation.
+# --------------------------------------------------------------------------------------------
+
+
+def component_ablation_payload(result, title: str = "Component ablation") -> dict[str, Any]:
+    """The JSON payload of the component-ablation report (see the module docstring)."""
+    store = _PatternStore()
+    baseline, ablated_keys = {}, {}
+    for L in sorted(result.baseline_patterns):
+        if store.add(f"b{L}", result.baseline_patterns[L]) and store.add(f"a{L}", result.ablated_patterns[L]):
+            baseline[str(L)], ablated_keys[str(L)] = f"b{L}", f"a{L}"
+    row = result.table.iloc[0]
+    n_heads = next(iter(result.baseline_patterns.values())).shape[1] if result.baseline_patterns else 0
+    notes = list(result.notes)
+    if len(baseline) < len(result.baseline_patterns):
+        notes.append("Some layers' patterns are not in this page (size budget); component_ablation_patterns.npz has them.")
+    return {
+        "kind": "components", "title": title, "n_layers": len(result.baseline_patterns), "n_heads": n_heads,
+        "notes": notes, "tokens": [t for t in result.tokens[:MAX_REPORT_SEQUENCES]], "n_sequences": len(result.tokens),
+        "mode": result.mode, "decomposition": result.decomposition_label,
+        "relative_error": result.relative_error,
+        "ablations": [{
+            "name": row["ablation"], "kind": "components", "layer": -1, "head": -1,
+            "kl_divergence": float(row["kl_divergence"]), "frac_top1_changed": float(row["frac_top1_changed"]),
+            "delta_logprob_top1": float(row["delta_logprob_top1"]), "reconstruction_kl": float(row["reconstruction_kl"]),
+            "kl_per_position": _round(result.kl_per_position[:MAX_REPORT_SEQUENCES]),
+            "predictions": [p for p in result.predictions if p["seq"] < MAX_REPORT_SEQUENCES],
+            "pattern_layers": [int(L) for L in ablated_keys], "patterns": ablated_keys or None,
+        }],
+        "patterns": store.items, "baseline": baseline,
+        "masks": {p: [float(v) for v in np.asarray(m).reshape(-1)] for p, m in result.masks.items()},
+        "ablated": result.ablated, "pgd_history": result.pgd_history,
+    }
+
+
+def masks_figure(masks: dict[str, np.ndarray], ablated: dict[str, list[int]], title: str):
+    """One bar chart per module: the mask value of every component (ablated ones in red)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(masks), 1, figsize=(8, 1.8 * len(masks) + 0.6), squeeze=False)
+    for ax, (path, mask) in zip(axes[:, 0], masks.items()):
+        mask = np.asarray(mask).reshape(-1)
+        colors = ["#d62728" if c in set(ablated.get(path, [])) else "#3b6fd8" for c in range(len(mask))]
+        ax.bar(np.arange(len(mask)), mask, color=colors, width=1.0)
+        ax.set_ylim(0, 1.05), ax.set_ylabel("mask"), ax.set_title(path, fontsize=9)
+    axes[-1, 0].set_xlabel("component")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_component_ablation_outputs(result, output_dir, *, title: str = "Component ablation", plots: bool = True) -> Path:
+    """Write component_ablation.csv, component_ablation_patterns.npz, predictions.json, plots, report.html."""
+    import json
+
+    with _OutputDir(output_dir) as out:
+        result.table.to_csv(out / "component_ablation.csv", index=False)
+        arrays = {"kl_per_position": result.kl_per_position, "input_ids": result.input_ids}
+        for L, pattern in result.baseline_patterns.items():
+            arrays[f"baseline_layer{L}"] = pattern
+            arrays[f"ablated_layer{L}"] = result.ablated_patterns[L]
+        for path, mask in result.masks.items():
+            arrays[f"mask:{path}"] = np.asarray(mask)
+        _save_npz(out / "component_ablation_patterns.npz", arrays)
+        write_text_atomic(out / "predictions.json", json.dumps(result.predictions, ensure_ascii=False, indent=1))
+        if plots:
+            _save_fig(masks_figure(result.masks, result.ablated, f"{result.mode} masks used for the ablated run"),
+                      out / "plots" / "component_masks.png")
+            if result.baseline_patterns:
+                import re
+
+                found = [int(m.group(1)) for p in result.ablated if (m := re.search(r"layers\.(\d+)\.", p))]
+                first = min(found) if found else 0
+                for L in sorted(result.baseline_patterns)[first:first + 2]:
+                    fig = patterns_figure(result.baseline_patterns[L][0], result.ablated_patterns[L][0], result.tokens[0],
+                                          f"{result.mode} component ablation: layer {L} attention, sequence 0")
+                    _save_fig(fig, out / "plots" / f"patterns_layer{L}_seq0.png")
+        render_report("ablation.html.j2", out / "report.html", title=title, data=component_ablation_payload(result, title))
+    return Path(output_dir)

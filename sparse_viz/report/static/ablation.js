@@ -1,0 +1,223 @@
+// Head / component ablation report. Payload format: sparse_viz/report/ablation.py.
+// Token text is untrusted: it reaches the DOM only via textContent / d3 .text().
+"use strict";
+(function () {
+  const data = SV.data;
+  const ablations = data.ablations;
+  const tooltip = SV.tooltip();
+  const state = { selected: 0, metric: "kl_divergence", seq: 0, layer: null, head: 0 };
+  const decoded = new Map();
+
+  // Quantised pattern (N, H, T, T) as a Uint8Array, decoded once.
+  function pattern(key) {
+    if (!key || !data.patterns[key]) return null;
+    if (!decoded.has(key)) {
+      const entry = data.patterns[key];
+      const bin = atob(entry.data);
+      const bytes = new Uint8Array(bin.length);
+      for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+      decoded.set(key, { shape: entry.shape, bytes });
+    }
+    return decoded.get(key);
+  }
+
+  function text(el, value) { el.textContent = value; return el; }
+  function make(tag, parent, value) { const el = document.createElement(tag); if (value !== undefined) el.textContent = value; if (parent) parent.appendChild(el); return el; }
+
+  // --- header and notes --------------------------------------------------------------------
+  const best = ablations.reduce((b, a, i) => (a.kl_divergence > ablations[b].kl_divergence ? i : b), 0);
+  text(document.getElementById("summary"),
+    `${ablations.length} ablation(s) over ${data.n_sequences} sequence(s)` +
+    (data.kind === "components" ? ` · mode: ${data.mode} · ${data.decomposition}` : ` · ${data.n_layers} layers × ${data.n_heads} heads`) +
+    ` · largest KL: ${ablations[best].name} (${SV.format(ablations[best].kl_divergence)})`);
+  const notes = document.getElementById("notes");
+  for (const note of data.notes) make("li", notes, note);
+
+  // --- heatmap (single-head ablations) -----------------------------------------------------
+  const singles = ablations.map((a, i) => ({ a, i })).filter((d) => d.a.kind === "head");
+  function drawHeatmap() {
+    const root = d3.select("#heatmap");
+    root.selectAll("*").remove();
+    const cell = 22, left = 46, top = 22;
+    const values = singles.map((d) => d.a[state.metric]);
+    const extent = d3.extent(values);
+    const color = state.metric === "delta_logprob_top1"
+      ? d3.scaleSequential(d3.interpolateBlues).domain([0, -Math.min(0, extent[0]) || 1])
+      : d3.scaleSequential(d3.interpolateMagma).domain([0, extent[1] || 1]);
+    const svg = root.append("svg").attr("width", left + cell * data.n_heads + 10).attr("height", top + cell * data.n_layers + 10);
+    svg.append("g").selectAll("text").data(d3.range(data.n_heads)).join("text")
+      .attr("x", (h) => left + h * cell + cell / 2).attr("y", top - 6).attr("text-anchor", "middle").attr("font-size", 10).text((h) => h);
+    svg.append("g").selectAll("text").data(d3.range(data.n_layers)).join("text")
+      .attr("x", left - 6).attr("y", (L) => top + L * cell + cell / 2 + 3).attr("text-anchor", "end").attr("font-size", 10).text((L) => `L${L}`);
+    svg.append("g").selectAll("rect").data(singles).join("rect")
+      .attr("class", (d) => "cell" + (d.i === state.selected ? " selected" : ""))
+      .attr("x", (d) => left + d.a.head * cell).attr("y", (d) => top + d.a.layer * cell)
+      .attr("width", cell - 1).attr("height", cell - 1)
+      .attr("fill", (d) => color(state.metric === "delta_logprob_top1" ? -d.a[state.metric] : d.a[state.metric]))
+      .attr("data-name", (d) => d.a.name)
+      .on("mousemove", (event, d) => tooltip.show(event, `head ${d.a.name}\nKL ${SV.format(d.a.kl_divergence)}\ntop-1 changed ${SV.format(d.a.frac_top1_changed, 3)}\nΔ log-prob ${SV.format(d.a.delta_logprob_top1)}`))
+      .on("mouseleave", () => tooltip.hide())
+      .on("click", (event, d) => select(d.i));
+  }
+  if (singles.length) {
+    document.getElementById("heatmap-panel").hidden = false;
+    document.getElementById("metric-select").addEventListener("change", (e) => { state.metric = e.target.value; drawHeatmap(); });
+  }
+
+  // --- component masks ---------------------------------------------------------------------
+  if (data.kind === "components") {
+    document.getElementById("masks-panel").hidden = false;
+    text(document.getElementById("masks-caption"),
+      `Mask value per component (red: ablated) of the run the metrics and patterns come from (${data.mode} mode).` +
+      (data.pgd_history.length ? ` PGD KL per step: ${data.pgd_history.map((v) => SV.format(v, 3)).join(", ")}.` : ""));
+    const root = d3.select("#masks");
+    for (const [module, mask] of Object.entries(data.masks)) {
+      const ablated = new Set(data.ablated[module] || []);
+      const width = Math.max(300, Math.min(900, mask.length * 6)), height = 70;
+      const x = d3.scaleBand().domain(d3.range(mask.length)).range([40, width]).padding(0.05);
+      root.append("div").attr("class", "muted").text(module);
+      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 20).attr("class", "mask-chart");
+      svg.append("g").selectAll("rect").data(mask).join("rect")
+        .attr("x", (v, c) => x(c)).attr("width", x.bandwidth())
+        .attr("y", (v) => 5 + height * (1 - v)).attr("height", (v) => height * v)
+        .attr("fill", (v, c) => (ablated.has(c) ? "#d62728" : "#3b6fd8"))
+        .on("mousemove", (event, v) => tooltip.show(event, `mask ${SV.format(v, 3)}`)).on("mouseleave", () => tooltip.hide());
+      svg.append("g").attr("transform", `translate(40,0)`).call(d3.axisLeft(d3.scaleLinear([0, 1], [5 + height, 5])).ticks(2));
+    }
+  }
+
+  // --- table ---------------------------------------------------------------------------------
+  const tbody = document.querySelector("#ablation-table tbody");
+  const order = ablations.map((a, i) => i).sort((i, j) => ablations[j].kl_divergence - ablations[i].kl_divergence);
+  const rows = new Map();
+  for (const i of order) {
+    const a = ablations[i];
+    const tr = make("tr", tbody);
+    tr.dataset.index = String(i);
+    for (const v of [a.name, SV.format(a.kl_divergence), SV.format(a.frac_top1_changed, 3), SV.format(a.delta_logprob_top1), a.positions || "all"]) make("td", tr, v);
+    tr.addEventListener("click", () => select(i));
+    rows.set(i, tr);
+  }
+
+  // --- detail --------------------------------------------------------------------------------
+  const seqSelect = document.getElementById("seq-select");
+  const layerSelect = document.getElementById("layer-select");
+  const headSelect = document.getElementById("head-select");
+  data.tokens.forEach((t, n) => { const o = make("option", seqSelect, `#${n} (${t.length} tokens)`); o.value = String(n); });
+  for (let h = 0; h < data.n_heads; h++) { const o = make("option", headSelect, `head ${h}`); o.value = String(h); }
+  seqSelect.addEventListener("change", () => { state.seq = Number(seqSelect.value); drawDetail(); });
+  layerSelect.addEventListener("change", () => { state.layer = Number(layerSelect.value); drawDetail(); });
+  headSelect.addEventListener("change", () => { state.head = Number(headSelect.value); drawPatterns(); });
+
+  function drawCanvas(canvas, values, T, diverging) {
+    canvas.width = T; canvas.height = T;
+    const ctx = canvas.getContext("2d");
+    const image = ctx.createImageData(T, T);
+    for (let k = 0; k < T * T; k++) {
+      let rgb;
+      if (values === null) rgb = [240, 240, 240];
+      else if (diverging) {
+        const v = Math.max(-1, Math.min(1, values[k] / 255));
+        rgb = v >= 0 ? [255, 255 * (1 - v), 255 * (1 - v)] : [255 * (1 + v), 255 * (1 + v), 255];
+      } else {
+        const c = d3.rgb(d3.interpolateViridis(values[k] / 255));
+        rgb = [c.r, c.g, c.b];
+      }
+      image.data[4 * k] = rgb[0]; image.data[4 * k + 1] = rgb[1]; image.data[4 * k + 2] = rgb[2]; image.data[4 * k + 3] = 255;
+    }
+    ctx.putImageData(image, 0, 0);
+  }
+
+  function slice(p, n, h) {
+    const [N, H, T] = p.shape;
+    if (n >= N) return null;
+    const start = ((n * H + h) * T) * T;
+    return p.bytes.subarray(start, start + T * T);
+  }
+
+  function drawPatterns() {
+    const a = ablations[state.selected];
+    const caption = document.getElementById("pattern-caption");
+    const L = state.layer;
+    const base = pattern(data.baseline[String(L)]);
+    const abl = a.patterns ? pattern(a.patterns[String(L)]) : null;
+    const T = base ? base.shape[2] : 1;
+    const b = base ? slice(base, state.seq, state.head) : null;
+    const q = abl ? slice(abl, state.seq, state.head) : null;
+    drawCanvas(document.getElementById("baseline-canvas"), b, T, false);
+    drawCanvas(document.getElementById("ablated-canvas"), q, T, false);
+    let diff = null;
+    if (b && q) { diff = new Float32Array(T * T); for (let k = 0; k < T * T; k++) diff[k] = q[k] - b[k]; }
+    drawCanvas(document.getElementById("diff-canvas"), diff, T, true);
+    text(caption, L === null || !base ? "No attention patterns in this page for this ablation (see the .npz file)."
+      : `Layer ${L}, head ${state.head}, sequence ${state.seq}: rows = query position, columns = key position.` +
+        (q ? "" : " No ablated pattern in this page for this layer."));
+  }
+
+  function drawKl() {
+    const a = ablations[state.selected];
+    const root = d3.select("#kl-positions");
+    root.selectAll("*").remove();
+    const values = (a.kl_per_position[state.seq] || []);
+    const tokens = data.tokens[state.seq] || [];
+    const T = values.length, width = Math.max(300, Math.min(1100, T * 14)), height = 80;
+    const x = d3.scaleBand().domain(d3.range(T)).range([40, width]).padding(0.1);
+    const y = d3.scaleLinear([0, d3.max(values, (v) => v || 0) || 1], [height, 5]);
+    const svg = root.append("svg").attr("width", width + 10).attr("height", height + 20);
+    svg.append("g").selectAll("rect").data(values).join("rect")
+      .attr("x", (v, t) => x(t)).attr("width", x.bandwidth()).attr("y", (v) => y(v || 0)).attr("height", (v) => height - y(v || 0))
+      .attr("fill", "#3b6fd8")
+      .each(function (v, t) {
+        d3.select(this).on("mousemove", (event) => tooltip.show(event, `position ${t}: ${SV.tokenLabel(tokens[t] ?? "")} → next\nKL ${SV.format(v)}`));
+      })
+      .on("mouseleave", () => tooltip.hide());
+    svg.append("g").attr("transform", "translate(40,0)").call(d3.axisLeft(y).ticks(3));
+  }
+
+  function drawPredictions() {
+    const a = ablations[state.selected];
+    const root = document.getElementById("predictions");
+    root.replaceChildren();
+    const preds = a.predictions.filter((p) => p.seq === state.seq);
+    if (!preds.length) { make("p", root, "No prediction table for this sequence.").className = "muted"; return; }
+    for (const p of preds) {
+      make("div", root, `Position ${p.position} (input token “${SV.tokenLabel(p.token)}”); baseline top-1 keeps p = ${SV.format(p.top1_prob_after, 3)} after ablation`).className = "muted";
+      const table = make("table", root); table.className = "abl-pred";
+      const head = make("tr", make("thead", table));
+      for (const h of ["rank", "before", "p", "after", "p"]) make("th", head, h);
+      const body = make("tbody", table);
+      for (let r = 0; r < p.before.length; r++) {
+        const tr = make("tr", body);
+        make("td", tr, String(r + 1));
+        make("td", tr, SV.tokenLabel(p.before[r].token)).className = "tok";
+        make("td", tr, SV.format(p.before[r].prob, 3));
+        make("td", tr, SV.tokenLabel(p.after[r].token)).className = "tok";
+        make("td", tr, SV.format(p.after[r].prob, 3));
+      }
+    }
+  }
+
+  function drawDetail() {
+    drawPatterns(); drawKl(); drawPredictions();
+  }
+
+  function select(i) {
+    state.selected = i;
+    const a = ablations[i];
+    for (const [j, tr] of rows) tr.classList.toggle("selected", j === i);
+    d3.selectAll("#heatmap rect.cell").classed("selected", (d) => d.i === i);
+    text(document.getElementById("detail-title"),
+      `Ablation ${a.name}: KL ${SV.format(a.kl_divergence)}, top-1 changed ${SV.format(a.frac_top1_changed, 3)}` +
+      (a.reconstruction_kl !== undefined ? `, reconstruction KL ${SV.format(a.reconstruction_kl)}` : ""));
+    layerSelect.replaceChildren();
+    const layers = a.pattern_layers.length ? a.pattern_layers : Object.keys(data.baseline).map(Number);
+    for (const L of layers) { const o = make("option", layerSelect, `layer ${L}`); o.value = String(L); }
+    state.layer = layers.length ? layers[0] : null;
+    if (state.layer !== null) layerSelect.value = String(state.layer);
+    drawDetail();
+  }
+
+  if (singles.length) drawHeatmap();
+  select(best);
+  SV.markReady();
+})();
