@@ -45,6 +45,8 @@ def synthetic_results(seed: int = 0) -> pd.DataFrame:
     last_full = (frame.generation_step == NUM_STEPS - 1) & (frame.variant == "Full")
     frame.loc[last_full & (frame.layer == 2) & (frame.token_position == 0), "l2_distance"] = 9.0
     frame.loc[last_full & (frame.layer == 0) & (frame.token_position == 1), "l2_distance"] = 0.0
+    # Cosine distance is undefined when a contribution is zero: NaN must show as "no value".
+    frame.loc[last_full & (frame.layer == 3) & (frame.token_position == 2), "cosine_distance"] = np.nan
     return frame
 
 
@@ -132,6 +134,14 @@ def test_bad_results_are_one_clear_error_and_nothing_is_written(tmp_path, change
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+def test_unwritable_output_folder_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserInputError, match="cannot write the masking report to .*a_file"):
+        render_masking_report(blocker / "out", synthetic_results(), {})
+    assert blocker.read_text() == "not a folder"
+
+
 def test_untrusted_text_never_appears_as_markup_in_the_file(tmp_path):
     path = render_masking_report(tmp_path, synthetic_results(), synthetic_metadata())
     text = path.read_text(encoding="utf-8")
@@ -197,6 +207,10 @@ def test_metric_toggle_switches_to_cosine_distance(chromium, report_path):  # no
         shown = float(cell(page, 4, 1).get_attribute("data-value"))
         assert shown == pytest.approx(value(frame, last, "Full", 1, 4, "cosine_distance"), rel=1e-4)
         assert "Cosine distance" in page.locator("#view-summary").text_content()
+        undefined = cell(page, 2, 3)
+        assert undefined.get_attribute("data-value") == "" and "missing" in undefined.get_attribute("class")
+        undefined.hover()
+        assert "Cosine distance: n/a" in page.locator(".tooltip").text_content()
         assert "Cosine distance" in page.locator("#legend").text_content()
 
 
@@ -281,3 +295,23 @@ def test_report_without_optional_metadata_loads(chromium, tmp_path):  # noqa: F8
         assert page.locator("table.heatmap tbody tr").count() == len(step_tokens(NUM_STEPS - 1))
         assert page.locator("#prompt-text").text_content() == "(not recorded)"
         assert "Full" in page.locator("#variant-definitions").text_content()
+
+
+@pytest.mark.browser
+def test_report_of_a_subset_of_layers_and_positions(chromium, tmp_path):  # noqa: F811
+    frame = synthetic_results()
+    subset = frame[frame.layer.isin([0, 3]) & frame.token_position.isin([0, 2, 5])]
+    path = render_masking_report(tmp_path, subset, synthetic_metadata())
+    last = NUM_STEPS - 1
+    with open_report(chromium, path) as report:
+        page = report.page
+        assert page.locator("table.heatmap thead th.layer").all_text_contents() == ["0", "3"]
+        assert [int(x) for x in page.locator("table.heatmap tbody tr").evaluate_all(
+            "rows => rows.map(r => r.dataset.position)")] == [0, 2, 5]
+        shown = float(cell(page, 5, 3).get_attribute("data-value"))
+        assert shown == pytest.approx(value(frame, last, "Full", 3, 5), rel=1e-4)
+        # The whole sequence is shown; tokens that were not masked are marked as such.
+        tokens = page.locator("#sequence span.token")
+        assert tokens.count() == len(step_tokens(last))
+        unanalysed = page.locator("#sequence span.token.unanalysed").evaluate_all("s => s.map(e => +e.dataset.position)")
+        assert unanalysed == [p for p in range(len(step_tokens(last))) if p not in (0, 2, 5)]

@@ -148,7 +148,8 @@ def masking_payload(results: pd.DataFrame, metadata: dict) -> dict:
     variant_definitions = {str(k): str(v) for k, v in (metadata.get("variant_definitions") or {}).items()}
     known = {"model", "prompt", "tokens", "generated_text", "num_layers", "num_heads",
              "variant_definitions", "steps"}
-    extra = {str(k): v for k, v in metadata.items() if k not in known and _is_scalar(v)}
+    extra = {str(k): v.item() if isinstance(v, np.generic) else v for k, v in metadata.items()}
+    extra = {k: v for k, v in extra.items() if k not in known and _is_scalar(v)}
     num_heads = metadata.get("num_heads")
     if num_heads is None:
         num_heads = sum(1 for v in variants if _HEAD_VARIANT.match(v))
@@ -192,8 +193,16 @@ def render_masking_report(output_dir: Path, results: pd.DataFrame, metadata: dic
 
     Returns:
         The path of the report.
+
+    Raises:
+        UserInputError: results without the required columns or rows, or an output folder
+            that cannot be written; nothing is written then.
     """
     payload = masking_payload(results, metadata)
     model = payload["meta"]["model"]
     title = f"Token masking: {model}" if model else "Token masking"
-    return render_report("masking.html.j2", Path(output_dir) / "report.html", title=title, data=payload)
+    path = Path(output_dir) / "report.html"
+    try:
+        return render_report("masking.html.j2", path, title=title, data=payload)
+    except OSError as error:  # unwritable or impossible output folder: the user's to fix
+        raise UserInputError(f"cannot write the masking report to {path}: {error.strerror or error}") from error
