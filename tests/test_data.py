@@ -225,6 +225,15 @@ def test_changed_corpus_text_gets_a_new_cache_entry(local_corpus, tmp_path):
     assert second.describe()["corpus_hash"] != first.describe()["corpus_hash"]
 
 
+def test_tokenizer_training_is_deterministic(local_corpus, tmp_path):
+    root, _ = local_corpus
+    first, second = _local_dm(root, tmp_path / "a"), _local_dm(root, tmp_path / "b")
+    first.setup()
+    second.setup()
+    assert first.tokenizer_trained and second.tokenizer_trained
+    assert first.tokenizer.to_str() == second.tokenizer.to_str()
+
+
 def test_given_tokenizer_file_is_used_instead_of_training(local_corpus, tmp_path, monkeypatch):
     root, _ = local_corpus
     trained = _local_dm(root, tmp_path / "a")

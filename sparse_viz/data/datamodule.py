@@ -48,6 +48,7 @@ class _Prepared:
     val_tokens: np.ndarray  # (N_val,)
     train_sequences: np.ndarray  # (S_train, seq_len + 1), a view of train_tokens
     val_sequences: np.ndarray  # (S_val, seq_len + 1)
+    token_counts: np.ndarray  # (vocab_size,) int64, occurrences of each id in train_tokens
 
 
 class TextDataModule(L.LightningDataModule):
@@ -169,8 +170,7 @@ class TextDataModule(L.LightningDataModule):
     @property
     def token_counts(self) -> np.ndarray:
         """np.ndarray (vocab_size,) int64: how often each id occurs in the whole train stream."""
-        prepared = self._ready()
-        return np.bincount(prepared.train_tokens, minlength=self.vocab_size).astype(np.int64)
+        return self._ready().token_counts
 
     def probe_batch(self) -> torch.Tensor:
         """The first `probe_size` validation sequences: LongTensor (probe_size, seq_len + 1).
@@ -259,6 +259,7 @@ class TextDataModule(L.LightningDataModule):
             val_tokens=streams["val"],
             train_sequences=pack_sequences(streams["train"], self.seq_len),
             val_sequences=pack_sequences(streams["val"], self.seq_len),
+            token_counts=np.bincount(streams["train"], minlength=tokenizer.get_vocab_size()).astype(np.int64),
         )
 
     def _get_tokenizer(self, corpus: Corpus, corpus_dir: Path) -> tuple[Tokenizer, Path]:
