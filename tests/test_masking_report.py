@@ -198,6 +198,22 @@ def test_cells_show_the_value_and_colour_of_their_row(chromium, report_path):  #
 
 
 @pytest.mark.browser
+def test_colour_cap_saturates_the_cells_above_the_percentile(chromium, report_path):  # noqa: F811
+    frame, path = report_path
+    view = frame[(frame.generation_step == NUM_STEPS - 1) & (frame.variant == "Full")]
+    cap = np.quantile(view.l2_distance.to_numpy(), 0.95)  # same definition as d3.quantileSorted
+    with open_report(chromium, path) as report:
+        page = report.page
+        page.select_option("#cap-select", "p95")
+        cells = page.locator("table.heatmap tbody td").evaluate_all(
+            "tds => tds.map(td => [Number(td.dataset.value), getComputedStyle(td).backgroundColor])")
+        assert len(cells) == len(view)
+        for shown, colour in cells:
+            assert (colour == YLORRD_HIGH) == (shown >= cap * (1 - 1e-4)), (shown, cap, colour)
+        assert sum(colour == YLORRD_HIGH for _, colour in cells) >= 2
+
+
+@pytest.mark.browser
 def test_metric_toggle_switches_to_cosine_distance(chromium, report_path):  # noqa: F811
     frame, path = report_path
     last = NUM_STEPS - 1

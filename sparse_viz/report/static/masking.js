@@ -40,12 +40,18 @@
     return [{ name: variants[code], values: grid(state.step, code, state.metric) }];
   }
 
+  // Sequential YlOrRd scale from 0 (log: top / 10^4) to the view's maximum or a percentile cap.
   function colourScale(grids) {
-    const finite = [];
-    for (const g of grids) for (const v of g.values) if (Number.isFinite(v)) finite.push(v);
-    finite.sort((a, b) => a - b);
-    let top = finite.length ? finite[finite.length - 1] : 1;
-    if (state.cap !== "max" && finite.length) top = d3.quantileSorted(finite, state.cap === "p99" ? 0.99 : 0.95);
+    let count = 0, max = -Infinity;
+    for (const g of grids) for (const v of g.values) if (Number.isFinite(v)) { count++; if (v > max) max = v; }
+    let top = count ? max : 1;
+    if (state.cap !== "max" && count) {
+      const sorted = new Float64Array(count);
+      let k = 0;
+      for (const g of grids) for (const v of g.values) if (Number.isFinite(v)) sorted[k++] = v;
+      sorted.sort();
+      top = d3.quantileSorted(sorted, state.cap === "p99" ? 0.99 : 0.95);
+    }
     if (!(top > 0)) top = 1;
     const interpolator = d3.interpolateYlOrRd;
     let scale;
@@ -53,8 +59,7 @@
     else if (state.scale === "sqrt") scale = d3.scaleSequentialSqrt(interpolator).domain([0, top]);
     else scale = d3.scaleSequential(interpolator).domain([0, top]);
     scale.clamp(true);
-    const stats = { max: finite.length ? finite[finite.length - 1] : NaN, count: finite.length, top };
-    return { scale, stats };
+    return { scale, stats: { max: count ? max : NaN, count, top } };
   }
 
   function fill(scale, v) {
@@ -268,7 +273,6 @@
     d3.select("#variant-select").selectAll("option").data(options).join("option").attr("value", (d) => d.value).text((d) => d.label);
     d3.select("#variant-select").property("value", state.variant);
     const bind = (selector, key) => d3.select(selector).on("change", function () { state[key] = this.value; render(); });
-    bind("#step-select", "step");
     d3.select("#step-select").on("change", function () { state.step = Number(this.value); render(); });
     bind("#variant-select", "variant");
     bind("#scale-select", "scale");
