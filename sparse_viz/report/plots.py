@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from sparse_viz.tracking.store import RunStore
@@ -302,7 +303,8 @@ def selection_heatmap_figure(arrays: dict, layers: Sequence[int], step: int) -> 
         rows, slots = np.nonzero(selected >= 0)
         image[rows, selected[rows, slots]] = np.nan_to_num(np.sqrt(np.clip(dense[rows, slots], 0, 1)))
         shown = np.ma.masked_invalid(np.where(image < 0, np.nan, image))
-        ax.imshow(np.where(image == -1.0, 1.0, np.nan), cmap="Greys", vmin=0, vmax=12, interpolation="nearest")
+        ax.imshow(np.ma.masked_invalid(np.where(image == -1.0, 1.0, np.nan)), cmap=ListedColormap(["#e4e7ec"]),
+                  vmin=0, vmax=1, interpolation="nearest")
         im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"layer {layer}, step {step}")
         ax.set_xlabel("key s")

@@ -44,7 +44,7 @@ DEFINITIONS = [
     ("p (dense attention)", "Dense causal attention probabilities on the same queries and keys, "
      "averaged over the main heads: p[t,s] = mean_h A_h[t,s]. The ground truth for selection quality."),
     ("mass@k", "Share of dense-attention mass on the selected keys, sum over s in S_t of p[t,s], "
-     "averaged over informative queries (and, per head, the same as averaging over heads)."),
+     "averaged over informative queries; equal to each head's mass on the selection averaged over heads."),
     ("mass@k baselines", "The same mass@k for the selections of the local (last k keys), "
      "sink+local (first sink_tokens + the most recent), random (k random visible keys, seeded) "
      "and oracle (top-k of p, the best any k-selection can do) selectors on the same probe."),

@@ -1,0 +1,76 @@
+"""The training report in headless Chromium: loads cleanly, the controls change what is shown,
+and an untrusted token string renders as text and runs nothing."""
+
+from __future__ import annotations
+
+import pytest
+from browser import chromium, open_report  # noqa: F401  (chromium is a fixture)
+from test_tracking_analyse import XSS_TOKEN, write_synthetic_run
+
+from sparse_viz.report.training import render_training_report
+
+TOKENS = ["Hello", " world", ",", "\n", XSS_TOKEN, " 42", " The", " and"]
+
+
+@pytest.fixture(scope="module")
+def report_path(tmp_path_factory):
+    run = write_synthetic_run(tmp_path_factory.mktemp("run") / "browser-run", n_snapshots=4, tokens=TOKENS)
+    return render_training_report(run)
+
+
+@pytest.mark.browser
+def test_report_loads_and_the_controls_change_what_is_shown(chromium, report_path):  # noqa: F811
+    with open_report(chromium, report_path) as report:
+        page = report.page
+        tokens = page.locator("#tokens .token")
+        assert tokens.count() == 24
+        # the initial query is highlighted with its selected keys
+        assert page.locator("#tokens .token.query").count() == 1
+        assert page.locator("#tokens .token.selected-key").count() > 0
+
+        # hovering another token makes it the query: the info line and the highlighted keys change
+        before_info = page.locator("#query-info").text_content()
+        tokens.nth(20).hover()
+        after_info = page.locator("#query-info").text_content()
+        assert after_info != before_info and "query t = 20" in after_info
+        selected_20 = page.eval_on_selector_all("#tokens .token.selected-key", "els => els.map(e => e.dataset.t)")
+        assert 1 <= len(selected_20) <= 6 and all(int(t) <= 20 for t in selected_20)
+
+        # moving the step slider changes the label, the heatmap pixels and the selection shown
+        def heatmap_pixels():
+            return page.evaluate("() => Array.from(document.getElementById('heatmap').getContext('2d')"
+                                 ".getImageData(0, 0, 480, 480).data.filter((_, i) => i % 97 === 0)).join(',')")
+
+        label_last, pixels_last = page.locator("#step-label").text_content(), heatmap_pixels()
+        shades_last = page.eval_on_selector_all("#tokens .token", "els => els.map(e => e.style.background).join('|')")
+        page.locator("#step-slider").fill("0")
+        assert page.locator("#step-label").text_content() != label_last
+        assert "step 0" in page.locator("#step-label").text_content()
+        assert heatmap_pixels() != pixels_last
+        shades_first = page.eval_on_selector_all("#tokens .token", "els => els.map(e => e.style.background).join('|')")
+        assert shades_first != shades_last
+
+        # the layer select rebuilds the per-layer charts; the charts have points with tooltips
+        page.select_option("#layer-select", "1")
+        assert page.locator("#charts svg circle").count() > 10
+        loss_chart = page.locator("#charts .tr-chart").filter(has_text="validation loss")
+        loss_chart.locator("circle").nth(1).hover()
+        assert page.locator(".tooltip").is_visible()
+        assert "val loss · step 10" in page.locator(".tooltip").text_content()
+        assert page.locator("#definitions dt").count() >= 10
+        report.screenshot("training_report")
+
+
+@pytest.mark.browser
+def test_an_untrusted_token_renders_as_text_and_runs_nothing(chromium, report_path):  # noqa: F811
+    html = report_path.read_text(encoding="utf-8")
+    assert "<img src=x" not in html  # escaped inside the JSON payload
+    with open_report(chromium, report_path) as report:
+        page = report.page
+        texts = page.eval_on_selector_all("#tokens .token", "els => els.map(e => e.textContent)")
+        assert texts[4] == "</script><img\u00b7src=x\u00b7onerror=alert(1)>"  # tokenLabel shows spaces as ·
+        assert page.locator("img").count() == 0
+        page.locator("#tokens .token").nth(4).hover()
+        page.locator("#tokens .token").nth(4).click()
+        assert report.dialogs == []
+    # leaving the block asserted: no console error, no page error, no dialog, no network request
