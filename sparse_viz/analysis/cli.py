@@ -140,12 +140,14 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_mask(args: argparse.Namespace) -> object:
-    from sparse_viz.analysis.token_masking import run_masking_experiment, write_masking_outputs
-
+    # Cheap checks first: bad input is reported before torch and the model load.
     if args.num_tokens < 1:
         raise UserInputError(f"--num-tokens must be >= 1, got {args.num_tokens}")
     output = check_output_dir(args.output or "results/masking")
     prompt = resolve_prompt(args)
+
+    from sparse_viz.analysis.token_masking import run_masking_experiment, write_masking_outputs
+
     results = run_masking_experiment(
         prompt=prompt,
         model_name=args.model,

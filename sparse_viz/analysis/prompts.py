@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sparse_viz.errors import UserInputError
+
+if TYPE_CHECKING:  # torch is imported only by the callers that tokenise
+    import torch
 
 DEFAULT_PROMPT_FILE = Path("prompt.txt")
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -57,7 +58,7 @@ def encode_prompt(
     max_positions: int | None = None,
     min_tokens: int = 1,
     reserve: int = 0,
-) -> torch.Tensor:
+) -> "torch.Tensor":
     """Token ids of `prompt`, checked against the model's context.
 
     Args:

@@ -1,0 +1,40 @@
+"""Shared fixtures: the converted SmolLM2-135M checkpoint and tiny saved checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_DIR = Path(os.environ.get("SPARSE_VIZ_SMOLLM2_DIR", REPO_ROOT / ".cache" / "smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The HF-format SmolLM2-135M-Instruct made by `scripts/setup.sh --dev` (skip if absent)."""
+    from sparse_viz.analysis.smollm2 import is_complete
+
+    if not is_complete(SMOLLM2_DIR):
+        pytest.skip(
+            f"SmolLM2-135M not converted at {SMOLLM2_DIR}: run "
+            "`python -m sparse_viz.analysis.smollm2 --output .cache/smollm2-135m` (setup.sh --dev does)"
+        )
+    return SMOLLM2_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny checkpoints {"qwen3": dir, "llama": dir} that `load_model(dir)` accepts."""
+    from tiny_models import save_tiny, tiny_llama, tiny_qwen3
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "qwen3": save_tiny(*tiny_qwen3(), root / "qwen3"),
+        "llama": save_tiny(*tiny_llama(), root / "llama"),
+    }
