@@ -132,7 +132,7 @@ def test_batched_sweep_equals_one_at_a_time(model):
             assert batched.table.loc[i, col] == pytest.approx(single.table.loc[0, col], rel=1e-4, abs=1e-7)
         for layer, pat in single.ablated_patterns[0].items():
             torch.testing.assert_close(torch.from_numpy(batched.ablated_patterns[i][layer]), torch.from_numpy(pat), atol=1e-6, rtol=0)
-    assert list(batched.table["ablation"]) == [f"{L}.{h}" for L in range(3) for h in range(4)]
+    assert list(batched.table["ablation"]) == [f"L{L}.H{h}" for L in range(3) for h in range(4)]
 
 
 def test_patterns_are_per_sequence_and_match_model(model):

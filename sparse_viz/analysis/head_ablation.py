@@ -102,7 +102,8 @@ class HeadAblation:
         heads: (layer, query head) pairs whose z is zeroed.
         kv_heads: (layer, KV head) pairs whose values are zeroed (all positions).
         positions: query positions where the heads are zeroed; None = all positions.
-        name: label used in tables and reports ("3.5+7.0", "L3", "kv 3.1").
+        name: label used in tables and reports: "L3.H5", "L3.H5+L7.H0", "L3.all", "L3.KV1"
+            (never a bare "3.5", which CSV readers would parse as a number).
         kind: "head" (one head), "heads" (several), "layer" (all heads of a layer), "kv_head".
     """
 
@@ -115,6 +116,11 @@ class HeadAblation:
     @property
     def layers(self) -> list[int]:
         return sorted({layer for layer, _ in self.heads + self.kv_heads})
+
+
+def head_name(layer: int, head: int) -> str:
+    """Table label of one head ("L3.H5")."""
+    return f"L{layer}.H{head}"
 
 
 _SPEC = re.compile(r"^\s*(\d+)\s*\.\s*(\d+)\s*$")
@@ -142,14 +148,14 @@ def single_head_ablations(layout: AttentionLayout, layers: Sequence[int] | None 
     """Every query head alone (the `--sweep`), layer-major."""
     layers = range(layout.n_layers) if layers is None else layers
     pos = None if positions is None else tuple(positions)
-    return [HeadAblation(heads=((L, h),), positions=pos, name=f"{L}.{h}", kind="head")
+    return [HeadAblation(heads=((L, h),), positions=pos, name=head_name(L, h), kind="head")
             for L in layers for h in range(layout.n_heads)]
 
 
 def whole_layer_ablations(layout: AttentionLayout, positions: Sequence[int] | None = None) -> list[HeadAblation]:
     """All heads of each layer together (the `--sweep-layers`)."""
     pos = None if positions is None else tuple(positions)
-    return [HeadAblation(heads=tuple((L, h) for h in range(layout.n_heads)), positions=pos, name=f"L{L}", kind="layer")
+    return [HeadAblation(heads=tuple((L, h) for h in range(layout.n_heads)), positions=pos, name=f"L{L}.all", kind="layer")
             for L in range(layout.n_layers)]
 
 
@@ -512,7 +518,7 @@ def build_ablations(layout: AttentionLayout, *, ablate: Sequence[str] = (), abla
     if len(set(heads)) != len(heads) or len(set(kv)) != len(kv):
         raise UserInputError("the same head is listed twice in --ablate / --ablate-kv")
     if heads or kv:
-        name = "+".join([f"{L}.{h}" for L, h in heads] + [f"kv{L}.{g}" for L, g in kv])
+        name = "+".join([head_name(L, h) for L, h in heads] + [f"L{L}.KV{g}" for L, g in kv])
         kind = "kv_head" if kv and not heads and len(kv) == 1 else ("head" if len(heads) == 1 and not kv else "heads")
         out.append(HeadAblation(heads=heads, kv_heads=kv, positions=pos, name=name, kind=kind))
     if sweep:

@@ -117,7 +117,7 @@
       let rgb;
       if (values === null) rgb = [240, 240, 240];
       else if (diverging) {
-        const v = Math.max(-1, Math.min(1, values[k] / 255));
+        const v = Math.max(-1, Math.min(1, values[k] / diverging));
         rgb = v >= 0 ? [255, 255 * (1 - v), 255 * (1 - v)] : [255 * (1 + v), 255 * (1 + v), 255];
       } else {
         const c = d3.rgb(d3.interpolateViridis(values[k] / 255));
@@ -146,9 +146,13 @@
     const q = abl ? slice(abl, state.seq, state.head) : null;
     drawCanvas(document.getElementById("baseline-canvas"), b, T, false);
     drawCanvas(document.getElementById("ablated-canvas"), q, T, false);
-    let diff = null;
-    if (b && q) { diff = new Float32Array(T * T); for (let k = 0; k < T * T; k++) diff[k] = q[k] - b[k]; }
-    drawCanvas(document.getElementById("diff-canvas"), diff, T, true);
+    let diff = null, scale = 1;
+    if (b && q) {
+      diff = new Float32Array(T * T);
+      for (let k = 0; k < T * T; k++) { diff[k] = q[k] - b[k]; scale = Math.max(scale, Math.abs(diff[k])); }
+    }
+    drawCanvas(document.getElementById("diff-canvas"), diff, T, scale);
+    text(document.getElementById("diff-caption"), `ablated − baseline (red +, blue −; full colour = ${SV.format(scale / 255, 2)})`);
     text(caption, L === null || !base ? "No attention patterns in this page for this ablation (see the .npz file)."
       : `Layer ${L}, head ${state.head}, sequence ${state.seq}: rows = query position, columns = key position.` +
         (q ? "" : " No ablated pattern in this page for this layer."));

@@ -1,0 +1,173 @@
+"""Head / component ablation from the command line: files, report in Chromium, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from browser import chromium, open_report  # noqa: F401  (pytest fixture)
+from safetensors.torch import save_file
+from tiny_models import save_tiny, tiny_llama, tiny_qwen3
+
+from sparse_viz.analysis.cli import main
+
+HOSTILE = 'Hi </script><img src=x onerror=alert(1)> "q" & bye'
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model, tokenizer = tiny_qwen3()
+    return save_tiny(model, tokenizer, tmp_path_factory.mktemp("tiny") / "qwen3")
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def heads_run(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads") / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["heads", "--model", str(model_dir), "--prompt", HOSTILE, "--sweep", "--batch-size", "5",
+              "--output", str(out), "--prediction-positions", "-1", "3"])
+    assert exit_info.value.code == 0
+    return out
+
+
+def test_heads_cli_writes_csv_npz_pngs_and_report(heads_run, model_dir):
+    table = pd.read_csv(heads_run / "head_ablation.csv")
+    assert list(table["ablation"]) == [f"L{L}.H{h}" for L in range(3) for h in range(4)]
+    for column in ["layer", "head", "positions", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]:
+        assert column in table.columns
+    assert (table["positions"] == "all").all()
+    # the CSV numbers are an independent plain pre-hook's numbers (not just our own echo)
+    model, tokenizer = tiny_qwen3()
+    ids = tokenizer(HOSTILE, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = torch.log_softmax(model(ids).logits, -1)
+    handle = model.model.layers[2].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: (torch.cat([a[0][..., :8], torch.zeros_like(a[0][..., 8:16]), a[0][..., 16:]], -1),))
+    with torch.no_grad():
+        abl = torch.log_softmax(model(ids).logits, -1)
+    handle.remove()
+    kl = (base.exp() * (base - abl)).sum(-1).mean()
+    assert table.set_index("ablation").loc["L2.H1", "kl_divergence"] == pytest.approx(float(kl), rel=1e-3)
+    arrays = np.load(heads_run / "head_ablation_patterns.npz")
+    assert arrays["baseline_layer0"].shape == (1, 4, ids.shape[1], ids.shape[1])
+    assert arrays["kl_per_position"].shape == (12, 1, ids.shape[1])
+    assert (heads_run / "plots" / "head_ablation_heatmap.png").stat().st_size > 1000
+    assert list((heads_run / "plots").glob("patterns_*_seq0.png"))
+    predictions = json.loads((heads_run / "predictions.json").read_text())
+    assert [p["position"] for p in predictions["L0.H0"]] == [ids.shape[1] - 1, 3]
+    html = (heads_run / "report.html").read_text()
+    assert "<img src=x" not in html and "</script><img" not in html
+
+
+@pytest.mark.browser
+def test_head_report_heatmap_click_shows_patterns_and_predictions(heads_run, chromium):  # noqa: F811
+    with open_report(chromium, heads_run / "report.html") as report:
+        page = report.page
+        assert page.locator("#heatmap rect.cell").count() == 12
+        assert page.locator("#ablation-table tbody tr").count() == 12
+        page.locator('#heatmap rect.cell[data-name="L1.H2"]').click()
+        assert page.locator("#detail-title").text_content().startswith("Ablation L1.H2:")
+        assert page.locator("#layer-select").input_value() == "2"  # the layer after the ablated one
+        # the ablated canvas is drawn (not the grey "no data" fill) and differs from baseline
+        drawn = page.evaluate("""() => ['baseline-canvas', 'ablated-canvas'].map(id => {
+            const c = document.getElementById(id); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + 2 * d[i + 1] + 3 * d[i + 2]; return [c.width, s]; })""")
+        assert drawn[0][0] > 1 and drawn[0][1] != drawn[1][1]
+        assert page.locator("#predictions table").count() == 2  # positions -1 and 3
+        assert page.locator("#predictions table").first.locator("tbody tr").count() == 5
+        page.select_option("#metric-select", "frac_top1_changed")
+        page.locator("#head-select").select_option("3")
+        # hostile prompt text is shown as text, never as markup
+        assert page.locator("img").count() == 0
+        report.screenshot("head_ablation_report")
+
+
+@pytest.mark.browser
+def test_component_report_shows_the_adversarial_masks(model_dir, tmp_path, capsys, chromium):  # noqa: F811
+    out = tmp_path / "components"
+    code, stdout, err = run_cli(["components", "--model", str(model_dir), "--prompt", "abcdefgh", "--ablate", "1.o_proj:0,1",
+                                 "--mode", "adversarial", "--ci-default", "0.5", "--pgd-steps", "3", "--output", str(out)], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "component_ablation.csv")
+    assert table.loc[0, "mode"] == "adversarial" and table.loc[0, "n_components_ablated"] == 2
+    arrays = np.load(out / "component_ablation_patterns.npz")
+    mask = arrays["mask:model.layers.1.self_attn.o_proj"]
+    assert (mask[:2] == 0).all() and (mask[2:] >= 0.5 - 1e-6).all()
+    assert (out / "plots" / "component_masks.png").is_file()
+    with open_report(chromium, out / "report.html") as report:
+        page = report.page
+        assert not page.locator("#masks-panel").is_hidden()
+        bars = page.locator("#masks svg.mask-chart rect")
+        assert bars.count() == 32
+        heights = page.evaluate("() => Array.from(document.querySelectorAll('#masks svg.mask-chart rect')).map(r => [r.getAttribute('fill'), +r.getAttribute('height')])")
+        assert [h for f, h in heights if f == "#d62728"] == [0, 0]  # ablated: mask 0
+        assert [h / 70 for f, h in heights if f != "#d62728"] == pytest.approx(mask[2:].tolist(), abs=1e-5)  # THE adversarial masks
+        assert "ADVERSARIAL MASKS" in page.locator("#notes").text_content()
+        report.screenshot("component_ablation_report")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["heads", "--ablate", "7.0"], "layer 7 out of range"),
+    (["heads", "--ablate", "1.9"], "head 9 out of range"),
+    (["heads", "--ablate", "1:2"], "malformed head spec"),
+    (["heads", "--ablate-kv", "0.5"], "kv head 5 out of range"),
+    (["heads"], "nothing to ablate"),
+    (["components", "--ablate", "0.q_proj:99"], "outside 0-31"),
+    (["components", "--ablate", "0.q_proj:1", "--mode", "stochastic", "--ci-default", "2"], "ci-default must lie in"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(model_dir, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, _, err = run_cli([*argv, "--model", str(model_dir), "--prompt", "abcdef", "--output", str(out)], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not out.exists()
+
+
+def test_mismatched_decomposition_file_exits_2(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"model.layers.0.self_attn.k_proj.V": torch.zeros(32, 4),
+               "model.layers.0.self_attn.k_proj.U": torch.zeros(4, 32)}, bad)  # k_proj writes 16, not 32
+    out = tmp_path / "out"
+    code, _, err = run_cli(["components", "--model", str(model_dir), "--prompt", "abc", "--decomposition", str(bad),
+                            "--ablate", "0.k_proj:0", "--output", str(out)], capsys)
+    assert code == 2 and "U has shape (4, 32), expected (C, 16)" in err
+    assert not out.exists()
+
+
+def test_several_prompts_padded_metrics_cover_every_sequence(tmp_path, capsys):
+    model, tokenizer = tiny_llama()
+    directory = save_tiny(model, tokenizer, tmp_path / "llama")
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("a much longer second prompt\nxy\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["heads", "--model", str(directory), "--prompt", "first", "--prompt-lines", str(lines),
+                            "--ablate", "0.1", "--output", str(out)], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "head_ablation.csv")
+    lengths = [len(tokenizer(p)["input_ids"]) for p in ["first", "a much longer second prompt", "xy"]]
+    assert table.loc[0, "n_positions"] == sum(lengths)  # all positions of all sequences, no padding
+    arrays = np.load(out / "head_ablation_patterns.npz")
+    assert arrays["baseline_layer1"].shape[0] == 3  # patterns kept per sequence
+    # reference per sequence, unpadded, through a plain pre-hook
+    kls = []
+    for p in ["first", "a much longer second prompt", "xy"]:
+        ids = tokenizer(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            base = torch.log_softmax(model(ids).logits, -1)
+            h = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a: (torch.cat([a[0][..., :8], torch.zeros_like(a[0][..., 8:16]), a[0][..., 16:]], -1),))
+            abl = torch.log_softmax(model(ids).logits, -1)
+            h.remove()
+        kls.append((base.exp() * (base - abl)).sum(-1)[0])
+    assert table.loc[0, "kl_divergence"] == pytest.approx(float(torch.cat(kls).mean()), rel=1e-3)
