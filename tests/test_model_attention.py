@@ -46,9 +46,12 @@ def test_masked_and_gathered_paths_equal_a_naive_loop(name):
                            dense_probs=torch.rand(B, H, T, T, generator=g), sink_tokens=1, batch_size=B)
     expected = naive_sparse_attention(q, k, v, selected)
     masked, masked_probs = masked_sparse_attention(q, k, v, selected, return_probs=True)
-    gathered, gathered_probs = gathered_sparse_attention(q, k, v, selected, return_probs=True, chunk_size=3)
     torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-5)
+    copied, copied_probs = gathered_sparse_attention(q, k, v, selected, return_probs=True, chunk_size=3, kernel="copy")
+    gathered, gathered_probs = gathered_sparse_attention(q, k, v, selected, return_probs=True, kernel="csr")
+    torch.testing.assert_close(copied, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gathered, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(copied_probs, gathered_probs, rtol=1e-5, atol=1e-6)
     # The gathered probabilities, read in key space, are the masked path's.
     dense_from_gathered = torch.zeros(B, H, T, T)
     for b in range(B):
@@ -57,6 +60,19 @@ def test_masked_and_gathered_paths_equal_a_naive_loop(name):
                 if s >= 0:
                     dense_from_gathered[b, :, t, s] = gathered_probs[b, :, t, j]
     torch.testing.assert_close(dense_from_gathered, masked_probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["csr", "copy"])
+def test_gradients_of_the_gathered_kernels_equal_the_masked_path(kernel):
+    g = torch.Generator().manual_seed(4)
+    B, H, T, hd = 2, 2, 10, 4
+    q, k, v = (torch.randn(B, H, T, hd, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    selected = select_keys("random", top_k=3, seq_len=T, batch_size=B, seed=1)
+    weights = torch.randn(B, H, T, hd, generator=g, dtype=torch.float64)
+    reference = torch.autograd.grad((masked_sparse_attention(q, k, v, selected)[0] * weights).sum(), (q, k, v))
+    fast = torch.autograd.grad((gathered_sparse_attention(q, k, v, selected, kernel=kernel)[0] * weights).sum(), (q, k, v))
+    for a, b in zip(fast, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("selector", SELECTORS)

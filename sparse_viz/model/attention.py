@@ -5,7 +5,8 @@ Three ways to attend, with one meaning:
 - `masked_sparse_attention`: dense scores with -inf outside the selection (the readable
   reference; O(T^2) memory).
 - `gathered_sparse_attention`: only the k selected keys/values of each query are touched
-  (O(T*k) memory, queries processed in chunks); same results as the masked path.
+  (O(T*k) memory); same results as the masked path. Two kernels: sparse CSR products
+  (`csr_attention.py`, CPU) and plain gathered copies in query chunks (`gathered_by_copy`).
 
 The selection (B, T, k) is shared by every head of the layer (REFERENCE §1).
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .csr_attention import csr_kernels_available, csr_selected_attention
 from .rope import apply_rope
 
 ATTENTION_CHUNK = 256  # queries per chunk in the gathered path: bounds its (B, Tc, k, C) buffers
@@ -120,22 +122,45 @@ def gathered_sparse_attention(
     selected: torch.Tensor,
     return_probs: bool = False,
     chunk_size: int = ATTENTION_CHUNK,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sparse attention that touches only the selected keys: O(T * k) scores.
-
-    For each chunk of queries, the k selected key/value rows of each query are gathered
-    (all heads at once, since the selection is shared) and attended over.
+    """Sparse attention that touches only the selected keys: O(T * k) scores and memory.
 
     Args:
         q, k, v: (B, H, T, hd).
         selected: (B, T, k) long, causal, -1 = unfilled; shared by all heads.
         return_probs: also return the probabilities in selection layout.
-        chunk_size: queries per chunk (bounds the (B, Tc, k, H, hd) buffers).
+        chunk_size: queries per chunk of the `copy` kernel.
+        kernel: "csr" = sparse CSR products reading the selected rows in place (fast on CPU,
+            see `csr_attention.py`); "copy" = gather copies of the selected rows, chunk by
+            chunk; "auto" = csr where available (CPU float32/float64), else copy.
 
     Returns:
         out: (B, H, T, hd).
         probs: (B, H, T, k), probs[b, h, t, j] = weight of key selected[b, t, j] (0 on
             unfilled slots), or None.
+    """
+    if kernel not in ("auto", "csr", "copy"):
+        raise ValueError(f"kernel must be auto, csr or copy, got {kernel!r}")
+    if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q)):
+        out, probs = csr_selected_attention(q, k, v, selected)
+        return out, (probs if return_probs else None)
+    return gathered_by_copy(q, k, v, selected, return_probs, chunk_size)
+
+
+def gathered_by_copy(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selected: torch.Tensor,
+    return_probs: bool = False,
+    chunk_size: int = ATTENTION_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gathered path written plainly: copy the k selected key/value rows of each query.
+
+    Queries go in chunks, and all heads at once since the selection is shared. Works on any
+    device and dtype; memory-bound (it writes (B, Tc, k, H, hd) copies), hence the CSR kernel.
+    Arguments and results as `gathered_sparse_attention`.
     """
     B, H, T, hd = q.shape
     keys = k.transpose(1, 2)  # (B, T, H, hd)
