@@ -121,6 +121,22 @@ def test_missing_optional_metadata_is_accepted():
     assert all(entry["sequence"] is None for entry in payload["steps"])
 
 
+def test_metadata_from_the_analysis_is_shown_where_it_belongs():
+    metadata = {
+        **synthetic_metadata(),
+        "steps": [{"generation_step": g, "tokens": step_tokens(g), "next_token": GENERATED[g]} for g in range(NUM_STEPS)],
+        "distance_definitions": {"l2_distance": "||a - b||", "cosine_distance": "1 - cos(a, b)"},
+        "timings": {"total_seconds": 3.5, "step_seconds": [1.0, 2.5]},
+        "num_kv_heads": np.int64(2),
+        "layers": [0, 1, 2, 3],
+    }
+    payload = masking_payload(synthetic_results(), metadata)
+    assert [s["next_token"] for s in payload["steps"]] == GENERATED
+    assert payload["definitions"]["metrics"]["l2_distance"] == "||a - b||"
+    assert "Masking" in payload["definitions"]["metrics"]
+    assert payload["meta"]["extra"] == {"seconds": 1.25, "timings.total_seconds": 3.5, "num_kv_heads": 2}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

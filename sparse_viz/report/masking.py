@@ -8,13 +8,16 @@ milliseconds (see bench/bench_report_load.py). Token text appears once per step 
 
 Payload read by `static/masking.js` (`SV.data`):
 
-    meta:      model, prompt, generated_text, num_layers, num_heads, num_rows, extra (dict)
-    definitions: {variants: {name: text}, metrics: {name: text}}
+    meta:      model, prompt, generated_text, num_layers, num_heads, num_rows,
+               extra: other scalar metadata (one dict level flattened as `outer.inner`)
+    definitions: {variants: {name: text}, metrics: {name: text}} (metrics from
+               metadata["distance_definitions"] when given)
     layers:    sorted layer indices                 rows.layer  -> index into it
     variants:  Full, Attn, Head_0..Head_{H-1}, ...  rows.variant -> index into it
-    steps:     [{step, positions, masked, sequence}] rows.step  -> index into it
+    steps:     [{step, positions, masked, sequence, next_token}] rows.step -> index into it
                positions: analysed positions (sorted), masked: token_masked at each of them,
-               sequence: the full token list of that step, or null when not given
+               sequence: the full token list of that step, next_token: the token generated
+               from it (both null when not given)
     rows:      {step, layer, position, variant, l2, cosine}: equal-length arrays
 """
 
@@ -87,13 +90,27 @@ def _codes(column: pd.Series, table: list[Any]) -> list[int]:
     return [lookup[value] for value in column.tolist()]
 
 
-def _step_sequences(metadata: dict) -> dict[int, list[str]]:
-    """Full token list per generation step from metadata (`steps`, else `tokens` = last step)."""
-    sequences: dict[int, list[str]] = {}
+def _step_entries(metadata: dict) -> dict[int, dict]:
+    """metadata["steps"] by generation step (entries without a step number are ignored)."""
+    entries: dict[int, dict] = {}
     for entry in metadata.get("steps") or []:
-        if isinstance(entry, dict) and "generation_step" in entry and entry.get("tokens") is not None:
-            sequences[int(entry["generation_step"])] = [str(t) for t in entry["tokens"]]
-    return sequences
+        if isinstance(entry, dict) and entry.get("generation_step") is not None:
+            entries[int(entry["generation_step"])] = entry
+    return entries
+
+
+def _run_details(metadata: dict, known: set[str]) -> dict[str, Any]:
+    """Scalar metadata (and scalars one dict deep, as `outer.inner`) for the page's Run panel."""
+    details: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key in known:
+            continue
+        inner = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, item in inner:
+            item = item.item() if isinstance(item, np.generic) else item
+            if _is_scalar(item):
+                details[str(key) if name is None else f"{key}.{name}"] = item
+    return details
 
 
 def masking_payload(results: pd.DataFrame, metadata: dict) -> dict:
@@ -102,7 +119,8 @@ def masking_payload(results: pd.DataFrame, metadata: dict) -> dict:
     Args:
         results: long-format masking results with the columns of `RESULT_COLUMNS`.
         metadata: model, prompt, tokens, generated_text, num_layers, num_heads,
-            variant_definitions, steps; every key is optional.
+            variant_definitions, distance_definitions, steps ([{generation_step, tokens,
+            next_token}]) and any scalar extras; every key is optional.
 
     Returns:
         A JSON-able dict.
@@ -129,27 +147,32 @@ def masking_payload(results: pd.DataFrame, metadata: dict) -> dict:
     variants = sorted(frame["variant"].unique().tolist(), key=_variant_order)
     step_ids = sorted(frame["generation_step"].unique().tolist())
 
-    sequences = _step_sequences(metadata)
-    if metadata.get("tokens") is not None and step_ids[-1] not in sequences:
-        sequences[step_ids[-1]] = [str(t) for t in metadata["tokens"]]
+    entries = _step_entries(metadata)
     masked_text = frame.drop_duplicates(["generation_step", "token_position"])
     steps = []
     for step in step_ids:
         at_step = masked_text[masked_text["generation_step"] == step].sort_values("token_position")
+        entry = entries.get(step, {})
+        sequence = entry.get("tokens")
+        if sequence is None and step == step_ids[-1]:
+            sequence = metadata.get("tokens")
+        next_token = entry.get("next_token")
         steps.append(
             {
                 "step": step,
                 "positions": at_step["token_position"].tolist(),
                 "masked": at_step["token_masked"].tolist(),
-                "sequence": sequences.get(step),
+                "sequence": None if sequence is None else [str(t) for t in sequence],
+                "next_token": None if next_token is None else str(next_token),
             }
         )
 
     variant_definitions = {str(k): str(v) for k, v in (metadata.get("variant_definitions") or {}).items()}
+    metric_definitions = {str(k): str(v) for k, v in (metadata.get("distance_definitions") or {}).items()}
+    metric_definitions = {**(metric_definitions or METRIC_DEFINITIONS), "Masking": METRIC_DEFINITIONS["Masking"]}
     known = {"model", "prompt", "tokens", "generated_text", "num_layers", "num_heads",
-             "variant_definitions", "steps"}
-    extra = {str(k): v.item() if isinstance(v, np.generic) else v for k, v in metadata.items()}
-    extra = {k: v for k, v in extra.items() if k not in known and _is_scalar(v)}
+             "variant_definitions", "distance_definitions", "steps"}
+    extra = _run_details(metadata, known)
     num_heads = metadata.get("num_heads")
     if num_heads is None:
         num_heads = sum(1 for v in variants if _HEAD_VARIANT.match(v))
@@ -163,7 +186,7 @@ def masking_payload(results: pd.DataFrame, metadata: dict) -> dict:
             "num_rows": int(len(frame)),
             "extra": extra,
         },
-        "definitions": {"variants": variant_definitions, "metrics": METRIC_DEFINITIONS},
+        "definitions": {"variants": variant_definitions, "metrics": metric_definitions},
         "layers": layers,
         "variants": variants,
         "steps": steps,

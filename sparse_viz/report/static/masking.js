@@ -229,7 +229,8 @@
       const r = analysed.get(p);
       return { p, text: p < tokens.length ? tokens[p] : r !== undefined ? step.masked[r] : "", v: r !== undefined ? impact[r] : NaN, analysed: r !== undefined };
     });
-    d3.select("#sequence-title").text(`Sequence at generation step ${step.step} (${length} tokens)`);
+    d3.select("#sequence-title").text(`Sequence at generation step ${step.step} (${length} tokens)` +
+      (step.next_token === null || step.next_token === undefined ? "" : `, next token "${SV.tokenLabel(step.next_token)}"`));
     d3.select("#sequence").selectAll("span.token").data(items).join("span")
       .attr("class", "token").attr("data-position", (d) => d.p)
       .classed("unanalysed", (d) => !d.analysed).classed("final", (d) => d.p === length - 1)
@@ -266,7 +267,8 @@
   function setUpControls() {
     d3.select("#step-select").selectAll("option").data(steps).join("option")
       .attr("value", (d, i) => i)
-      .text((d) => `Step ${d.step} (${d.sequence ? d.sequence.length : d.positions.length} tokens)`);
+      .text((d) => `Step ${d.step} (${d.sequence ? d.sequence.length : d.positions.length} tokens)` +
+        (d.next_token === null || d.next_token === undefined ? "" : ` \u2192 "${SV.tokenLabel(d.next_token)}"`));
     d3.select("#step-select").property("value", String(state.step));
     const options = variants.map((name, code) => ({ value: String(code), label: name.replace(/^Head_(\d+)$/, "Head $1") }));
     if (headVariants.length) options.push({ value: ALL_HEADS, label: `All heads (${headVariants.length} small multiples)` });
