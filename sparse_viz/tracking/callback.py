@@ -9,6 +9,10 @@ a run resumed from a checkpoint skips the steps its history already has). The sc
 to every Lightning logger under `selection/...`. At the end of fit it renders
 `plots/*.png` and `report.html` (`sparse_viz.report.training.render_run`).
 
+Step s of a snapshot = after s optimizer updates; its `stage` and `attention` are those of the
+stage the model is in at that point (the stage of update s + 1, as `pl_module.current_stage`
+reports it), so the snapshot at a stage boundary already shows the next stage's attention.
+
 What "the selection" is at a snapshot: the keys the attention actually used (`trace.selected`)
 in a sparse stage; while the stage is dense (pre-training, indexer warm-up) it is the indexer's
 top-k over the causal keys, i.e. what the indexer WOULD select (`selection_source` in the
