@@ -36,6 +36,7 @@ import pytest
 CHROMIUM_PATH = Path(os.environ.get("SV_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS_DIR = Path(__file__).parent / "artifacts"
+D3_HINT = " (no verified local D3 copy, so the report used the CDN: run scripts/setup.sh, which needs npm)"
 READY_EXPRESSION = "() => document.body && document.body.dataset.ready === '1'"
 
 
@@ -102,7 +103,7 @@ class ReportPage:
             [f"console error: {m}" for m in self.console_errors]
             + [f"page error: {m}" for m in self.page_errors]
             + [f"dialog opened: {m!r}" for m in self.dialogs]
-            + [f"external request: {u}" for u in self.external_requests]
+            + [f"external request: {u}" + (D3_HINT if "d3" in u else "") for u in self.external_requests]
         )
 
     def assert_clean(self) -> None:
