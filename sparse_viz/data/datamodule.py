@@ -120,8 +120,10 @@ class TextDataModule(L.LightningDataModule):
     # -- Lightning hooks ------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Build the caches (Lightning calls this on one process only)."""
-        self._build()
+        """Build the caches (Lightning calls this on one process only; `setup` then reuses
+        what this process built instead of reading it back)."""
+        if self._prepared is None:
+            self._prepared = self._build()
 
     def setup(self, stage: str | None = None) -> None:
         """Load tokenizer, token streams and packed sequences (from the cache when present)."""
