@@ -14,10 +14,13 @@ no run directory.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import sys
 import time
 from pathlib import Path
 
+import datasets
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -25,7 +28,11 @@ from lightning.pytorch.loggers import CSVLogger
 
 from sparse_viz.data import TextDataModule
 from sparse_viz.errors import UserInputError
-from sparse_viz.training import DSALightningModule
+from sparse_viz.model import ModelConfig
+from sparse_viz.training import DSALightningModule, Schedule
+from sparse_viz.training.module import stages_from_dicts
+
+MODEL_CONFIG_FIELDS = [field.name for field in dataclasses.fields(ModelConfig)]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -46,6 +53,22 @@ class SparseVizCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None, help="Default: <config>-<time>.")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
         parser.link_arguments("data", "model.vocab_size", compute_fn=prepared_vocab_size, apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then check everything that is cheap to check before any seed, data or model work."""
+        super().parse_arguments(parser, args)
+        model = self.config.model
+        try:
+            stages = stages_from_dicts(model.stages) if model.stages is not None else None
+            if stages is not None:
+                Schedule(stages)
+            ModelConfig(**{k: model[k] for k in MODEL_CONFIG_FIELDS if k in model})
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
+        if self.config.data.seq_len > model.max_seq_len:
+            raise UserInputError(
+                f"data.seq_len={self.config.data.seq_len} is larger than model.max_seq_len={model.max_seq_len}"
+            )
 
     def before_instantiate_classes(self) -> None:
         self.run_dir = self._choose_run_dir()
@@ -91,16 +114,12 @@ class SparseVizCLI(LightningCLI):
         return loggers
 
     def after_instantiate_classes(self) -> None:
-        seq_len = self.datamodule.hparams.seq_len
-        max_seq_len = self.model.model_config.max_seq_len
-        if seq_len > max_seq_len:
-            raise UserInputError(f"data.seq_len={seq_len} is larger than model.max_seq_len={max_seq_len}")
         if self.trainer.max_steps == -1:
-            self.trainer.fit_loop.max_steps = self.model.schedule.total_steps
+            self.trainer.fit_loop.epoch_loop.max_steps = self.model.schedule.total_steps
 
 
-def main(args: list[str] | None = None) -> Path:
-    """Parse, train, and return the run directory."""
+def run_training(args: list[str] | None = None) -> SparseVizCLI:
+    """Parse `args` (default: the command line), train, and return the CLI (model, data, run_dir)."""
     cli = SparseVizCLI(
         DSALightningModule,
         TextDataModule,
@@ -114,7 +133,19 @@ def main(args: list[str] | None = None) -> Path:
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     print(f"run directory: {cli.run_dir}")
-    return cli.run_dir
+    return cli
+
+
+def user_error_in_chain(error: BaseException) -> BaseException | None:
+    """The user-input error behind `error`, if any: jsonargparse wraps errors raised while it
+    instantiates classes (e.g. a missing corpus found by the data link) in its own ValueError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (UserInputError, ArgumentError)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _one_line(error: BaseException) -> str:
@@ -123,8 +154,14 @@ def _one_line(error: BaseException) -> str:
 
 
 if __name__ == "__main__":
+    # Keep stderr for what matters: errors are one line, and progress is Lightning's own bar.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    datasets.disable_progress_bars()
     try:
-        main()
-    except (UserInputError, ArgumentError) as error:
-        print(f"sparse_viz.train: error: {_one_line(error)}", file=sys.stderr)
+        run_training()
+    except Exception as error:  # noqa: BLE001 - re-raised unless it is the user's input
+        cause = user_error_in_chain(error)
+        if cause is None:
+            raise
+        print(f"sparse_viz.train: error: {_one_line(cause)}", file=sys.stderr)
         sys.exit(2)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -23,6 +25,20 @@ def default_stages() -> list[Stage]:
     ]
 
 
+def stages_from_dicts(items: list[dict[str, Any]]) -> list[Stage]:
+    """Build `Stage`s from config dicts; an unknown field is a `ValueError` naming it."""
+    known = {field.name for field in dataclasses.fields(Stage)}
+    stages = []
+    for item in items:
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise ValueError(f"unknown stage field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "name" not in item or "steps" not in item:
+            raise ValueError(f"a stage needs 'name' and 'steps', got {item}")
+        stages.append(Stage(**item))
+    return stages
+
+
 class DSALightningModule(L.LightningModule):
     """Language-model training with DeepSeek Sparse Attention and a stage schedule.
 
@@ -32,8 +48,10 @@ class DSALightningModule(L.LightningModule):
     Args:
         vocab_size ... attention_path: the `ModelConfig` fields, same names and meaning.
             `vocab_size` is linked to the data's tokenizer by the training command.
-        stages: the schedule (`Stage` list); default dense -> warmup -> sparse.
-            `[Stage("sparse", ...)]` alone is the from-scratch mode.
+        stages: the schedule, a list of `Stage` fields as dicts (`{name: dense, steps: 300,
+            lr: 3e-3, ...}`); default dense -> warmup -> sparse. `[{name: sparse, ...}]` alone
+            is the from-scratch mode. Plain dicts (not dataclasses) so that a config or command
+            line that gives `stages` replaces the whole list instead of merging item by item.
         weight_decay: AdamW decoupled weight decay on matrices (not on norms, biases, embeddings
             of the indexer's LayerNorm).
         betas: AdamW betas.
@@ -60,7 +78,7 @@ class DSALightningModule(L.LightningModule):
         indexer_dim: int = 32,
         indexer_rope_dim: int = 16,
         attention_path: str = "gathered",
-        stages: list[Stage] | None = None,
+        stages: list[dict[str, Any]] | None = None,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         indexer_loss_weight: float = 1.0,
@@ -76,7 +94,7 @@ class DSALightningModule(L.LightningModule):
                 indexer_heads=indexer_heads, indexer_dim=indexer_dim,
                 indexer_rope_dim=indexer_rope_dim, attention_path=attention_path,
             )
-            self.schedule = Schedule(stages if stages is not None else default_stages())
+            self.schedule = Schedule(stages_from_dicts(stages) if stages is not None else default_stages())
         except ValueError as error:
             raise UserInputError(str(error)) from None
         if not use_indexer and any(s.name == "warmup" for s in self.schedule.stages):

@@ -1,0 +1,154 @@
+"""`python -m sparse_viz.train` end to end: a short real run, resume, and bad input."""
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_viz.model.selectors import select_keys
+from sparse_viz.train import run_training
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def val_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(int(row["step"]), float(row["val/loss"])) for row in read_metrics(run_dir) if row.get("val/loss")]
+
+
+def mass_at_k(dense_probs: torch.Tensor, selected: torch.Tensor, top_k: int) -> float:
+    """Brute-force share of dense attention mass on the selected keys, over rows with t + 1 > k.
+
+    dense_probs: (B, H, T, T); selected: (B, T, k) with -1 pads.
+    """
+    B, H, T, _ = dense_probs.shape
+    total, rows = 0.0, 0
+    for b in range(B):
+        for t in range(top_k, T):
+            keys = [s for s in selected[b, t].tolist() if s >= 0]
+            total += dense_probs[b, :, t, keys].sum().item() / H
+            rows += 1
+    return total / rows
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    cache = tmp_path_factory.mktemp("data-cache")
+    cli = run_training([
+        "--config", TINY, "--run_root", str(root), "--run_name", "tiny",
+        f"--data.cache_dir={cache}",
+        "--model.stages=[{name: dense, steps: 40, lr: 0.01, indexer_lr: 0.003},"
+        " {name: warmup, steps: 20, indexer_lr: 0.003}, {name: sparse, steps: 40, lr: 0.003, indexer_lr: 0.003}]",
+    ])
+    return cli, cache
+
+
+@pytest.mark.slow
+def test_short_run_writes_its_run_directory_and_lowers_validation_loss(tiny_run):
+    cli, _ = tiny_run
+    run_dir = cli.run_dir
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    losses = val_losses(run_dir)
+    assert [step for step, _ in losses] == sorted(step for step, _ in losses)
+    # An untrained model predicts ~uniformly: its loss is about ln(V).
+    assert losses[0][1] < math.log(cli.model.model_config.vocab_size)
+    assert losses[-1][1] < losses[0][1]
+    header = read_metrics(run_dir)[0].keys()
+    for column in ("train/loss", "train/stage", "train/lr_main", "train/lr_indexer", "train/tokens_per_s",
+                   "train/indexer_kl/layer_0", "val/ppl"):
+        assert column in header
+
+
+@pytest.mark.slow
+def test_trained_indexer_captures_more_attention_mass_than_random(tiny_run):
+    cli, _ = tiny_run
+    model = cli.model.model.eval()
+    top_k = model.config.top_k
+    batch = next(iter(cli.datamodule.val_dataloader()))[:, :-1]
+    with torch.no_grad():
+        out = model(batch, attention="sparse", trace="full")
+    indexer, random = [], []
+    for trace in out.traces:
+        indexer.append(mass_at_k(trace.dense_attn_probs, trace.selected, top_k))
+        chosen = select_keys("random", top_k=top_k, seq_len=batch.shape[1], seed=1, batch_size=batch.shape[0])
+        random.append(mass_at_k(trace.dense_attn_probs, chosen, top_k))
+    assert sum(indexer) / len(indexer) > sum(random) / len(random)
+
+
+@pytest.mark.slow
+def test_resume_continues_in_the_same_run_directory(tiny_run, tmp_path):
+    cli, cache = tiny_run
+    ckpt = cli.run_dir / "checkpoints" / "last.ckpt"
+    steps_before = max(step for step, _ in val_losses(cli.run_dir))
+    resumed = run_training([
+        "--config", TINY, f"--data.cache_dir={cache}", "--ckpt_path", str(ckpt),
+        "--model.stages=[{name: dense, steps: 40, lr: 0.01, indexer_lr: 0.003},"
+        " {name: warmup, steps: 20, indexer_lr: 0.003}, {name: sparse, steps: 60, lr: 0.003, indexer_lr: 0.003}]",
+    ])
+    assert resumed.run_dir == cli.run_dir
+    assert resumed.trainer.global_step == 120
+    steps = [step for step, _ in val_losses(cli.run_dir)]
+    assert max(steps) > steps_before
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sparse_viz.train", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    line = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n"
+    (folder / "a.txt").write_text(line * 400)
+    (folder / "b.txt").write_text(line.upper() * 400)
+    return folder
+
+
+BAD_INPUTS = [
+    (["--model.selector=topkk"], "unknown selector"),
+    (["--model.top_k=0"], "top_k"),
+    (["--data.seq_len=128"], "max_seq_len"),
+    (["--data.corpus=/no/such/corpus"], "/no/such/corpus"),
+    (["--model.no_such_option=3"], "no_such_option"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, fragment", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_no_run_directory(extra, fragment, small_corpus, tmp_path):
+    root = tmp_path / "runs"
+    args = ["--config", TINY, "--run_root", str(root), f"--data.cache_dir={tmp_path / 'cache'}"]
+    if not any(a.startswith("--data.corpus") for a in extra):
+        args.append(f"--data.corpus={small_corpus}")
+    result = run_cli(*args, *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert fragment in lines[0]
+    assert not root.exists() or not any(root.iterdir())
+
+
+@pytest.mark.slow
+def test_malformed_yaml_and_empty_corpus_are_rejected(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: {top_k: [1, 2\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    root = tmp_path / "runs"
+    for args in (["--config", str(bad_yaml)], ["--config", TINY, f"--data.corpus={empty}"]):
+        result = run_cli(*args, "--run_root", str(root), f"--data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr[-2000:]
+        assert not root.exists() or not any(root.iterdir())
