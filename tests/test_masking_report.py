@@ -347,3 +347,29 @@ def test_report_of_a_subset_of_layers_and_positions(chromium, tmp_path):  # noqa
         assert tokens.count() == len(step_tokens(last))
         unanalysed = page.locator("#sequence span.token.unanalysed").evaluate_all("s => s.map(e => +e.dataset.position)")
         assert unanalysed == [p for p in range(len(step_tokens(last))) if p not in (0, 2, 5)]
+
+
+@pytest.mark.browser
+def test_headers_stay_visible_when_the_heatmap_scrolls(chromium, tmp_path):  # noqa: F811
+    layers, positions = 60, 80
+    frame = pd.DataFrame({
+        "generation_step": 0,
+        "layer": np.repeat(np.arange(layers), positions),
+        "token_masked": [f"t{p}" for p in range(positions)] * layers,
+        "token_position": np.tile(np.arange(positions), layers),
+        "variant": "Full",
+        "l2_distance": 1.0,
+        "cosine_distance": 0.5,
+    })
+    path = render_masking_report(tmp_path, frame, {})
+    with open_report(chromium, path, viewport=(700, 700)) as report:
+        page = report.page
+        scroller = page.locator("#heatmap")
+        scroller.evaluate("e => { e.scrollTop = 400; e.scrollLeft = 300; }")
+        box = scroller.bounding_box()
+        header = page.locator("table.heatmap thead th.layer").first.bounding_box()
+        row_head = page.locator("table.heatmap tbody th.row-head").nth(40).bounding_box()
+        assert abs(header["y"] - box["y"]) <= 2, "the layer header row scrolled away"
+        assert abs(row_head["x"] - box["x"]) <= 2, "the token column scrolled away"
+        # ...while the cells under them did move.
+        assert page.locator('table.heatmap tbody tr[data-position="0"]').bounding_box()["y"] < box["y"]
