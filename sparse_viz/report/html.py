@@ -60,7 +60,10 @@ def json_for_script(data: Any) -> str:
         Compact JSON in which `<`, `>`, `&`, U+2028 and U+2029 are \\u-escaped, so the text can
         never contain `</script` or `<!--`; `JSON.parse` returns the original strings.
     """
-    text = json.dumps(_finite(data), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:  # the common case has no NaN: skip the recursive walk (it dominates large payloads)
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(data), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     for char, escaped in _SCRIPT_ESCAPES.items():
         text = text.replace(char, escaped)
     return text
@@ -125,6 +128,10 @@ def write_text_atomic(path: Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        # mkstemp creates owner-only files; a report should get the usual umask permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
