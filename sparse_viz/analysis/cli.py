@@ -27,9 +27,7 @@ COMMANDS: dict[str, tuple[AddArguments, Run]] = {}
 COMMAND_HELP: dict[str, str] = {}
 
 # Modules that call `register_command` at import time; imported lazily by `build_parser` so
-# that `import sparse_viz.analysis.cli` stays cheap. Add new analyses here, e.g.
-#   "sparse_viz.analysis.head_ablation"       (heads)
-#   "sparse_viz.analysis.component_ablation"  (components)
+# that `import sparse_viz.analysis.cli` stays cheap. Add new analyses here.
 COMMAND_MODULES: list[str] = ["sparse_viz.analysis.ablation_cli"]  # heads, components (issue 6)
 
 

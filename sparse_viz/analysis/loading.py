@@ -246,6 +246,7 @@ def load_model(
             unknown device or dtype.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
@@ -271,6 +272,9 @@ def load_model(
         )
 
     auto_class = AutoModelForImageTextToText if config.model_type in _MULTIMODAL_TYPES else AutoModelForCausalLM
+    # transformers' per-tensor "Loading weights" bar is noise around our own progress bar.
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = auto_class.from_pretrained(
@@ -281,6 +285,9 @@ def load_model(
         )
     except (OSError, ValueError) as error:
         raise UserInputError(f"cannot load model {name!r}: {_first_line(error)}") from error
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
     model.to(torch_device).eval()
     adapter = ArchitectureAdapter.for_model(model)
     return LoadedModel(
