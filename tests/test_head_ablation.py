@@ -121,18 +121,36 @@ def test_metrics_use_every_batch_item_hand_computed():
     assert float(logit_change_metrics(base, abl, valid)["kl_divergence"]) == pytest.approx(kl_item2, rel=1e-6)
 
 
-def test_batched_sweep_equals_one_at_a_time(model):
+@pytest.mark.parametrize("padded", [False, True])
+def test_batched_sweep_equals_one_at_a_time(model, padded):
+    """Batched rows + prefix reuse == one full forward per ablation (the reference path)."""
     x = ids(n=2, t=7)
+    mask = None
+    if padded:
+        mask = torch.ones_like(x)
+        mask[1, 5:] = 0
     layout = AttentionLayout.of(model)
     ablations = build_ablations(layout, sweep=True)
-    batched = head_ablation_study(model, x, ablations, batch_size=5, patterns=True, progress=False)
+    batched = head_ablation_study(model, x, ablations, attention_mask=mask, batch_size=5, patterns=True, progress=False)
     for i, ablation in enumerate(ablations):
-        single = head_ablation_study(model, x, [ablation], batch_size=1, patterns=True, progress=False)
+        single = head_ablation_study(model, x, [ablation], attention_mask=mask, batch_size=1, patterns=True,
+                                     progress=False, reuse_prefix=False)
         for col in ["kl_divergence", "frac_top1_changed", "delta_logprob_top1"]:
             assert batched.table.loc[i, col] == pytest.approx(single.table.loc[0, col], rel=1e-4, abs=1e-7)
         for layer, pat in single.ablated_patterns[0].items():
             torch.testing.assert_close(torch.from_numpy(batched.ablated_patterns[i][layer]), torch.from_numpy(pat), atol=1e-6, rtol=0)
     assert list(batched.table["ablation"]) == [f"L{L}.H{h}" for L in range(3) for h in range(4)]
+
+
+def test_sweep_skips_the_layers_before_each_ablation(model):
+    calls = [0, 0, 0]
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(model.model.layers)]
+    head_ablation_study(model, ids(), build_ablations(AttentionLayout.of(model), sweep=True), batch_size=4,
+                        patterns=False, progress=False)
+    for handle in handles:
+        handle.remove()
+    assert calls == [1 + 1, 1 + 2, 1 + 3]  # baseline + the chunks (of 4 heads = one layer) at or below each layer
 
 
 def test_patterns_are_per_sequence_and_match_model(model):
