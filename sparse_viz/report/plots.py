@@ -68,7 +68,7 @@ def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
+    fig.savefig(tmp, dpi=DPI, format="png")
     os.replace(tmp, path)
     return path
 
@@ -95,7 +95,7 @@ def _pick(n: int, most: int = 6) -> list[int]:
 def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -> Figure:
     """The 6 panels: position frequency, entropy, score distribution, quality/efficiency,
     head pattern clustering (PCA + KMeans), selection quality vs validation loss."""
-    fig = Figure(figsize=(18, 10))
+    fig = Figure(figsize=(18, 10), layout="constrained")
     axes = fig.subplots(2, 3)
     steps = _steps(history)
     import matplotlib
@@ -212,13 +212,12 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
     ax.set_title("Selection quality vs validation loss")
     ax.set_xlabel("mass@k of the indexer's selection")
     ax.set_ylabel("validation loss (latest at the snapshot)")
-    fig.tight_layout()
     return fig
 
 
 def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> Figure:
     """The 4 panels: head specialisation, score mean ± std, selection biases, token types."""
-    fig = Figure(figsize=(15, 9))
+    fig = Figure(figsize=(15, 9), layout="constrained")
     axes = fig.subplots(2, 2)
     steps = _steps(history)
     have = [s for s in steps if s in snapshots]
@@ -278,7 +277,6 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
         ax.legend(fontsize=8)
     ax.set_title("Selected token types")
     ax.set_ylabel("share of selections / of visible keys")
-    fig.tight_layout()
     return fig
 
 
@@ -288,12 +286,11 @@ def selection_heatmap_figure(arrays: dict, layers: Sequence[int], step: int) -> 
     A selected cell's colour is the dense attention probability (mean over heads) on that key;
     visible but unselected cells are light grey; the future is white.
     """
-    fig = Figure(figsize=(4.2 * len(layers), 4.2))
+    fig = Figure(figsize=(4.2 * len(layers) + 1.2, 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(layers)))
     import matplotlib
 
-    cmap = matplotlib.colormaps["magma_r"].copy()
-    cmap.set_bad("#ffffff")
+    cmap = matplotlib.colormaps["magma_r"].with_extremes(bad=(0, 0, 0, 0))
     for ax, layer in zip(axes, layers):
         selected = arrays["show_selected"][layer].astype(np.int64)  # (T, k)
         dense = arrays["show_dense"][layer]  # (T, k)
@@ -309,7 +306,7 @@ def selection_heatmap_figure(arrays: dict, layers: Sequence[int], step: int) -> 
         ax.set_title(f"layer {layer}, step {step}")
         ax.set_xlabel("key s")
         ax.set_ylabel("query t")
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="sqrt(dense attention) on selected keys")
+    fig.colorbar(im, ax=list(axes), shrink=0.9, label="sqrt(dense attention) on selected keys")
     return fig
 
 
