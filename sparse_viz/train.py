@@ -21,16 +21,17 @@ import time
 from pathlib import Path
 
 import datasets
+import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from sparse_viz.data import TextDataModule
 from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig
 from sparse_viz.training import DSALightningModule, Schedule
 from sparse_viz.training.module import stages_from_dicts
+from sparse_viz.training.resumable_csv_logger import ResumableCSVLogger
 
 MODEL_CONFIG_FIELDS = [field.name for field in dataclasses.fields(ModelConfig)]
 
@@ -103,8 +104,15 @@ class SparseVizCLI(LightningCLI):
         )
         return trainer
 
+    def _resume_step(self) -> int | None:
+        ckpt_path = self.config.get("ckpt_path")
+        if not ckpt_path:
+            return None
+        return int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+
     def _loggers(self):
-        loggers = [CSVLogger(save_dir=str(self.run_dir.parent), name=self.run_dir.name, version="")]
+        loggers = [ResumableCSVLogger(save_dir=str(self.run_dir.parent), name=self.run_dir.name, version="",
+                                      resume_step=self._resume_step())]
         try:
             from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -89,7 +89,7 @@ def test_trained_indexer_captures_more_attention_mass_than_random(tiny_run):
 def test_resume_continues_in_the_same_run_directory(tiny_run, tmp_path):
     cli, cache = tiny_run
     ckpt = cli.run_dir / "checkpoints" / "last.ckpt"
-    steps_before = max(step for step, _ in val_losses(cli.run_dir))
+    before = val_losses(cli.run_dir)
     resumed = run_training([
         "--config", TINY, f"--data.cache_dir={cache}", "--ckpt_path", str(ckpt),
         "--model.stages=[{name: dense, steps: 40, lr: 0.01, indexer_lr: 0.003},"
@@ -97,8 +97,11 @@ def test_resume_continues_in_the_same_run_directory(tiny_run, tmp_path):
     ])
     assert resumed.run_dir == cli.run_dir
     assert resumed.trainer.global_step == 120
-    steps = [step for step, _ in val_losses(cli.run_dir)]
-    assert max(steps) > steps_before
+    after = val_losses(cli.run_dir)
+    # The history is kept, not restarted: every earlier validation row is still there, once.
+    assert after[: len(before)] == before
+    steps = [step for step, _ in after]
+    assert len(steps) == len(set(steps)) and max(steps) > max(step for step, _ in before)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

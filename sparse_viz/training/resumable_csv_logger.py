@@ -1,0 +1,54 @@
+"""A CSVLogger that a resumed run appends to, instead of deleting the run's `metrics.csv`.
+
+Lightning's CSV writer removes an existing `metrics.csv` when it starts (and warns). On resume
+from a checkpoint at global step S, this logger keeps the rows logged before S, drops the rows
+at or after S (they will be logged again), and appends from there.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class _AppendingExperimentWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if self._resume_step is None or not os.path.isfile(self.metrics_file_path):
+            super()._check_log_dir_exists()
+            return
+        with open(self.metrics_file_path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fieldnames = list(reader.fieldnames or [])
+            kept = [row for row in reader if row.get("step") and int(float(row["step"])) < self._resume_step]
+        self.metrics_keys = sorted(fieldnames)
+        tmp = self.metrics_file_path + ".tmp"
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, self.metrics_file_path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """`CSVLogger` that keeps the history of a run resumed at `resume_step` (None: a fresh run)."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is not None:
+            return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir, resume_step=self._resume_step)
+        return self._experiment
