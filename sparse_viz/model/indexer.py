@@ -54,24 +54,24 @@ class LightningIndexer(nn.Module):
         """
         x = x.detach()
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H_I, T, d_I)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H_I, d_I)
         k = self.k_norm(self.wk(x))  # (B, T, d_I)
-        q = apply_partial_rope(q, cos, sin)
+        q = apply_partial_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)  # (B, T, H_I, d_I)
         k = apply_partial_rope(k, cos, sin)
-        w = self.ww(x) * self.n_heads**-0.5  # (B, T, H_I)
+        # ReLU(x) * c == ReLU(x * c) for c > 0: the d_I**-0.5 scale rides on w, saving a (B,T,H_I,T) pass.
+        w = self.ww(x) * (self.n_heads**-0.5 * self.head_dim**-0.5)  # (B, T, H_I)
 
-        logits = torch.relu(q @ k[:, None].transpose(-1, -2))  # (B, H_I, T, T)
-        logits = logits * self.head_dim**-0.5
+        # Query-major layout (B, T, H_I, T), so the weighted head sum is one contiguous batched product.
+        # One (T*H_I, d_I) @ (d_I, T) product per sequence: the key is shared by all heads.
+        logits = torch.relu(q.reshape(B, T * self.n_heads, self.head_dim) @ k.transpose(1, 2))  # (B, T*H_I, T)
+        logits = logits.view(B, T, self.n_heads, T)  # (B, T, H_I, T)
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # (T, T)
-        if return_head_terms:
-            head_terms = logits * w.transpose(1, 2)[..., None]  # (B, H_I, T, T)
-            head_terms = head_terms.masked_fill(future, 0.0)
-            scores = head_terms.sum(1)  # (B, T, T)
-        else:
-            head_terms = None
-            # (B, T, 1, H_I) @ (B, T, H_I, T): the weighted head sum without a (B,H_I,T,T) product
-            scores = (w[:, :, None, :] @ logits.transpose(1, 2)).squeeze(2)  # (B, T, T)
+        scores = (w[:, :, None, :] @ logits).squeeze(2)  # (B, T, T)
         scores = scores.masked_fill(future, float("-inf"))
+        head_terms = None
+        if return_head_terms:
+            head_terms = (logits * w[..., None]).transpose(1, 2)  # (B, H_I, T, T)
+            head_terms = head_terms.masked_fill(future, 0.0)
         return scores, head_terms
 
 
