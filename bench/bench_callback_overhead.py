@@ -1,0 +1,106 @@
+"""Overhead of SelectionAnalysisCallback at its default frequency (every 50 steps).
+
+    python bench/bench_callback_overhead.py [--steps 100] [--repeats 2] [--config configs/train/default.yaml]
+
+Trains the same model/data (the default config, or --config) for --steps optimizer steps, with
+and without the callback, interleaving the repetitions (A B A B ...), and prints the median
+wall time of `trainer.fit` for each and their ratio. The callback's end-of-fit rendering (plots
++ report, done once per run) is timed separately and shown as a share of the full default run
+(the sum of the default stages' steps) using the measured time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sparse_viz.data import TextDataModule  # noqa: E402
+from sparse_viz.report.training import render_run  # noqa: E402
+from sparse_viz.tracking.callback import SelectionAnalysisCallback  # noqa: E402
+from sparse_viz.training import DSALightningModule  # noqa: E402
+from sparse_viz.training.stages import Stage  # noqa: E402
+
+
+class NoRenderCallback(SelectionAnalysisCallback):
+    """The callback without its end-of-fit rendering (timed separately)."""
+
+    def render(self, trainer) -> None:
+        pass
+
+
+def build(config: dict, data: TextDataModule):
+    model_cfg = dict(config.get("model", {}))
+    model_cfg["stages"] = [Stage(**s) for s in model_cfg.get("stages", [])] or None
+    model_cfg["vocab_size"] = data.vocab_size
+    return DSALightningModule(**model_cfg)
+
+
+def fit_once(config: dict, data: TextDataModule, steps: int, with_callback: bool, root: Path) -> float:
+    L.seed_everything(0, verbose=False)
+    module = build(config, data)
+    trainer_cfg = config.get("trainer", {})
+    callbacks = [NoRenderCallback(every_n_steps=50)] if with_callback else []
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        default_root_dir=str(root), val_check_interval=trainer_cfg.get("val_check_interval", 50),
+        check_val_every_n_epoch=None, limit_val_batches=trainer_cfg.get("limit_val_batches", 8),
+        num_sanity_val_steps=0, gradient_clip_val=trainer_cfg.get("gradient_clip_val", 1.0),
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "train" / "default.yaml"))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    data = TextDataModule(**config.get("data", {}))
+    data.prepare_data()
+    data.setup("fit")
+    total_steps = sum(s["steps"] for s in config["model"]["stages"])
+
+    times = {"without": [], "with": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        last_run = None
+        for repeat in range(args.repeats):
+            for kind in ("without", "with"):
+                root = Path(tmp) / f"{kind}-{repeat}"
+                times[kind].append(fit_once(config, data, args.steps, kind == "with", root))
+                print(f"  repeat {repeat} {kind:>7} callback: {times[kind][-1]:.1f} s", flush=True)
+                if kind == "with":
+                    last_run = root
+        started = time.perf_counter()
+        render_run(last_run)
+        render_seconds = time.perf_counter() - started
+
+    without, with_cb = statistics.median(times["without"]), statistics.median(times["with"])
+    per_step = without / args.steps
+    snapshots = args.steps // 50 + 1
+    print(f"config {args.config}, {args.steps} steps, snapshot every 50 steps ({snapshots} snapshots incl. step 0), "
+          f"{args.repeats} interleaved repeats, medians:")
+    print(f"  fit without callback: {without:.1f} s   with callback: {with_cb:.1f} s   "
+          f"ratio with/without = {with_cb / without:.3f}  (overhead {100 * (with_cb / without - 1):.1f}%)")
+    full_run = per_step * total_steps
+    snapshot_cost = max(with_cb - without, 0.0) / snapshots
+    full_overhead = (snapshot_cost * (total_steps // 50 + 1) + render_seconds) / full_run
+    print(f"  end-of-fit render (plots + report): {render_seconds:.1f} s; projected for the full default run "
+          f"({total_steps} steps, ~{full_run:.0f} s of training): snapshots + render = {100 * full_overhead:.1f}% of training time")
+
+
+if __name__ == "__main__":
+    main()
