@@ -71,8 +71,9 @@ DEFINITIONS = [
     ("efficiency", "Keys attended / keys visible, mean over queries of min(k, t+1)/(t+1) "
      "(1 in a dense stage); tokens/s = training tokens per second of training-step time since "
      "the previous snapshot (the callback's own time excluded)."),
-    ("validation loss", "The latest validation loss known at the snapshot (validation runs every "
-     "val_check_interval steps, so it may be a few steps old); empty before the first validation."),
+    ("validation loss", "The latest validation loss known at the snapshot, measured at step "
+     "'val_loss_step' (Lightning validates after a step's callbacks, so a validation at the "
+     "snapshot's own step appears at the next snapshot); empty before the first validation."),
 ]
 
 

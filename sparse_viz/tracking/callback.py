@@ -205,11 +205,14 @@ def analyse_probe(
 
 def snapshot_record(step: int, scalars: dict, arrays: dict[str, np.ndarray], *, stage: str, attention: str,
                     selected_by_attention: bool, token_lookup: dict[int, str], epoch: int = 0,
-                    val_loss: float | None = None, tokens_per_s: float | None = None,
-                    snapshot_seconds: float | None = None) -> dict:
+                    val_loss: float | None = None, val_loss_step: int | None = None,
+                    tokens_per_s: float | None = None, snapshot_seconds: float | None = None) -> dict:
     """The history line of one snapshot: identification, training context and the scalars.
 
     `top_tokens[layer]` lists [token text, times selected] of the most selected probe tokens.
+    `val_loss` is the latest validation loss known at the snapshot and `val_loss_step` the step
+    it was measured at (Lightning validates after the batch's callbacks, so a validation at the
+    snapshot's own step shows up at the next snapshot).
     """
     ids, counts = arrays["top_token_ids"], arrays["top_token_counts"]
     return {
@@ -219,6 +222,7 @@ def snapshot_record(step: int, scalars: dict, arrays: dict[str, np.ndarray], *, 
         "attention": attention,
         "selection_source": "attention" if selected_by_attention else "indexer_topk",
         "val_loss": val_loss,
+        "val_loss_step": val_loss_step,
         "tokens_per_s": tokens_per_s,
         "snapshot_seconds": snapshot_seconds,
         **scalars,
@@ -259,6 +263,8 @@ class SelectionAnalysisCallback(L.Callback):
         self._train_seconds = 0.0
         self._tokens = 0
         self._batch_start: float | None = None
+        self._val_loss: float | None = None
+        self._val_step: int | None = None
 
     # ------------------------------------------------------------------ setup / resume
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -311,6 +317,11 @@ class SelectionAnalysisCallback(L.Callback):
         if step % self.every_n_steps == 0:
             self.snapshot(trainer, pl_module, step)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        value = trainer.callback_metrics.get("val/loss")
+        if value is not None and not trainer.sanity_checking:
+            self._val_loss, self._val_step = float(value), int(trainer.global_step)
+
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step == 0:
             self.snapshot(trainer, pl_module, 0)
@@ -347,12 +358,11 @@ class SelectionAnalysisCallback(L.Callback):
         finally:
             model.train(was_training)
         stage = pl_module.current_stage
-        val_loss = trainer.callback_metrics.get("val/loss")
         record = snapshot_record(
             step, scalars, arrays, stage=getattr(stage, "name", str(stage)), attention=attention,
             selected_by_attention=attention == "sparse" and traces[0].selected is not None,
             token_lookup=self._token_lookup, epoch=int(trainer.current_epoch),
-            val_loss=float(val_loss) if val_loss is not None else None,
+            val_loss=self._val_loss, val_loss_step=self._val_step,
             tokens_per_s=self._tokens / self._train_seconds if self._train_seconds > 0 else None,
             snapshot_seconds=time.perf_counter() - started)
         written = self.store.append(record, arrays)
