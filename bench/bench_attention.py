@@ -1,9 +1,10 @@
 """Attention only: gathered sparse attention vs dense masked sparse attention (same selection).
 
-    python bench/bench_attention.py [--reps 5] [--seq-lens 1024 4096] [--top-k 256]
+    python bench/bench_attention.py [--reps 5] [--seq-lens 1024 4096] [--top-k 256] [--backward] [--copy]
 
 Prints, per sequence length, medians of interleaved repetitions and their ratios against the
-masked path measured in the same run. Goal (issue 2): gathered >= 2x faster than masked at
+masked path measured in the same run (`--backward`: forward + backward; `--copy`: also the
+plain gathered-copy kernel used off CPU). Goal (issue 2): gathered >= 2x faster than masked at
 T=4096, k=256 on CPU. Fused dense SDPA (no selection at all) is printed for context.
 """
 
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--copy", action="store_true",
+                        help="also time the plain gathered-copy kernel (the non-CPU fallback; slow here)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,9 +68,11 @@ def main() -> None:
         candidates = {
             "masked sparse (reference)": timed(lambda: masked_sparse_attention(q, k, v, selected)[0]),
             "gathered sparse (csr)": timed(lambda: gathered_sparse_attention(q, k, v, selected, kernel="csr")[0]),
-            "gathered sparse (copy)": timed(lambda: gathered_sparse_attention(q, k, v, selected, kernel="copy")[0]),
             "dense SDPA (context)": timed(lambda: dense_causal_attention(q, k, v)),
         }
+        if args.copy:
+            candidates["gathered sparse (copy)"] = timed(
+                lambda: gathered_sparse_attention(q, k, v, selected, kernel="copy")[0])
         medians = interleaved_medians(candidates, args.reps)
         base = medians["masked sparse (reference)"]
         print(f"T={T}")

@@ -177,3 +177,13 @@ def test_bad_forward_arguments_raise_a_clear_value_error():
     no_indexer = SparseTransformer(tiny_config(max_seq_len=8, selector="local", use_indexer=False))
     with pytest.raises(ValueError, match="needs the Lightning Indexer"):
         no_indexer(torch.zeros(1, 4, dtype=torch.long), indexer_loss="all")
+
+
+def test_csr_kernel_refuses_a_selection_out_of_order_and_auto_falls_back_to_copies():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=g) for _ in range(3))
+    shuffled = torch.tensor([[[0, -1], [1, 0], [2, 1], [3, 1], [4, 0]]])  # row 1 is not ascending
+    with pytest.raises(ValueError, match="ascending"):
+        gathered_sparse_attention(q, k, v, shuffled, kernel="csr")
+    out, _ = gathered_sparse_attention(q, k, v, shuffled, kernel="copy")
+    torch.testing.assert_close(out, naive_sparse_attention(q, k, v, shuffled), rtol=1e-5, atol=1e-5)

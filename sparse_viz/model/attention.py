@@ -94,6 +94,14 @@ def scatter_selected(values: torch.Tensor, selected: torch.Tensor, seq_len: int)
     return out[..., :seq_len]
 
 
+def rows_ascending(selected: torch.Tensor) -> bool:
+    """True when every row of (B, T, k) holds its valid keys strictly ascending, then the -1 slots."""
+    T = selected.shape[1]
+    ordered = selected.masked_fill(selected < 0, T + 1)  # unfilled slots sort last
+    later, earlier = ordered[..., 1:], ordered[..., :-1]
+    return bool(((later > earlier) | ((later == T + 1) & (earlier == T + 1))).all())
+
+
 def masked_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, return_probs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,7 +141,8 @@ def gathered_sparse_attention(
         chunk_size: queries per chunk of the `copy` kernel.
         kernel: "csr" = sparse CSR products reading the selected rows in place (fast on CPU,
             see `csr_attention.py`); "copy" = gather copies of the selected rows, chunk by
-            chunk; "auto" = csr where available (CPU float32/float64), else copy.
+            chunk; "auto" = csr where available (CPU float32/float64) and the rows are in
+            `select_keys` order (ascending, -1 last), else copy.
 
     Returns:
         out: (B, H, T, hd).
@@ -143,6 +152,11 @@ def gathered_sparse_attention(
     if kernel not in ("auto", "csr", "copy"):
         raise ValueError(f"kernel must be auto, csr or copy, got {kernel!r}")
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q)):
+        if not rows_ascending(selected):
+            if kernel == "auto":
+                return gathered_by_copy(q, k, v, selected, return_probs, chunk_size)
+            raise ValueError("the csr kernel needs each row's selected keys ascending with -1 slots last "
+                             "(as select_keys returns them)")
         out, probs = csr_selected_attention(q, k, v, selected)
         return out, (probs if return_probs else None)
     return gathered_by_copy(q, k, v, selected, return_probs, chunk_size)

@@ -42,67 +42,91 @@ def csr_kernels_available(x: torch.Tensor) -> bool:
 
 
 class SelectionPattern:
-    """The CSR pattern of one selection, shared by every head, and its transpose.
+    """The selection as one block-diagonal CSR pattern over every (batch, head) pair.
+
+    Block (b, h) is the (T, T+k) pattern of batch element b (the selection is shared by the
+    heads); stacking all B*H blocks on the diagonal turns each product into ONE sparse kernel
+    call instead of B*H small ones (many small calls cost more than the work on a busy CPU).
 
     Args:
         selected: (B, T, k) long, -1 = unfilled slot.
+        n_heads: H.
     """
 
-    def __init__(self, selected: torch.Tensor) -> None:
+    def __init__(self, selected: torch.Tensor, n_heads: int) -> None:
         B, T, k = selected.shape
+        H, W = n_heads, T + k  # W: key columns per block, the T keys then k zero spares
         device = selected.device
-        self.batch, self.seq_len, self.k = B, T, k
+        self.batch, self.heads, self.seq_len, self.k = B, H, T, k
         self.valid = selected >= 0  # (B, T, k)
-        spare = T + torch.arange(k, device=device)  # (k,) columns of the zero padding keys
-        # Ascending within a row: valid indices come first (sorted), spare columns are > T.
-        self.cols = torch.where(self.valid, selected, spare).reshape(B, T * k)  # (B, T*k)
-        self.crow = torch.arange(T + 1, device=device) * k  # (T+1,)
-        rows = torch.arange(T, device=device).repeat_interleave(k)  # (T*k,)
-        # Transposed pattern (key-major): sort the entries by (column, row).
-        self.perm = torch.argsort(self.cols * T + rows, dim=-1)  # (B, T*k)
-        self.rows_t = rows[self.perm]  # (B, T*k) row index of each entry in key-major order
-        per_key = torch.zeros(B, T + k, dtype=torch.long, device=device).scatter_add_(
-            1, self.cols, torch.ones_like(self.cols)
-        )  # (B, T+k) entries in each key column
-        self.crow_t = torch.cat((per_key.new_zeros(B, 1), per_key.cumsum(dim=1)), dim=1)  # (B, T+k+1)
+        spare = T + torch.arange(k, device=device)  # (k,)
+        # Ascending within a row: valid indices come first (sorted), spare columns are >= T.
+        cols = torch.where(self.valid, selected, spare).reshape(B, 1, T * k)  # (B, 1, T*k)
+        block = torch.arange(B * H, device=device).view(B, H, 1)  # (B, H, 1) block number
+        self.cols = (cols + block * W).reshape(-1)  # (B*H*T*k,)
+        self.crow = torch.arange(B * H * T + 1, device=device) * k  # (B*H*T+1,)
+        self.shape = (B * H * T, B * H * W)
 
-    def matrix(self, b: int, values: torch.Tensor) -> torch.Tensor:
-        """(T, T+k) CSR matrix of batch element b with the given (T*k,) values."""
-        return _csr(self.crow, self.cols[b], values, (self.seq_len, self.seq_len + self.k))
+        self._transposed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def matrix_t(self, b: int, values: torch.Tensor) -> torch.Tensor:
-        """(T+k, T) CSR transpose of `matrix(b, values)`."""
-        return _csr(self.crow_t[b], self.rows_t[b], values[self.perm[b]], (self.seq_len + self.k, self.seq_len))
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(perm, crow_t, rows_t) of the transposed pattern; built on first use (backward only).
 
-    def sampled_products(self, a: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:
-        """(a @ b_^T) read at the pattern.
+        perm orders the entries key-major within each block (by column, then row): values[perm]
+        are the transposed matrix's values, rows_t their column (query) indices.
+        """
+        if self._transposed is None:
+            B, H, T, k = self.batch, self.heads, self.seq_len, self.k
+            W, device = T + k, self.cols.device
+            cols = self.cols.view(B, H, T * k)[:, 0] - (torch.arange(B, device=device) * H * W)[:, None]  # (B, T*k)
+            rows = torch.arange(T, device=device).repeat_interleave(k)  # (T*k,)
+            perm = torch.argsort(cols * T + rows, dim=-1)  # (B, T*k)
+            block = torch.arange(B * H, device=device).view(B, H, 1)  # (B, H, 1)
+            full_perm = (perm[:, None, :] + block * (T * k)).reshape(-1)  # (B*H*T*k,)
+            rows_t = (rows[perm][:, None, :] + block * T).reshape(-1)  # (B*H*T*k,)
+            per_key = torch.zeros(B, W, dtype=torch.long, device=device).scatter_add_(
+                1, cols, torch.ones_like(cols)
+            )  # (B, W) entries per key column
+            per_key = per_key[:, None, :].expand(B, H, W).reshape(-1)  # (B*H*W,)
+            crow_t = torch.cat((per_key.new_zeros(1), per_key.cumsum(0)))  # (B*H*W+1,)
+            self._transposed = (full_perm, crow_t, rows_t)
+        return self._transposed
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """(B*H*T, B*H*W) CSR with `values` (B, H, T, k) on the pattern."""
+        return _csr(self.crow, self.cols, values.reshape(-1), self.shape)
+
+    def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
+        """(B*H*W, B*H*T) CSR transpose of `matrix(values)`."""
+        perm, crow_t, rows_t = self.transposed()
+        return _csr(crow_t, rows_t, values.reshape(-1)[perm], self.shape[::-1])
+
+    def sampled_products(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(a @ b^T) read at the pattern, block by block.
 
         Args:
             a: (B, H, T, hd).
-            b_: (B, H, T+k, hd).
+            b: (B, H, W, hd).
 
         Returns:
             (B, H, T, k) values.
         """
-        B, H, T, hd = a.shape
-        out = []
-        for b in range(B):
-            pattern = _csr(self.crow.expand(H, -1), self.cols[b].expand(H, -1), a.new_zeros(H, T * self.k), (H, T, T + self.k))
-            product = torch.sparse.sampled_addmm(pattern, a[b], b_[b].transpose(-1, -2), beta=0.0)
-            out.append(product.values().view(H, T, self.k))
-        return torch.stack(out)  # (B, H, T, k)
+        hd = a.shape[-1]
+        pattern = self.matrix(a.new_zeros(self.cols.shape[0]))
+        product = torch.sparse.sampled_addmm(pattern, a.reshape(-1, hd), b.reshape(-1, hd).t(), beta=0.0)
+        return product.values().view(self.batch, self.heads, self.seq_len, self.k)
 
     def times(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """Pattern matrix with `values` (B, H, T, k) times `dense` (B, H, T+k, hd) -> (B, H, T, hd)."""
-        B, H = values.shape[:2]
-        flat = values.reshape(B, H, -1)
-        return torch.stack([torch.stack([self.matrix(b, flat[b, h]) @ dense[b, h] for h in range(H)]) for b in range(B)])
+        """Pattern matrix with `values` (B, H, T, k) times `dense` (B, H, W, hd) -> (B, H, T, hd)."""
+        hd = dense.shape[-1]
+        out = self.matrix(values) @ dense.reshape(-1, hd)  # (B*H*T, hd)
+        return out.view(self.batch, self.heads, self.seq_len, hd)
 
     def transposed_times(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """Transposed pattern matrix with `values` (B, H, T, k) times `dense` (B, H, T, hd) -> (B, H, T+k, hd)."""
-        B, H = values.shape[:2]
-        flat = values.reshape(B, H, -1)
-        return torch.stack([torch.stack([self.matrix_t(b, flat[b, h]) @ dense[b, h] for h in range(H)]) for b in range(B)])
+        """Transposed pattern matrix with `values` (B, H, T, k) times `dense` (B, H, T, hd) -> (B, H, W, hd)."""
+        hd = dense.shape[-1]
+        out = self.matrix_t(values) @ dense.reshape(-1, hd)  # (B*H*W, hd)
+        return out.view(self.batch, self.heads, self.seq_len + self.k, hd)
 
 
 def _pad_keys(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -154,4 +178,4 @@ def csr_selected_attention(
         out: (B, H, T, hd).
         probs: (B, H, T, k) in selection layout (0 on unfilled slots), no gradient.
     """
-    return CsrSelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), SelectionPattern(selected))
+    return CsrSelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), SelectionPattern(selected, q.shape[1]))
