@@ -11,6 +11,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+
+def pytest_configure(config):
+    """One intra-op thread unless SPARSE_VIZ_TEST_THREADS says otherwise.
+
+    The tests run tiny matrices on a 2-core machine shared with other jobs; there, torch's
+    OpenMP threads wait on each other at every op (measured: a (5, 576) x (576, 1536) matmul
+    took 17 ms with 2 threads under load, 0.5 ms with 1).
+    """
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SPARSE_VIZ_TEST_THREADS", "1")))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_DIR = Path(os.environ.get("SPARSE_VIZ_SMOLLM2_DIR", REPO_ROOT / ".cache" / "smollm2-135m"))
 

@@ -70,7 +70,7 @@ def oracle_updates(model, input_ids: torch.Tensor, layer: int, masked_key: int |
         attention.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0][0, -1])),
     ]
     try:
-        model(input_ids=input_ids, use_cache=False)
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     finally:
         for hook in hooks:
             hook.remove()

@@ -23,7 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    # One thread, as in conftest: OpenMP threads thrash on a small, shared machine.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "sparse_viz.analysis", "mask", *args],
         capture_output=True, text=True, timeout=300, cwd=cwd, env=env,
