@@ -53,6 +53,8 @@ RESULT_COLUMNS = (
     "l2_distance",
     "cosine_distance",
 )
+# Written after RESULT_COLUMNS when present (vision-language runs, `analysis.vision_masking`).
+OPTIONAL_COLUMNS = ("token_kind", "image_index", "grid_row", "grid_col")
 METHODS = ("fast", "reference")
 VARIANT_DEFINITIONS = {
     "Full": "layer output - layer input at the final position (attention + MLP update of the "
@@ -93,7 +95,10 @@ class LayerInput:
 
 @torch.no_grad()
 def capture_layer_inputs(
-    adapter: ArchitectureAdapter, input_ids: torch.Tensor, layers: Sequence[int] | None = None
+    adapter: ArchitectureAdapter,
+    input_ids: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    model_inputs: dict[str, Any] | None = None,
 ) -> tuple[dict[int, LayerInput], torch.Tensor]:
     """Run the model once; return the inputs of `layers` and the final position's logits.
 
@@ -104,6 +109,8 @@ def capture_layer_inputs(
         adapter: the model's adapter.
         input_ids: (1, T) token ids on the model's device.
         layers: layer indices to capture (default all).
+        model_inputs: extra keyword arguments for the model's forward (Qwen3-VL: pixel_values,
+            image_grid_thw, mm_token_type_ids, position_ids; see `analysis.vision`).
 
     Returns:
         ({layer: LayerInput}, logits (V,) at the final position).
@@ -122,7 +129,7 @@ def capture_layer_inputs(
         adapter.layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in sorted(wanted)
     ]
     try:
-        output = adapter.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        output = adapter.model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **(model_inputs or {}))
     finally:
         for handle in handles:
             handle.remove()
@@ -284,6 +291,7 @@ def analyse_sequence(
     positions: Sequence[int] | None = None,
     method: str = "fast",
     progress: Any = None,
+    model_inputs: dict[str, Any] | None = None,
 ) -> SequenceMasking:
     """Masking distances of one sequence at every selected layer and key position.
 
@@ -294,6 +302,7 @@ def analyse_sequence(
         positions: key positions to mask (default all 0..T-1).
         method: "fast" (batched exact path) or "reference" (one layer call per masked key).
         progress: optional tqdm bar, advanced once per layer.
+        model_inputs: extra keyword arguments for the baseline forward (see capture_layer_inputs).
 
     Returns:
         SequenceMasking.
@@ -302,7 +311,7 @@ def analyse_sequence(
         raise UserInputError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
     layers = list(range(adapter.n_layers)) if layers is None else list(layers)
     positions = list(range(input_ids.shape[1])) if positions is None else list(positions)
-    inputs, logits = capture_layer_inputs(adapter, input_ids, layers)
+    inputs, logits = capture_layer_inputs(adapter, input_ids, layers, model_inputs)
     if method == "reference":
         from sparse_viz.analysis.token_masking_reference import reference_final_position_updates as compute
     else:
@@ -512,18 +521,29 @@ def _rows(step: int, result: SequenceMasking, token_texts: list[str], n_heads: i
 def results_to_json(results: pd.DataFrame) -> dict:
     """Columnar JSON of the long-format rows: {"columns": {name: [values...]}, "num_rows": N}."""
     columns = {}
-    for name in RESULT_COLUMNS:
+    for name in _output_columns(results):
         values = results[name].tolist()
-        if name.endswith("_distance"):
-            values = [v if math.isfinite(v) else None for v in values]
+        if name.endswith("_distance") or name in OPTIONAL_COLUMNS:
+            values = [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
         columns[name] = values
     return {"format": "columnar", "num_rows": len(results), "columns": columns}
 
 
+def _output_columns(results: pd.DataFrame) -> list[str]:
+    return list(RESULT_COLUMNS) + [name for name in OPTIONAL_COLUMNS if name in results.columns]
+
+
 def write_masking_outputs(
-    output_dir: str | os.PathLike, results: pd.DataFrame, metadata: dict, report: bool = True
+    output_dir: str | os.PathLike,
+    results: pd.DataFrame,
+    metadata: dict,
+    report: bool = True,
+    extra_outputs: Any = None,
 ) -> Path:
     """Write masking_results.csv/.json, metadata.json and report.html into `output_dir`.
+
+    `extra_outputs(staging_dir)`, when given, writes further files (heatmaps, vision report)
+    into the same staging directory, so they are moved in atomically with the rest.
 
     Everything is written into a temp dir beside `output_dir` and moved in at the end, so a
     failure leaves no half-written output; an existing `output_dir` is replaced.
@@ -542,7 +562,7 @@ def write_masking_outputs(
     except OSError as error:
         raise UserInputError(f"cannot write output directory {str(output)!r}: {error.strerror or error}") from error
     try:
-        results.loc[:, list(RESULT_COLUMNS)].to_csv(staging / "masking_results.csv", index=False)
+        results.loc[:, _output_columns(results)].to_csv(staging / "masking_results.csv", index=False)
         (staging / "masking_results.json").write_text(
             json.dumps(results_to_json(results), ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
         )
@@ -551,6 +571,8 @@ def write_masking_outputs(
         )
         if report:
             _write_report(staging, results, metadata)
+        if extra_outputs is not None:
+            extra_outputs(staging)
         _replace_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
