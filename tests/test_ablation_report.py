@@ -67,6 +67,13 @@ def test_heads_cli_writes_csv_npz_pngs_and_report(heads_run, model_dir):
     assert [p["position"] for p in predictions["L0.H0"]] == [ids.shape[1] - 1, 3]
     html = (heads_run / "report.html").read_text()
     assert "<img src=x" not in html and "</script><img" not in html
+    # re-rendering from report_data.json (no torch, no model) gives the same page
+    from sparse_viz.report.ablation import render_ablation_report
+
+    copy = heads_run.parent / "rerender"
+    copy.mkdir()
+    (copy / "report_data.json").write_text((heads_run / "report_data.json").read_text())
+    assert render_ablation_report(copy).read_text() == html
 
 
 @pytest.mark.browser

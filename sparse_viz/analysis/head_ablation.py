@@ -547,12 +547,10 @@ def head_ablation_study(
         start = min(min(a.layers) for a in chunk)
         with head_ablation_hooks(model, rows, T):
             if reuse_prefix:
-                logits, attn_from = forward_from_layer(model, start, recorded, len(chunk), patterns)  # (k*N, T, V)
-                # layers before `start` are the baseline's, bit for bit
-                attn = [attn_from[L] if L >= start else base_attn[L].repeat(len(chunk), 1, 1, 1)
-                        for L in range(layout.n_layers)] if patterns else None
+                logits, attn = forward_from_layer(model, start, recorded, len(chunk), patterns)  # (k*N, T, V)
             else:
-                logits, attn = forward_logits(model, ids, mask, patterns)  # (k*N, T, V)
+                logits, attn_all = forward_logits(model, ids, mask, patterns)  # (k*N, T, V)
+                attn = dict(enumerate(attn_all)) if patterns else {}
         for a, ablation in enumerate(chunk):
             abl = logits[a * N:(a + 1) * N]  # (N, T, V)
             m = logit_change_metrics(base_logits, abl, valid)
@@ -561,7 +559,9 @@ def head_ablation_study(
             predictions.append(prediction_table(base_logits, abl, pred_pos, tokenizer, input_ids))
             if patterns:
                 layers = pattern_layers if pattern_layers is not None else [auto_pattern_layer(ablation, layout.n_layers)]
-                ablated_patterns.append({L: attn[L][a * N:(a + 1) * N].float().cpu().numpy() for L in layers})
+                # layers below `start` did not run: their patterns are the baseline's, bit for bit
+                ablated_patterns.append({L: attn[L][a * N:(a + 1) * N].float().cpu().numpy() if L in attn
+                                         else baseline_patterns[L] for L in layers})
         bar.update(len(chunk))
     bar.close()
 

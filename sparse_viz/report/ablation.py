@@ -90,6 +90,31 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+def _write_report(out: Path, payload: dict[str, Any]) -> None:
+    import json
+
+    write_text_atomic(out / "report_data.json", json.dumps(payload, ensure_ascii=False, allow_nan=False))
+    render_report("ablation.html.j2", out / "report.html", title=payload["title"], data=payload)
+
+
+def render_ablation_report(run_dir: str | os.PathLike) -> Path:
+    """Re-render `run_dir/report.html` from its `report_data.json` (no torch, no model).
+
+    Raises:
+        UserInputError: no readable report_data.json in `run_dir`.
+    """
+    import json
+
+    from sparse_viz.errors import UserInputError
+
+    path = Path(run_dir) / "report_data.json"
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"cannot read {str(path)!r}: {type(error).__name__}") from error
+    return render_report("ablation.html.j2", Path(run_dir) / "report.html", title=payload["title"], data=payload)
+
+
 # --------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg).
 # --------------------------------------------------------------------------------------------
@@ -245,7 +270,7 @@ def write_head_ablation_outputs(result, output_dir, *, title: str = "Head ablati
                             fig = patterns_figure(result.baseline_patterns[L][n], pattern[n], result.tokens[n],
                                                   f"ablation {name}: layer {L} attention, sequence {n}")
                             _save_fig(fig, out / "plots" / f"patterns_{_slug(name)}_layer{L}_seq{n}.png")
-        render_report("ablation.html.j2", out / "report.html", title=title, data=head_ablation_payload(result, title))
+        _write_report(out, head_ablation_payload(result, title))
     return Path(output_dir)
 
 
@@ -277,12 +302,20 @@ def component_ablation_payload(result, title: str = "Component ablation") -> dic
             "delta_logprob_top1": float(row["delta_logprob_top1"]), "reconstruction_kl": float(row["reconstruction_kl"]),
             "kl_per_position": _round(result.kl_per_position[:MAX_REPORT_SEQUENCES]),
             "predictions": [p for p in result.predictions if p["seq"] < MAX_REPORT_SEQUENCES],
-            "pattern_layers": [int(L) for L in ablated_keys], "patterns": ablated_keys or None,
+            "pattern_layers": _changed_first(result, [int(L) for L in ablated_keys]), "patterns": ablated_keys or None,
         }],
         "patterns": store.items, "baseline": baseline,
         "masks": {p: [float(v) for v in np.asarray(m).reshape(-1)] for p, m in result.masks.items()},
         "ablated": result.ablated, "pgd_history": result.pgd_history,
     }
+
+
+def _changed_first(result, layers: list[int]) -> list[int]:
+    """Layers ordered so that the first one is the first whose attention the ablation changed."""
+    changed = [L for L in layers if np.abs(result.ablated_patterns[L] - result.baseline_patterns[L]).max() > 1e-7]
+    if not changed:
+        return layers
+    return [L for L in layers if L >= changed[0]] + [L for L in layers if L < changed[0]]
 
 
 def masks_figure(masks: dict[str, np.ndarray], ablated: dict[str, list[int]], title: str):
@@ -326,5 +359,5 @@ def write_component_ablation_outputs(result, output_dir, *, title: str = "Compon
                     fig = patterns_figure(result.baseline_patterns[L][0], result.ablated_patterns[L][0], result.tokens[0],
                                           f"{result.mode} component ablation: layer {L} attention, sequence 0")
                     _save_fig(fig, out / "plots" / f"patterns_layer{L}_seq0.png")
-        render_report("ablation.html.j2", out / "report.html", title=title, data=component_ablation_payload(result, title))
+        _write_report(out, component_ablation_payload(result, title))
     return Path(output_dir)

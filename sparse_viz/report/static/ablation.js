@@ -82,6 +82,9 @@
         .attr("y", (v) => 5 + height * (1 - v)).attr("height", (v) => height * v)
         .attr("fill", (v, c) => (ablated.has(c) ? "#d62728" : "#3b6fd8"))
         .on("mousemove", (event, v) => tooltip.show(event, `mask ${SV.format(v, 3)}`)).on("mouseleave", () => tooltip.hide());
+      svg.append("g").selectAll("text").data([...ablated]).join("text").attr("class", "ablated-marker")
+        .attr("x", (c) => x(c) + x.bandwidth() / 2).attr("y", height + 16).attr("text-anchor", "middle")
+        .attr("font-size", 10).attr("fill", "#d62728").text("×");
       svg.append("g").attr("transform", `translate(40,0)`).call(d3.axisLeft(d3.scaleLinear([0, 1], [5 + height, 5])).ticks(2));
     }
   }

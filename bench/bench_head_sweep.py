@@ -1,0 +1,101 @@
+"""Head-ablation sweep on SmolLM2-135M (30 layers x 9 heads = 270 heads), 64-token prompt.
+
+Three ways to get the same table, timed side by side in one run (repetitions interleaved,
+medians reported):
+    one_per_head   one full forward per ablated head (the naive loop)
+    batched        `batch_size` ablations per forward, each batch row ablating a different head
+    batched+prefix batched, and each forward starts at the first layer its ablations touch,
+                   from the baseline's recorded input of that layer (the default path)
+All three tables are checked to agree, then the heads with the largest KL are printed.
+
+    python bench/bench_head_sweep.py                       # all 270 heads
+    python bench/bench_head_sweep.py --layers 0,10,20 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sparse_viz.analysis.head_ablation import AttentionLayout, head_ablation_study, single_head_ablations
+from sparse_viz.analysis.loading import load_model
+
+PROMPT = (
+    "The history of the city begins with a small fishing village on the northern bank of the river. "
+    "Over the centuries it grew into a busy port, and merchants from distant countries came to trade "
+    "wool, salt and spices. When the railway arrived, the old harbour lost its importance, but the "
+    "university founded in the same decade attracted students and scholars from across the continent, "
+    "and the city slowly became known for its libraries, its music and its long tradition of printing."
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(Path(".cache/smollm2-135m")))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--layers", default=None, help='subset of layers to sweep, e.g. "0,10,20" (default: all)')
+    parser.add_argument("--batch-size", type=int, default=27)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-naive", action="store_true", help="time only the two batched paths")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    loaded = load_model(args.model, device=args.device, dtype="float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, : args.tokens].to(loaded.device)  # (1, T)
+    assert ids.shape[1] == args.tokens, f"prompt has only {ids.shape[1]} tokens"
+    layout = AttentionLayout.of(model)
+    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
+    ablations = single_head_ablations(layout, layers=layers)
+    print(f"{loaded.name_or_path}: {layout.n_layers} layers x {layout.n_heads} heads; sweeping {len(ablations)} heads "
+          f"on {ids.shape[1]} tokens; device {loaded.device}, torch threads {torch.get_num_threads()}")
+
+    methods = {
+        "one_per_head": dict(batch_size=1, reuse_prefix=False),
+        "batched": dict(batch_size=args.batch_size, reuse_prefix=False),
+        "batched+prefix": dict(batch_size=args.batch_size, reuse_prefix=True),
+    }
+    if args.skip_naive:
+        del methods["one_per_head"]
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    tables = {}
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    head_ablation_study(model, ids, ablations[:2], batch_size=2, patterns=False, progress=False)  # warm-up
+    for _ in range(args.repeats):
+        for name, options in methods.items():  # interleaved: every repetition runs every method
+            sync()
+            start = time.perf_counter()
+            result = head_ablation_study(model, ids, ablations, patterns=False, progress=False, **options)
+            sync()
+            times[name].append(time.perf_counter() - start)
+            tables[name] = result.table
+
+    reference = tables["batched+prefix"]
+    for name, table in tables.items():
+        diff = (table["kl_divergence"] - reference["kl_divergence"]).abs().max()
+        same_top1 = (table["frac_top1_changed"] == reference["frac_top1_changed"]).mean()
+        print(f"  check {name:>15}: max |KL diff| vs batched+prefix = {diff:.2e}, equal top-1 fractions {same_top1:.0%}")
+    base = statistics.median(times["one_per_head"]) if "one_per_head" in times else None
+    print(f"\nmedian seconds over {args.repeats} repetition(s), {len(ablations)} heads:")
+    for name, values in times.items():
+        median = statistics.median(values)
+        ratio = f"   speed-up vs one_per_head: {base / median:5.2f}x" if base else ""
+        print(f"  {name:>15}: {median:8.2f} s  ({median / len(ablations) * 1000:7.1f} ms/head){ratio}")
+    if "batched" in times:
+        print(f"  prefix reuse alone: {statistics.median(times['batched']) / statistics.median(times['batched+prefix']):.2f}x")
+
+    print("\nheads with the largest KL(baseline || ablated), mean over all positions:")
+    top = reference.sort_values("kl_divergence", ascending=False).head(10)
+    print(top[["ablation", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
+    print(f"\nprompt ({ids.shape[1]} tokens): {tokenizer.decode(ids[0])!r}")
+
+
+if __name__ == "__main__":
+    main()
