@@ -1,0 +1,252 @@
+"""Token masking on Qwen3-VL prompts (text and images): seed 001 on the exact fast path.
+
+The masking itself is `token_masking.analyse_sequence`, unchanged: the baseline forward gets the
+images, `mm_token_type_ids` and the MRoPE position ids (computed once per step with the model's
+own `get_rope_index`), and the layer inputs are captured with pre-hooks, so the DeepStack
+features added after the first text layers are part of what later layers see. The model's own
+causal mask is used: Qwen3-VL's language model attends causally over vision tokens too
+(REFERENCE §2), so seed 001's "bidirectional vision" mask is not reproduced.
+
+`--mask text` (default) masks every non-image position, `vision` only image tokens, `all`
+everything. Rows gain `token_kind` (text / image / special) and, for image tokens,
+`image_index`, `grid_row`, `grid_col` (on the merged patch grid).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sparse_viz.analysis.loading import LoadedModel, load_model
+from sparse_viz.analysis.token_masking import (
+    DISTANCE_DEFINITIONS,
+    METHODS,
+    VARIANT_DEFINITIONS,
+    _as_indices,
+    _eos_ids,
+    _rows,
+    _token_texts,
+    analyse_sequence,
+)
+from sparse_viz.analysis.vision import (
+    VisionInputs,
+    build_image_processor,
+    describe_token_map,
+    encode_vision_prompt,
+    is_vision_model,
+    load_image,
+)
+from sparse_viz.errors import UserInputError
+
+MASK_KINDS = ("text", "vision", "all")
+
+
+def check_mask_request(mask: str, n_images: int) -> None:
+    """Cheap checks before any model loads.
+
+    Raises:
+        UserInputError: unknown mask kind, or `vision` without an image.
+    """
+    if mask not in MASK_KINDS:
+        raise UserInputError(f"unknown --mask {mask!r}; use one of: {', '.join(MASK_KINDS)}")
+    if mask == "vision" and n_images == 0:
+        raise UserInputError("--mask vision needs at least one --image")
+
+
+def add_token_map_columns(rows: pd.DataFrame, inputs: VisionInputs) -> pd.DataFrame:
+    """Add token_kind and, for image tokens, image_index / grid_row / grid_col (else -1)."""
+    token_map = inputs.token_map
+    n = len(token_map.token_kinds)
+    kind = np.asarray(token_map.token_kinds, dtype=object)
+    image_index = np.full(n, -1)
+    grid_row = np.full(n, -1)
+    grid_col = np.full(n, -1)
+    for image in token_map.images:
+        positions = np.arange(image.start, image.stop)
+        image_index[positions] = image.image_index
+        offsets = positions - image.start
+        grid_row[positions] = offsets // image.grid_cols
+        grid_col[positions] = offsets % image.grid_cols
+    position = rows["token_position"].to_numpy()
+    return rows.assign(
+        token_kind=kind[position],
+        image_index=image_index[position],
+        grid_row=grid_row[position],
+        grid_col=grid_col[position],
+    )
+
+
+def run_vision_masking_experiment(
+    prompt: str,
+    images: Sequence[str | os.PathLike] = (),
+    model_name: str | os.PathLike | None = None,
+    mask: str = "text",
+    device: str = "auto",
+    dtype: str = "float32",
+    num_tokens: int = 1,
+    layers: str | Sequence[int] | None = None,
+    exclude_first_token: bool = False,
+    chat: bool = True,
+    method: str = "fast",
+    trust_remote_code: bool = False,
+    progress: bool = False,
+    model: LoadedModel | None = None,
+    image_processor: Any = None,
+    verbose: bool = False,
+) -> pd.DataFrame:
+    """Token masking impact of a Qwen3-VL prompt with images, per step, layer, position, variant.
+
+    Args:
+        prompt: prompt text.
+        images: image file paths, in prompt order (PIL images are accepted too).
+        model_name: Qwen3-VL model directory or hub id (ignored when `model` is given).
+        mask: "text" (every non-image position), "vision" (image tokens) or "all".
+        device, dtype, num_tokens, layers, exclude_first_token, method, trust_remote_code,
+            progress: as in `token_masking.run_masking_experiment`.
+        chat: render with the chat template (default for VL models).
+        model: an already loaded model to reuse.
+        image_processor: reuse one (default: the checkpoint's, see `build_image_processor`).
+        verbose: print seed 001's "Vision token ranges" lines.
+
+    Returns:
+        DataFrame with token_masking's RESULT_COLUMNS plus token_kind, image_index, grid_row,
+        grid_col; `attrs["metadata"]` as token_masking's plus `vision` (token map, mask kind),
+        and `attrs["images"]` the resized PIL images (for heatmaps).
+
+    Raises:
+        UserInputError: bad image, image given to a text-only model, `--mask vision` without
+            an image, and token_masking's bad inputs.
+    """
+    started = time.perf_counter()
+    if num_tokens < 1:
+        raise UserInputError(f"num_tokens must be >= 1, got {num_tokens}")
+    if method not in METHODS:
+        raise UserInputError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
+    check_mask_request(mask, len(images))
+    pictures = [image if hasattr(image, "convert") else load_image(image) for image in images]
+    if model is None:
+        if model_name is None:
+            raise UserInputError("no model given (model_name or model)")
+        model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not is_vision_model(model.model):
+        raise UserInputError(
+            f"model {str(model.name_or_path)!r} is a text-only model ({model.adapter.model_type}); "
+            "images need a Qwen3-VL checkpoint"
+        )
+    load_seconds = time.perf_counter() - started
+    adapter, tokenizer = model.adapter, model.tokenizer
+    image_processor = image_processor or build_image_processor(model.model, model.name_or_path)
+
+    layer_list = _as_indices(layers, adapter.n_layers, "layers") or list(range(adapter.n_layers))
+    inputs = encode_vision_prompt(
+        tokenizer,
+        image_processor,
+        prompt,
+        pictures,
+        chat=chat,
+        max_positions=adapter.max_positions,
+        reserve=num_tokens - 1,
+    ).to(model.device, model.dtype)
+    if inputs.input_ids.shape[1] < 2:
+        raise UserInputError("the prompt has fewer than 2 tokens")
+    if verbose:
+        print(describe_token_map(inputs.token_map))
+    eos_ids = _eos_ids(model)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_tokens * len(layer_list), desc="masking", unit="layer", disable=not progress, file=sys.stderr)
+    frames, steps, generated, step_seconds = [], [], [], []
+    first_inputs = inputs
+    try:
+        for step in range(num_tokens):
+            step_started = time.perf_counter()
+            positions = inputs.token_map.positions(mask)
+            if exclude_first_token:
+                positions = [p for p in positions if p != 0]
+            if not positions:
+                raise UserInputError(f"no {mask} positions left to mask")
+            bar.set_postfix(step=step)
+            result = analyse_sequence(
+                adapter,
+                inputs.input_ids,
+                layer_list,
+                positions,
+                method,
+                progress=bar,
+                model_inputs=inputs.model_inputs(model.model),
+            )
+            ids = inputs.input_ids[0].tolist()
+            texts = _token_texts(tokenizer, ids)
+            frames.append(add_token_map_columns(_rows(step, result, texts, adapter.n_heads), inputs))
+            steps.append(
+                {
+                    "generation_step": step,
+                    "num_tokens": len(ids),
+                    "tokens": texts,
+                    "token_ids": ids,
+                    "token_kinds": inputs.token_map.token_kinds,
+                    "next_token": _token_texts(tokenizer, [result.next_token])[0],
+                    "next_token_id": result.next_token,
+                }
+            )
+            generated.append(result.next_token)
+            step_seconds.append(time.perf_counter() - step_started)
+            if result.next_token in eos_ids:
+                break
+            inputs = inputs.appended(result.next_token)
+    finally:
+        bar.close()
+
+    results = pd.concat(frames, ignore_index=True)
+    results.attrs["images"] = first_inputs.images
+    results.attrs["metadata"] = {
+        "model": str(model.name_or_path),
+        "model_type": adapter.model_type,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "method": method,
+        "prompt": prompt,
+        "chat": chat,
+        "tokens": steps[-1]["tokens"],
+        "prompt_tokens": steps[0]["tokens"],
+        "generated_tokens": _token_texts(tokenizer, generated),
+        "generated_text": tokenizer.decode(generated, skip_special_tokens=False),
+        "stopped_at_eos": bool(generated and generated[-1] in eos_ids),
+        "num_steps": len(steps),
+        "num_layers": adapter.n_layers,
+        "num_heads": adapter.n_heads,
+        "num_kv_heads": adapter.n_kv_heads,
+        "layers": layer_list,
+        "exclude_first_token": exclude_first_token,
+        "steps": steps,
+        "variant_definitions": VARIANT_DEFINITIONS,
+        "distance_definitions": DISTANCE_DEFINITIONS,
+        "vision": {
+            "mask": mask,
+            "images": [str(image) if not hasattr(image, "convert") else "<PIL image>" for image in images],
+            "attention": "the model's own causal mask (vision tokens included)",
+            "token_map": first_inputs.token_map.to_json(),
+        },
+        "timings": {
+            "load_seconds": round(load_seconds, 4),
+            "step_seconds": [round(s, 4) for s in step_seconds],
+            "total_seconds": round(time.perf_counter() - started, 4),
+        },
+    }
+    return results
+
+
+def vision_baseline_logits(model: LoadedModel, inputs: VisionInputs) -> torch.Tensor:
+    """Final-position logits (V,) of the forward the masking analysis uses (explicit MRoPE ids)."""
+    from sparse_viz.analysis.token_masking import capture_layer_inputs
+
+    _, logits = capture_layer_inputs(model.adapter, inputs.input_ids, [0], inputs.model_inputs(model.model))
+    return logits
