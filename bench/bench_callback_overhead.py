@@ -28,7 +28,6 @@ from sparse_viz.data import TextDataModule  # noqa: E402
 from sparse_viz.report.training import render_run  # noqa: E402
 from sparse_viz.tracking.callback import SelectionAnalysisCallback  # noqa: E402
 from sparse_viz.training import DSALightningModule  # noqa: E402
-from sparse_viz.training.stages import Stage  # noqa: E402
 
 
 class NoRenderCallback(SelectionAnalysisCallback):
@@ -40,7 +39,7 @@ class NoRenderCallback(SelectionAnalysisCallback):
 
 def build(config: dict, data: TextDataModule):
     model_cfg = dict(config.get("model", {}))
-    model_cfg["stages"] = [Stage(**s) for s in model_cfg.get("stages", [])] or None
+    model_cfg["stages"] = model_cfg.get("stages") or None  # list of dicts, as the YAML gives them
     model_cfg["vocab_size"] = data.vocab_size
     return DSALightningModule(**model_cfg)
 

@@ -265,6 +265,7 @@ class SelectionAnalysisCallback(L.Callback):
         self._batch_start: float | None = None
         self._val_loss: float | None = None
         self._val_step: int | None = None
+        self._token_lookup: dict[int, str] = {}
 
     # ------------------------------------------------------------------ setup / resume
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -300,7 +301,6 @@ class SelectionAnalysisCallback(L.Callback):
             "token_types": list(TOKEN_TYPES),
             "run_name": Path(trainer.default_root_dir).name,
         })
-        self._token_lookup = {}
         for s, row in zip(strings, self._probe.tolist()):
             for text, token in zip(s, row):
                 self._token_lookup.setdefault(int(token), text)
@@ -327,7 +327,7 @@ class SelectionAnalysisCallback(L.Callback):
             self.snapshot(trainer, pl_module, 0)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.interrupted if hasattr(trainer, "interrupted") else False:
+        if getattr(trainer, "interrupted", False):  # Ctrl-C: no "last step" snapshot, no render
             return
         self.snapshot(trainer, pl_module, trainer.global_step)
         if trainer.is_global_zero and self.store is not None and self.store.exists():
