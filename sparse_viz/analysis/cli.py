@@ -28,7 +28,10 @@ COMMAND_HELP: dict[str, str] = {}
 
 # Modules that call `register_command` at import time; imported lazily by `build_parser` so
 # that `import sparse_viz.analysis.cli` stays cheap. Add new analyses here.
-COMMAND_MODULES: list[str] = ["sparse_viz.analysis.ablation_cli"]  # heads, components (issue 6)
+COMMAND_MODULES: list[str] = [
+    "sparse_viz.analysis.ablation_cli",  # heads, components (issue 6)
+    "sparse_viz.analysis.vision_cli",  # mask with --image/--mask for Qwen3-VL (issue 5; replaces `mask`)
+]
 
 
 def register_command(name: str, add_arguments: AddArguments, run: Run, help: str = "") -> None:
