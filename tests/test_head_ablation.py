@@ -192,3 +192,31 @@ def test_bad_input_is_one_clear_error(kwargs, message):
     model = tiny("qwen3")
     with pytest.raises(UserInputError, match=message):
         run_head_ablation(model, ids(), patterns=False, progress=False, **kwargs)
+
+
+def test_qwen3_vl_text_decoder_sweep_matches_plain_pre_hook():
+    """Qwen3-VL keeps its text layers at model.model.language_model.layers (text-only input here)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, rope_theta=10000.0,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                           out_hidden_size=32, deepstack_visual_indexes=[0, 1]),
+        attn_implementation="eager")
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    x = ids()
+    result = head_ablation_study(model, x, build_ablations(AttentionLayout.of(model), sweep=True), batch_size=4,
+                                 patterns=False, progress=False)
+    layer, head = 1, 3
+    handle = model.model.language_model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: (torch.cat([a[0][..., :head * 8], torch.zeros_like(a[0][..., head * 8:]) ], -1),))
+    with torch.no_grad():
+        expected = model(x).logits
+    handle.remove()
+    with torch.no_grad():
+        base = model(x).logits
+    got = result.table.set_index("ablation").loc["L1.H3", "kl_divergence"]
+    assert got == pytest.approx(float(hand_kl(base, expected)), rel=1e-3)
