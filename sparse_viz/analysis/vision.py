@@ -285,6 +285,8 @@ def render_vl_prompt(tokenizer: Any, prompt: str, n_images: int, chat: bool = Tr
         UserInputError: chat requested but the tokenizer has no template, or the template did
             not place one image pad per image.
     """
+    if IMAGE_PAD in prompt:
+        raise UserInputError(f"the prompt text contains {IMAGE_PAD} of its own; pass images with --image")
     block = f"{VISION_START}{IMAGE_PAD}{VISION_END}"
     if not chat:
         return block * n_images + prompt
@@ -333,8 +335,6 @@ def encode_vision_prompt(
     if images and (pad_id is None or pad_id == tokenizer.unk_token_id):
         raise UserInputError(f"the tokenizer has no {IMAGE_PAD} token: is this a vision-language checkpoint?")
     text = render_vl_prompt(tokenizer, prompt, len(images), chat=chat)
-    if text.count(IMAGE_PAD) != len(images):
-        raise UserInputError(f"the prompt text contains {IMAGE_PAD} of its own; remove it")
 
     pixel_values = image_grid_thw = None
     resized = []
