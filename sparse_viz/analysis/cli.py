@@ -31,6 +31,7 @@ COMMAND_HELP: dict[str, str] = {}
 COMMAND_MODULES: list[str] = [
     "sparse_viz.analysis.ablation_cli",  # heads, components (issue 6)
     "sparse_viz.analysis.vision_cli",  # mask with --image/--mask for Qwen3-VL (issue 5; replaces `mask`)
+    "sparse_viz.analysis.batch",  # batch --config prompts.yaml (issue 5)
 ]
 
 
