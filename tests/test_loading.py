@@ -150,3 +150,24 @@ def test_resolve_prompt_order(tmp_path, monkeypatch):
         resolve_prompt(argparse.Namespace(prompt=None, prompt_file="missing.txt"))
     with pytest.raises(UserInputError, match="prompt is empty"):
         resolve_prompt(argparse.Namespace(prompt="  \n", prompt_file=None))
+
+
+def test_sliding_window_layers_mask_like_the_model():
+    """Mistral with a window shorter than the sequence: the fast path hides the same keys."""
+    from sparse_viz.analysis.token_masking import capture_layer_inputs, masked_final_position_updates
+    from sparse_viz.analysis.token_masking_reference import reference_final_position_updates
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**SMALL, head_dim=8, sliding_window=4, initializer_range=0.3,
+                                             attn_implementation="eager")).eval()
+    adapter = ArchitectureAdapter.for_model(model)
+    assert adapter.sliding_window(0) == 4
+    input_ids = torch.randint(0, 64, (1, 9))
+    inputs, _ = capture_layer_inputs(adapter, input_ids)
+    fast = masked_final_position_updates(adapter, 0, inputs[0], range(9))
+    # Row 0 (nothing masked) is what the model itself computed: the next layer's input.
+    torch.testing.assert_close(inputs[0].hidden[0, -1] + fast.full[0], inputs[1].hidden[0, -1], rtol=1e-5, atol=1e-5)
+    slow = reference_final_position_updates(adapter, 0, inputs[0], range(9))
+    torch.testing.assert_close(fast.full, slow.full, rtol=1e-5, atol=1e-5)
+    # Keys outside the window (positions 0-4 for the query at 8) change nothing when masked.
+    assert torch.equal(fast.full[1:6], fast.full[:1].expand(5, -1))

