@@ -82,8 +82,10 @@
     for (const view of views) {
       const values = cellValues(view.image, s) || [];
       const finite = values.filter((v) => v !== null && Number.isFinite(v));
+      // Colour spans this view's own range, so differences between tokens stay visible.
+      const min = finite.length ? d3.min(finite) : 0;
       const max = finite.length ? d3.max(finite) : 0;
-      const color = d3.scaleSequential(d3.interpolateInferno).domain([0, max > 0 ? max : 1]);
+      const color = d3.scaleSequential(d3.interpolateInferno).domain([min, max > min ? max : min + 1]);
       view.rects
         .attr("fill", (d) => (values[d.i] === null || values[d.i] === undefined ? "transparent" : color(values[d.i])))
         .attr("fill-opacity", opacity)
@@ -96,7 +98,7 @@
         .on("mouseleave", () => tip.hide());
       view.caption.text(`image ${view.image.index}: ${view.image.rows}×${view.image.cols} tokens, ` +
         `${view.image.width}×${view.image.height} px as the model saw it`);
-      view.legend.text(`colour: 0 (dark) – ${SV.format(max)} (bright), ${s.metric}, ${s.variant}`);
+      view.legend.text(`colour: ${SV.format(min)} (dark) – ${SV.format(max)} (bright), ${s.metric}, ${s.variant}`);
     }
   }
 
