@@ -39,7 +39,9 @@ class ModelConfig:
         indexer_dim: d_I, the size of each indexer query and of the one shared indexer key.
         indexer_rope_dim: leading dims of q_I / k_I that get (non-interleaved) RoPE.
         attention_path: `masked` (dense scores + -inf mask; the readable reference) or
-            `gathered` (gather the k selected keys/values per query; O(T*k) memory).
+            `gathered` (only the k selected keys/values per query; O(T*k) memory; sparse CSR
+            kernels on CPU float32/float64, gathered copies in query chunks elsewhere).
+            Both give the same results (fp32, 1e-5).
     """
 
     vocab_size: int = 2048
