@@ -141,6 +141,15 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(model_dir, tmp_path,
     assert not out.exists()
 
 
+def test_refuses_to_replace_a_folder_that_is_not_an_ablation_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(["heads", "--model", str(model_dir), "--prompt", "abc", "--ablate", "0.1", "--output", str(out)], capsys)
+    assert code == 2 and "not an ablation run" in err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
 def test_mismatched_decomposition_file_exits_2(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     save_file({"model.layers.0.self_attn.k_proj.V": torch.zeros(32, 4),

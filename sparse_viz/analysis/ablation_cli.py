@@ -14,6 +14,7 @@ import argparse
 
 from sparse_viz.analysis.cli import add_common_arguments, check_output_dir, parse_index_spec, register_command, resolve_prompt
 from sparse_viz.errors import UserInputError
+from sparse_viz.report.ablation import check_replaceable
 
 
 def _add_shared(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +72,7 @@ def run_heads(args: argparse.Namespace):
     from sparse_viz.report.ablation import write_head_ablation_outputs
 
     output = check_output_dir(args.output or "results/head_ablation")
+    check_replaceable(output)
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -118,6 +120,7 @@ def run_components(args: argparse.Namespace):
     from sparse_viz.analysis.loading import load_model
 
     output = check_output_dir(args.output or "results/component_ablation")
+    check_replaceable(output)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     input_ids, attention_mask = _inputs(args, loaded)
     if attention_mask is not None:

@@ -60,11 +60,28 @@ class _PatternStore:
         return True
 
 
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Refuse to replace a non-empty folder that is not an earlier ablation run (no report_data.json).
+
+    Raises:
+        UserInputError: `path` is a file, or a non-empty folder of something else.
+    """
+    from sparse_viz.errors import UserInputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"output {str(path)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / "report_data.json").is_file():
+        raise UserInputError(f"output {str(path)!r} is a non-empty folder that is not an ablation run; "
+                             "choose a new or empty folder")
+
+
 class _OutputDir:
     """Write into a temp sibling of `final`, then swap it in (the old folder is removed)."""
 
     def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
+        check_replaceable(self.final)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}."))
 
