@@ -366,7 +366,7 @@ def logit_change_metrics(base_logits: torch.Tensor, ablated_logits: torch.Tensor
     Returns:
         dict with per-position (N, T) tensors `kl`, `top1_changed`, `delta_logprob_top1` and
         scalar means over valid positions `kl_divergence`, `frac_top1_changed`,
-        `delta_logprob_top1_mean`, `n_positions`.
+        `delta_logprob_top1_mean`, the largest per-position KL `kl_max`, and `n_positions`.
     """
     logp = F.log_softmax(base_logits.float(), dim=-1)  # (N, T, V)
     logq = F.log_softmax(ablated_logits.float(), dim=-1)
@@ -378,11 +378,13 @@ def logit_change_metrics(base_logits: torch.Tensor, ablated_logits: torch.Tensor
     if valid is None:
         valid = torch.ones_like(kl, dtype=torch.bool)
     n = valid.sum()
+    zero = torch.zeros_like(kl)
     return {
         "kl": kl, "top1_changed": changed, "delta_logprob_top1": delta,
-        "kl_divergence": (kl * valid).sum() / n,
+        "kl_divergence": torch.where(valid, kl, zero).sum() / n,  # where, not *: padding may hold NaN
+        "kl_max": torch.where(valid, kl, zero).max(),
         "frac_top1_changed": (changed & valid).sum() / n,
-        "delta_logprob_top1_mean": (delta * valid).sum() / n,
+        "delta_logprob_top1_mean": torch.where(valid, delta, zero).sum() / n,
         "n_positions": n,
     }
 
@@ -593,7 +595,7 @@ def _table_row(ablation: HeadAblation, layout: AttentionLayout, m: dict[str, tor
         "n_heads_ablated": n_query_heads,
         "positions": "all" if ablation.positions is None else " ".join(map(str, ablation.positions)),
         "kl_divergence": float(m["kl_divergence"]),
-        "kl_max_position": float(torch.nan_to_num(m["kl"], nan=0.0).max()),
+        "kl_max_position": float(m["kl_max"]),
         "frac_top1_changed": float(m["frac_top1_changed"]),
         "delta_logprob_top1": float(m["delta_logprob_top1_mean"]),
         "n_positions": int(m["n_positions"]),
