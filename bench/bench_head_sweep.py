@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-naive", action="store_true", help="time only the two batched paths")
+    parser.add_argument("--methods", default=None,
+                        help='comma-separated subset of one_per_head,batched,batched+prefix (default: all)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,6 +66,8 @@ def main() -> None:
     }
     if args.skip_naive:
         del methods["one_per_head"]
+    if args.methods:
+        methods = {name: methods[name] for name in args.methods.split(",")}
     times: dict[str, list[float]] = {name: [] for name in methods}
     tables = {}
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
