@@ -80,6 +80,7 @@ def test_vision_masking_of_two_images_writes_heatmaps_and_the_vision_report(vl_f
         (["--image", "{root}/not_an_image.png"], "not an image"),
         (["--mask", "vision"], "--mask vision needs at least one --image"),
         (["--mask", "pixels", "--image", "{root}/testimg.png"], "unknown --mask"),
+        (["--vision-attention", "sideways", "--image", "{root}/testimg.png"], "unknown --vision-attention"),
     ],
 )
 def test_bad_vl_input_is_one_line_exit_2_and_writes_nothing(vl_files, tmp_path, capsys, args, fragment):

@@ -40,17 +40,19 @@ def _inputs(tiny, images):
     return encode_vision_prompt(loaded.tokenizer, processor, PROMPT, images, chat=True)
 
 
-def _causal_mask(n: int, hide: tuple[int, int] | None = None) -> torch.Tensor:
+def _causal_mask(n: int, hide: tuple[int, int] | None = None, both_ways: list[range] = ()) -> torch.Tensor:
+    """Additive mask by loops: causal, plus key<->query pairs inside one of `both_ways`."""
     mask = torch.zeros(n, n)
     for q in range(n):
         for k in range(n):
-            if k > q or (q, k) == hide:
+            same_block = any(q in block and k in block for block in both_ways)
+            if (k > q and not same_block) or (q, k) == hide:
                 mask[q, k] = torch.finfo(torch.float32).min
     return mask[None, None]  # (1, 1, T, T)
 
 
 @torch.no_grad()
-def brute_force_updates(model, inputs, layer: int, positions: list[int]) -> torch.Tensor:
+def brute_force_updates(model, inputs, layer: int, positions: list[int], both_ways: list[range] = ()) -> torch.Tensor:
     """(1+P, D): layer output - layer input at the final position; row 0 unmasked."""
     model_inputs = inputs.model_inputs(model)
     n = inputs.input_ids.shape[1]
@@ -61,7 +63,7 @@ def brute_force_updates(model, inputs, layer: int, positions: list[int]) -> torc
 
         def swap_mask(module, args, kwargs, masked=masked):
             kwargs = dict(kwargs)
-            kwargs["attention_mask"] = _causal_mask(n, None if masked is None else (n - 1, masked))
+            kwargs["attention_mask"] = _causal_mask(n, None if masked is None else (n - 1, masked), both_ways)
             seen["in"] = (args[0] if args else kwargs["hidden_states"])[0, -1].clone()
             return args, kwargs
 
@@ -70,7 +72,7 @@ def brute_force_updates(model, inputs, layer: int, positions: list[int]) -> torc
             decoder_layer.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out[0, -1].clone())),
         ]
         try:
-            model(input_ids=inputs.input_ids, attention_mask=_causal_mask(n), use_cache=False, **model_inputs)
+            model(input_ids=inputs.input_ids, attention_mask=_causal_mask(n, None, both_ways), use_cache=False, **model_inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -170,3 +172,22 @@ def test_bad_requests_are_one_line_errors(tiny):
         run_vision_masking_experiment(PROMPT, [], model=loaded, image_processor=processor, mask="vision")
     with pytest.raises(UserInputError, match="unknown --mask"):
         run_vision_masking_experiment(PROMPT, [], model=loaded, image_processor=processor, mask="pixels")
+
+
+def test_bidirectional_counterfactual_equals_brute_force_and_differs_from_the_model(tiny):
+    loaded, processor = tiny
+    images = [test_image(64, 64), test_image(64, 96, seed=1)]
+    inputs = _inputs(tiny, images)
+    blocks = [range(im.start, im.stop) for im in inputs.token_map.images]
+    both = run_vision_masking_experiment(
+        PROMPT, images, model=loaded, image_processor=processor, mask="all", vision_attention="bidirectional"
+    )
+    causal = run_vision_masking_experiment(PROMPT, images, model=loaded, image_processor=processor, mask="all")
+    assert "COUNTERFACTUAL" in both.attrs["metadata"]["vision"]["attention"]
+    positions = list(range(inputs.input_ids.shape[1]))
+    for layer in (1, 2):  # layer 0's input is the embedding: same either way
+        l2, _ = _distances(brute_force_updates(loaded.model, inputs, layer, positions, both_ways=blocks))
+        full = both[(both.layer == layer) & (both.variant == "Full")].sort_values("token_position")
+        np.testing.assert_allclose(full.l2_distance.to_numpy(), l2, rtol=1e-5, atol=1e-5)
+        other = causal[(causal.layer == layer) & (causal.variant == "Full")].sort_values("token_position")
+        assert np.abs(other.l2_distance.to_numpy() - l2).max() > 1e-3

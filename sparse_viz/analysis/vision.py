@@ -248,14 +248,27 @@ class VisionInputs:
             token_map=self.token_map.extended(1),
         )
 
-    def model_inputs(self, model: Any) -> dict[str, Any]:
+    def model_inputs(self, model: Any, vision_attention: str = "causal") -> dict[str, Any]:
         """Keyword arguments for `model(input_ids=..., **model_inputs)`, MRoPE ids included.
+
+        Args:
+            model: the Qwen3-VL model (for `get_rope_index`).
+            vision_attention: "causal" (the model's own mask) or "bidirectional" (a
+                COUNTERFACTUAL: see `vision_attention_mask`).
 
         Returns:
             {"mm_token_type_ids", "position_ids" (3, 1, T), and "pixel_values",
-            "image_grid_thw" when there are images}.
+            "image_grid_thw" when there are images, "attention_mask" (1, 1, T, T) when
+            bidirectional}.
         """
+        extra = {}
+        if vision_attention == "bidirectional":
+            dtype = next(model.parameters()).dtype
+            extra["attention_mask"] = vision_attention_mask(self.token_map, dtype, self.input_ids.device)
+        elif vision_attention != "causal":
+            raise UserInputError(f"unknown vision attention {vision_attention!r}; use causal or bidirectional")
         return {
+            **extra,
             "mm_token_type_ids": self.mm_token_type_ids,
             "position_ids": mrope_position_ids(model, self),
             **(
@@ -264,6 +277,29 @@ class VisionInputs:
                 else {}
             ),
         }
+
+
+def vision_attention_mask(token_map: VisionTokenMap, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """COUNTERFACTUAL mask: causal, except that tokens of one image see each other both ways.
+
+    This is seed 001's "bidirectional vision" assumption, NOT what Qwen3-VL's language model
+    does (its attention is purely causal; only the vision tower is bidirectional). It changes
+    every layer's hidden states at image positions; the final query, which comes after the
+    images, still sees every earlier key, so the fast masking path applies unchanged.
+
+    Returns:
+        (1, 1, T, T) additive float mask: 0 visible, finfo.min hidden.
+    """
+    n = len(token_map.token_kinds)
+    query = torch.arange(n, device=device)[:, None]
+    key = torch.arange(n, device=device)[None, :]
+    visible = key <= query  # (T, T)
+    for image in token_map.images:
+        block = slice(image.start, image.stop)
+        visible[block, block] = True
+    mask = torch.zeros(n, n, dtype=dtype, device=device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]  # (1, 1, T, T)
 
 
 def mrope_position_ids(model: Any, inputs: VisionInputs) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from sparse_viz.analysis.cli import add_mask_arguments, check_output_dir, register_command, resolve_prompt, run_mask
@@ -26,6 +27,12 @@ def add_vision_mask_arguments(parser: argparse.ArgumentParser) -> None:
         "--mask",
         default="text",
         help="which tokens to mask on VL prompts: text (default; every non-image token), vision, all",
+    )
+    parser.add_argument(
+        "--vision-attention",
+        default="causal",
+        help="causal (default: what Qwen3-VL does) or bidirectional (a labelled COUNTERFACTUAL: "
+        "tokens of one image see each other both ways, seed 001's assumption)",
     )
     parser.add_argument(
         "--no-chat", action="store_true", help="VL models: don't apply the chat template (it is on by default)"
@@ -48,6 +55,12 @@ def run_vision_mask(args: argparse.Namespace) -> object:
     from sparse_viz.analysis.vision_masking import check_mask_request
 
     check_mask_request(args.mask, len(args.image))
+    from sparse_viz.analysis.vision_masking import VISION_ATTENTION
+
+    if args.vision_attention not in VISION_ATTENTION:
+        raise UserInputError(f"unknown --vision-attention {args.vision_attention!r}; use causal or bidirectional")
+    if args.vision_attention != "causal":
+        print("note: --vision-attention bidirectional is a COUNTERFACTUAL, not what Qwen3-VL computes", file=sys.stderr)
     model_type = peek_model_type(args.model)
     if model_type is not None and model_type not in VISION_MODEL_TYPES:
         if args.image:
@@ -84,6 +97,7 @@ def run_vision_mask(args: argparse.Namespace) -> object:
         trust_remote_code=args.trust_remote_code,
         progress=True,
         verbose=True,
+        vision_attention=args.vision_attention,
     )
     metadata = results.attrs["metadata"]
     metadata["vision"]["images"] = list(args.image)

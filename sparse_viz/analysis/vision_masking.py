@@ -46,6 +46,11 @@ from sparse_viz.analysis.vision import (
 from sparse_viz.errors import UserInputError
 
 MASK_KINDS = ("text", "vision", "all")
+VISION_ATTENTION = {
+    "causal": "the model's own causal mask (vision tokens included), as Qwen3-VL runs",
+    "bidirectional": "COUNTERFACTUAL: tokens of one image attend to each other both ways in every "
+    "layer (seed 001's assumption); Qwen3-VL itself is causal, so these numbers do not describe the model",
+}
 
 
 def check_mask_request(mask: str, n_images: int) -> None:
@@ -100,6 +105,7 @@ def run_vision_masking_experiment(
     model: LoadedModel | None = None,
     image_processor: Any = None,
     verbose: bool = False,
+    vision_attention: str = "causal",
 ) -> pd.DataFrame:
     """Token masking impact of a Qwen3-VL prompt with images, per step, layer, position, variant.
 
@@ -114,6 +120,9 @@ def run_vision_masking_experiment(
         model: an already loaded model to reuse.
         image_processor: reuse one (default: the checkpoint's, see `build_image_processor`).
         verbose: print seed 001's "Vision token ranges" lines.
+        vision_attention: "causal" (default: the model's own mask) or "bidirectional", a
+            COUNTERFACTUAL where tokens of one image attend to each other both ways in every
+            layer (seed 001's assumption; not what Qwen3-VL does), labelled so in the metadata.
 
     Returns:
         DataFrame with token_masking's RESULT_COLUMNS plus token_kind, image_index, grid_row,
@@ -130,6 +139,8 @@ def run_vision_masking_experiment(
     if method not in METHODS:
         raise UserInputError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
     check_mask_request(mask, len(images))
+    if vision_attention not in VISION_ATTENTION:
+        raise UserInputError(f"unknown --vision-attention {vision_attention!r}; use one of: {', '.join(VISION_ATTENTION)}")
     pictures = [image if hasattr(image, "convert") else load_image(image) for image in images]
     if model is None:
         if model_name is None:
@@ -181,7 +192,7 @@ def run_vision_masking_experiment(
                 positions,
                 method,
                 progress=bar,
-                model_inputs=inputs.model_inputs(model.model),
+                model_inputs=inputs.model_inputs(model.model, vision_attention),
             )
             ids = inputs.input_ids[0].tolist()
             texts = _token_texts(tokenizer, ids)
@@ -232,7 +243,8 @@ def run_vision_masking_experiment(
         "vision": {
             "mask": mask,
             "images": [str(image) if not hasattr(image, "convert") else "<PIL image>" for image in images],
-            "attention": "the model's own causal mask (vision tokens included)",
+            "vision_attention": vision_attention,
+            "attention": VISION_ATTENTION[vision_attention],
             "token_map": first_inputs.token_map.to_json(),
         },
         "timings": {
