@@ -191,3 +191,15 @@ def test_bidirectional_counterfactual_equals_brute_force_and_differs_from_the_mo
         np.testing.assert_allclose(full.l2_distance.to_numpy(), l2, rtol=1e-5, atol=1e-5)
         other = causal[(causal.layer == layer) & (causal.variant == "Full")].sort_values("token_position")
         assert np.abs(other.l2_distance.to_numpy() - l2).max() > 1e-3
+
+
+def test_text_only_prompt_on_the_vl_model_equals_brute_force(tiny):
+    loaded, processor = tiny
+    results = run_vision_masking_experiment(PROMPT, [], model=loaded, image_processor=processor)
+    inputs = _inputs(tiny, [])
+    positions = list(range(inputs.input_ids.shape[1]))
+    assert sorted(results.token_position.unique()) == positions and set(results.token_kind) == {"text", "special"}
+    for layer in range(loaded.adapter.n_layers):
+        l2, _ = _distances(brute_force_updates(loaded.model, inputs, layer, positions))
+        full = results[(results.layer == layer) & (results.variant == "Full")].sort_values("token_position")
+        np.testing.assert_allclose(full.l2_distance.to_numpy(), l2, rtol=1e-5, atol=1e-5)

@@ -40,10 +40,18 @@ def add_vision_mask_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def peek_model_type(name: str) -> str | None:
-    """model_type from a local directory's config.json without loading anything, else None."""
+    """model_type from a local directory's config.json (or a hub id's config when online),
+    without loading weights; None when it cannot be read (load_model then reports why)."""
     config = Path(name).expanduser() / "config.json"
     if not config.is_file():
-        return None
+        if Path(name).expanduser().exists() or name.count("/") != 1:
+            return None
+        try:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(name).model_type
+        except Exception:  # offline, unknown id: load_model gives the one-line error
+            return None
     try:
         return json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError):

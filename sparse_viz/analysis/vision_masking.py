@@ -169,6 +169,9 @@ def run_vision_masking_experiment(
         raise UserInputError("the prompt has fewer than 2 tokens")
     if verbose:
         print(describe_token_map(inputs.token_map))
+        n_tokens = inputs.input_ids.shape[1]
+        print(f"Tokenized ({n_tokens} tokens), {len(pictures)} image(s); masking {mask} tokens: "
+              f"{len(inputs.token_map.positions(mask))} position(s)")
     eos_ids = _eos_ids(model)
 
     from tqdm.auto import tqdm
