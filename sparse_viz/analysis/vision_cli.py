@@ -70,12 +70,15 @@ def run_vision_mask(args: argparse.Namespace) -> object:
     if args.vision_attention != "causal":
         print("note: --vision-attention bidirectional is a COUNTERFACTUAL, not what Qwen3-VL computes", file=sys.stderr)
     model_type = peek_model_type(args.model)
-    if model_type is not None and model_type not in VISION_MODEL_TYPES:
-        if args.image:
+    if model_type not in VISION_MODEL_TYPES:
+        if args.image and model_type is not None:
             raise UserInputError(
                 f"model {args.model!r} is a text-only model ({model_type}); --image needs a Qwen3-VL checkpoint"
             )
-        return run_mask(args)  # text models: the text command, unchanged (--mask text/all = all tokens)
+        if not args.image:
+            # Text models, and models whose type cannot be read (run_mask reports why): the text
+            # command, unchanged (--mask text/all = every position).
+            return run_mask(args)
     if args.num_tokens < 1:
         raise UserInputError(f"--num-tokens must be >= 1, got {args.num_tokens}")
     if args.positions is not None:
