@@ -109,3 +109,22 @@ def test_text_models_still_run_the_text_command(vl_files, tmp_path, capsys):
     assert result.returncode == 0, result.stderr
     rows = pd.read_csv(output / "masking_results.csv")
     assert "token_kind" not in rows.columns and rows.token_position.nunique() == len("Hi there") + 1
+
+
+def test_python_dash_m_entry_point_end_to_end(vl_files, tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "sparse_viz.analysis", "mask", "--model", str(vl_files / "vl"), "--image",
+         str(vl_files / "testimg.png"), "--prompt", "Test", "--mask", "all", "--device", "cpu", "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300, cwd=root, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Total vision tokens: 16" in result.stdout
+    rows = pd.read_csv(tmp_path / "o" / "masking_results.csv")
+    assert set(rows.token_kind) == {"text", "image", "special"}
+    assert (tmp_path / "o" / "vision_report.html").is_file()
