@@ -16,6 +16,10 @@ _LAZY = {
     "LoadedModel": "sparse_viz.analysis.loading",
     "ArchitectureAdapter": "sparse_viz.analysis.loading",
     "SUPPORTED_ARCHITECTURES": "sparse_viz.analysis.loading",
+    "run_head_ablation": "sparse_viz.analysis.head_ablation",
+    "run_component_ablation": "sparse_viz.analysis.component_ablation",
+    "run_vision_masking_experiment": "sparse_viz.analysis.vision_masking",
+    "run_batch": "sparse_viz.analysis.batch",
 }
 
 __all__ = sorted(_LAZY)
