@@ -48,10 +48,12 @@ def interleaved_medians(candidates: dict, reps: int) -> dict[str, float]:
     The fastest round of each is printed too (`best`): on a shared CPU the median also
     measures the neighbours, the minimum is the closest to the code's own cost."""
     times = {name: [] for name in candidates}
+    names = list(candidates)
     for round_ in range(reps + 1):
-        for name, fn in candidates.items():
+        # Each round starts with a different candidate, so no one always runs first.
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
             start = time.perf_counter()
-            fn()
+            candidates[name]()
             if round_:
                 times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}

@@ -187,3 +187,13 @@ def test_csr_kernel_refuses_a_selection_out_of_order_and_auto_falls_back_to_copi
         gathered_sparse_attention(q, k, v, shuffled, kernel="csr")
     out, _ = gathered_sparse_attention(q, k, v, shuffled, kernel="copy")
     torch.testing.assert_close(out, naive_sparse_attention(q, k, v, shuffled), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_on_cpu_uses_the_csr_kernel_in_float32_and_matches_the_masked_path():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g).bfloat16() for _ in range(3))
+    selected = select_keys("local", top_k=4, seq_len=12)
+    out, probs = gathered_sparse_attention(q, k, v, selected, return_probs=True)
+    assert out.dtype == torch.bfloat16 and probs.dtype == torch.bfloat16
+    reference, _ = masked_sparse_attention(q.float(), k.float(), v.float(), selected)
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)  # bf16 rounding of the output only

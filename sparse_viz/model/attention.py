@@ -141,7 +141,7 @@ def gathered_sparse_attention(
         chunk_size: queries per chunk of the `copy` kernel.
         kernel: "csr" = sparse CSR products reading the selected rows in place (fast on CPU,
             see `csr_attention.py`); "copy" = gather copies of the selected rows, chunk by
-            chunk; "auto" = csr where available (CPU float32/float64) and the rows are in
+            chunk; "auto" = csr where available (CPU) and the rows are in
             `select_keys` order (ascending, -1 last), else copy.
 
     Returns:

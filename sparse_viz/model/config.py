@@ -40,7 +40,7 @@ class ModelConfig:
         indexer_rope_dim: leading dims of q_I / k_I that get (non-interleaved) RoPE.
         attention_path: `masked` (dense scores + -inf mask; the readable reference) or
             `gathered` (only the k selected keys/values per query; O(T*k) memory; sparse CSR
-            kernels on CPU float32/float64, gathered copies in query chunks elsewhere).
+            kernels on CPU, gathered copies in query chunks elsewhere).
             Both give the same results (fp32, 1e-5).
     """
 

@@ -37,8 +37,9 @@ def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tup
 
 
 def csr_kernels_available(x: torch.Tensor) -> bool:
-    """True where `sampled_addmm` and CSR @ dense are known to work (CPU, float32/float64)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    """True where `sampled_addmm` and CSR @ dense are known to work: CPU floating point
+    (float32/float64 natively; half precision runs them in float32, see `csr_selected_attention`)."""
+    return x.device.type == "cpu" and x.is_floating_point()
 
 
 class SelectionPattern:
@@ -171,11 +172,17 @@ def csr_selected_attention(
     """Sparse attention over the selected keys with CSR kernels.
 
     Args:
-        q, k, v: (B, H, T, hd), CPU float32/float64.
-        selected: (B, T, k) long, -1 = unfilled slot; shared by all heads.
+        q, k, v: (B, H, T, hd), CPU floating point. The CPU sparse kernels exist for float32 and
+            float64 only: half-precision inputs are computed in float32 and the results cast back.
+        selected: (B, T, k) long, -1 = unfilled slot; shared by all heads; each row ascending
+            with the -1 slots last (as `select_keys` returns it).
 
     Returns:
-        out: (B, H, T, hd).
+        out: (B, H, T, hd), dtype of q.
         probs: (B, H, T, k) in selection layout (0 on unfilled slots), no gradient.
     """
-    return CsrSelectedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), SelectionPattern(selected, q.shape[1]))
+    dtype = q.dtype
+    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    q, k, v = (x.to(compute).contiguous() for x in (q, k, v))
+    out, probs = CsrSelectedAttention.apply(q, k, v, SelectionPattern(selected, q.shape[1]))
+    return out.to(dtype), probs.to(dtype)
