@@ -95,8 +95,12 @@ class Block(nn.Module):
             index_scores, head_terms = self.indexer(h, *indexer_rope, return_head_terms=trace == "full")  # (B, T, T)
 
         # Dense probabilities only when something reads them: the oracle, the warm-up KL target, a full trace.
+        # They carry gradient only when they are the attention itself (dense selection).
         need_dense_probs = selector == "oracle" or indexer_loss == "all" or trace == "full"
-        dense_probs = causal_attention_probs(q, k) if need_dense_probs else None  # (B, H, T, T)
+        dense_probs = None
+        if need_dense_probs:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and selector == "dense"):
+                dense_probs = causal_attention_probs(q, k)  # (B, H, T, T)
 
         selected = select_keys(
             selector,
