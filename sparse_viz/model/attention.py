@@ -131,6 +131,7 @@ def gathered_sparse_attention(
     return_probs: bool = False,
     chunk_size: int = ATTENTION_CHUNK,
     kernel: str = "auto",
+    check_order: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sparse attention that touches only the selected keys: O(T * k) scores and memory.
 
@@ -143,6 +144,8 @@ def gathered_sparse_attention(
             see `csr_attention.py`); "copy" = gather copies of the selected rows, chunk by
             chunk; "auto" = csr where available (CPU) and the rows are in
             `select_keys` order (ascending, -1 last), else copy.
+        check_order: verify that order before using csr; the model skips it for selections it
+            got from `select_keys` (a handful of small ops saved per layer).
 
     Returns:
         out: (B, H, T, hd).
@@ -152,7 +155,7 @@ def gathered_sparse_attention(
     if kernel not in ("auto", "csr", "copy"):
         raise ValueError(f"kernel must be auto, csr or copy, got {kernel!r}")
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q)):
-        if not rows_ascending(selected):
+        if check_order and not rows_ascending(selected):
             if kernel == "auto":
                 return gathered_by_copy(q, k, v, selected, return_probs, chunk_size)
             raise ValueError("the csr kernel needs each row's selected keys ascending with -1 slots last "

@@ -134,7 +134,9 @@ class Block(nn.Module):
             if indexer_loss == "selected":
                 selected_probs = gather_selected(used_probs, selected)
         else:
-            y, selected_probs = gathered_sparse_attention(q, k, v, selected, return_probs=need_sparse_probs)
+            y, selected_probs = gathered_sparse_attention(
+                q, k, v, selected, return_probs=need_sparse_probs, check_order=False
+            )  # select_keys returns rows in the order the csr kernel needs
             if trace == "full":
                 used_probs = scatter_selected(selected_probs, selected, T)
         x = x + self.attn.merge_heads(y)
