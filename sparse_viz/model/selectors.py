@@ -15,9 +15,6 @@ import torch
 
 from .config import SELECTORS
 
-NEEDS_INDEX_SCORES = ("topk",)
-NEEDS_DENSE_PROBS = ("oracle",)
-
 
 def causal_future_mask(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(T, T) bool, True where the key is in the query's future (s > t)."""
