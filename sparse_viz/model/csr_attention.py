@@ -64,8 +64,10 @@ class SelectionPattern:
         # Ascending within a row: valid indices come first (sorted), spare columns are >= T.
         cols = torch.where(self.valid, selected, spare).reshape(B, 1, T * k)  # (B, 1, T*k)
         block = torch.arange(B * H, device=device).view(B, H, 1)  # (B, H, 1) block number
-        self.cols = (cols + block * W).reshape(-1)  # (B*H*T*k,)
-        self.crow = torch.arange(B * H * T + 1, device=device) * k  # (B*H*T+1,)
+        # int32 indices when they fit: the CPU kernels convert int64 ones on every call.
+        self.index_dtype = torch.int32 if max(B * H * T * k, B * H * W) < 2**31 - 1 else torch.int64
+        self.cols = (cols + block * W).reshape(-1).to(self.index_dtype)  # (B*H*T*k,)
+        self.crow = (torch.arange(B * H * T + 1, device=device) * k).to(self.index_dtype)  # (B*H*T+1,)
         self.shape = (B * H * T, B * H * W)
 
         self._transposed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -79,7 +81,7 @@ class SelectionPattern:
         if self._transposed is None:
             B, H, T, k = self.batch, self.heads, self.seq_len, self.k
             W, device = T + k, self.cols.device
-            cols = self.cols.view(B, H, T * k)[:, 0] - (torch.arange(B, device=device) * H * W)[:, None]  # (B, T*k)
+            cols = self.cols.view(B, H, T * k)[:, 0].long() - (torch.arange(B, device=device) * H * W)[:, None]  # (B, T*k)
             rows = torch.arange(T, device=device).repeat_interleave(k)  # (T*k,)
             perm = torch.argsort(cols * T + rows, dim=-1)  # (B, T*k)
             block = torch.arange(B * H, device=device).view(B, H, 1)  # (B, H, 1)
@@ -90,7 +92,7 @@ class SelectionPattern:
             )  # (B, W) entries per key column
             per_key = per_key[:, None, :].expand(B, H, W).reshape(-1)  # (B*H*W,)
             crow_t = torch.cat((per_key.new_zeros(1), per_key.cumsum(0)))  # (B*H*W+1,)
-            self._transposed = (full_perm, crow_t, rows_t)
+            self._transposed = (full_perm, crow_t.to(self.index_dtype), rows_t.to(self.index_dtype))
         return self._transposed
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
