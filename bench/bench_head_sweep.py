@@ -8,8 +8,13 @@ medians reported):
                    from the baseline's recorded input of that layer (the default path)
 All three tables are checked to agree, then the heads with the largest KL are printed.
 
-    python bench/bench_head_sweep.py                       # all 270 heads
+    python bench/bench_head_sweep.py --threads 1            # all 270 heads
     python bench/bench_head_sweep.py --layers 0,10,20 --repeats 3
+
+On a CPU the sweep is compute-bound: batching only amortises per-call overhead and prefix reuse
+removes ~45% of the FLOPs, so expect ~2x there (measured 2.07x, 1 thread, 2-core machine); the
+large batching gains are on a GPU, where a 64-token forward is launch-bound. On a shared CPU use
+--threads 1: with several threads, OpenMP thrashing inflates every small op and the ratios.
 """
 
 from __future__ import annotations
