@@ -17,11 +17,15 @@ from sparse_viz.training.stages import Schedule, Stage
 
 
 def default_stages() -> list[Stage]:
-    """dense -> warmup -> sparse: a small model has no pretrained dense checkpoint to start from."""
+    """dense -> warmup -> sparse: a small model has no pretrained dense checkpoint to start from.
+
+    The main model's learning rate is flat through the dense stage and decays by a cosine
+    through the sparse one, so the switch does not restart the decay.
+    """
     return [
-        Stage(name="dense", steps=300, lr=3e-3, indexer_lr=1e-3, warmup_steps=30),
-        Stage(name="warmup", steps=50, indexer_lr=1e-3),
-        Stage(name="sparse", steps=450, lr=1.5e-3, indexer_lr=5e-4, warmup_steps=10),
+        Stage(name="dense", steps=300, lr=3e-3, indexer_lr=1e-3, warmup_steps=30, min_lr_ratio=1.0),
+        Stage(name="warmup", steps=20, indexer_lr=1e-3, min_lr_ratio=1.0),
+        Stage(name="sparse", steps=480, lr=3e-3, indexer_lr=5e-4, min_lr_ratio=0.1),
     ]
 
 
