@@ -11,30 +11,13 @@ T=4096, k=256 on CPU. Fused dense SDPA (no selection at all) is printed for cont
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from sparse_viz.model.attention import dense_causal_attention, gathered_sparse_attention, masked_sparse_attention
 from sparse_viz.model.selectors import select_keys
 
-
-def interleaved_medians(candidates: dict, reps: int) -> dict[str, float]:
-    """Run every candidate once per round (after one warm-up round); median seconds each.
-
-    The fastest round of each is printed too (`best`): on a shared CPU the median also
-    measures the neighbours, the minimum is the closest to the code's own cost."""
-    times = {name: [] for name in candidates}
-    names = list(candidates)
-    for round_ in range(reps + 1):
-        # Each round starts with a different candidate, so no one always runs first.
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            start = time.perf_counter()
-            candidates[name]()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+from timing import interleaved_medians  # bench/timing.py (the script's own folder is on sys.path)
 
 
 def main() -> None:

@@ -12,8 +12,6 @@ dense attention probabilities (counted by patching those functions).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from unittest import mock
 
 import torch
@@ -22,6 +20,8 @@ from sparse_viz.model import ModelConfig, SparseTransformer
 from sparse_viz.model import transformer as transformer_module
 from sparse_viz.model.attention import gathered_sparse_attention
 from sparse_viz.model.selectors import topk_causal
+
+from timing import interleaved_medians  # bench/timing.py (the script's own folder is on sys.path)
 
 MODEL = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, d_ff=768, max_seq_len=512,
              indexer_heads=4, indexer_dim=32, indexer_rope_dim=16, top_k=64)
@@ -42,23 +42,6 @@ def bare_forward(model: SparseTransformer, ids: torch.Tensor) -> torch.Tensor:
         x = x + block.attn.merge_heads(y)
         x = x + block.mlp(block.mlp_norm(x))
     return model.lm_head(model.final_norm(x))
-
-
-def interleaved_medians(candidates: dict, reps: int) -> dict[str, float]:
-    """Run every candidate once per round (after one warm-up round); median seconds each.
-
-    The fastest round of each is printed too (`best`): on a shared CPU the median also
-    measures the neighbours, the minimum is the closest to the code's own cost."""
-    times = {name: [] for name in candidates}
-    names = list(candidates)
-    for round_ in range(reps + 1):
-        # Each round starts with a different candidate, so no one always runs first.
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            start = time.perf_counter()
-            candidates[name]()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
 def main() -> None:

@@ -16,13 +16,13 @@ Goal (issue 2): DSA sparse stage <= 1.3x the dense step.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from sparse_viz.model import ModelConfig, SparseTransformer
+
+from timing import interleaved_medians  # bench/timing.py (the script's own folder is on sys.path)
 
 MODEL = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, d_ff=768, max_seq_len=512,
              indexer_heads=4, indexer_dim=32, indexer_rope_dim=16, top_k=64)
@@ -40,23 +40,6 @@ def training_step(model: SparseTransformer, ids: torch.Tensor, attention: str, i
         loss.backward()
 
     return step
-
-
-def interleaved_medians(candidates: dict, reps: int) -> dict[str, float]:
-    """Run every candidate once per round (after one warm-up round); median seconds each.
-
-    The fastest round of each is printed too (`best`): on a shared CPU the median also
-    measures the neighbours, the minimum is the closest to the code's own cost."""
-    times = {name: [] for name in candidates}
-    names = list(candidates)
-    for round_ in range(reps + 1):
-        # Each round starts with a different candidate, so no one always runs first.
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            start = time.perf_counter()
-            candidates[name]()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
 def main() -> None:
