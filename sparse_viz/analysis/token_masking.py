@@ -43,16 +43,8 @@ import torch.nn.functional as F
 from sparse_viz.analysis.loading import ArchitectureAdapter, LoadedModel, load_model
 from sparse_viz.analysis.prompts import encode_prompt
 from sparse_viz.errors import UserInputError
+from sparse_viz.report.masking import RESULT_COLUMNS  # the columns the report reads, defined once there
 
-RESULT_COLUMNS = (
-    "generation_step",
-    "layer",
-    "token_masked",
-    "token_position",
-    "variant",
-    "l2_distance",
-    "cosine_distance",
-)
 # Written after RESULT_COLUMNS when present (vision-language runs, `analysis.vision_masking`).
 OPTIONAL_COLUMNS = ("token_kind", "image_index", "grid_row", "grid_col")
 METHODS = ("fast", "reference")
@@ -431,18 +423,9 @@ def run_masking_experiment(
             bar.set_postfix(step=step)
             result = analyse_sequence(adapter, input_ids, layer_list, step_positions, method, progress=bar)
             ids = input_ids[0].tolist()
-            texts = _token_texts(tokenizer, ids)
-            frames.append(_rows(step, result, texts, adapter.n_heads))
-            steps.append(
-                {
-                    "generation_step": step,
-                    "num_tokens": n_tokens,
-                    "tokens": texts,
-                    "token_ids": ids,
-                    "next_token": _token_texts(tokenizer, [result.next_token])[0],
-                    "next_token_id": result.next_token,
-                }
-            )
+            record = step_record(tokenizer, step, ids, result.next_token)
+            frames.append(_rows(step, result, record["tokens"], adapter.n_heads))
+            steps.append(record)
             generated.append(result.next_token)
             step_seconds.append(time.perf_counter() - step_started)
             if result.next_token in eos_ids:
@@ -453,7 +436,67 @@ def run_masking_experiment(
         bar.close()
 
     results = pd.concat(frames, ignore_index=True)
-    results.attrs["metadata"] = {
+    results.attrs["metadata"] = masking_metadata(
+        model,
+        method=method,
+        prompt=prompt,
+        chat=chat,
+        layers=layer_list,
+        exclude_first_token=exclude_first_token,
+        steps=steps,
+        generated=generated,
+        eos_ids=eos_ids,
+        started=started,
+        load_seconds=load_seconds,
+        step_seconds=step_seconds,
+    )
+    return results
+
+
+def step_record(tokenizer: Any, step: int, ids: list[int], next_token: int, **extra: Any) -> dict[str, Any]:
+    """One generation step's entry of metadata["steps"]: the analysed sequence and the token
+    generated from it. `extra` keys (vision runs: token_kinds) go after token_ids."""
+    return {
+        "generation_step": step,
+        "num_tokens": len(ids),
+        "tokens": _token_texts(tokenizer, ids),
+        "token_ids": ids,
+        **extra,
+        "next_token": _token_texts(tokenizer, [next_token])[0],
+        "next_token_id": next_token,
+    }
+
+
+def masking_metadata(
+    model: LoadedModel,
+    *,
+    method: str,
+    prompt: str,
+    chat: bool,
+    layers: list[int],
+    exclude_first_token: bool,
+    steps: list[dict[str, Any]],
+    generated: list[int],
+    eos_ids: set[int],
+    started: float,
+    load_seconds: float,
+    step_seconds: list[float],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's metadata (`df.attrs["metadata"]`, written as metadata.json).
+
+    Args:
+        model: the loaded model.
+        method, prompt, chat, layers, exclude_first_token: the run's settings.
+        steps: one `step_record` per analysed step (at least one).
+        generated: the greedy token ids, one per step.
+        eos_ids: the model's end-of-sequence ids.
+        started: `time.perf_counter()` at the start of the run (total_seconds counts from it).
+        load_seconds, step_seconds: timings.
+        extra: further keys (vision runs: "vision"), placed before "timings".
+    """
+    adapter, tokenizer = model.adapter, model.tokenizer
+    return {
         "model": str(model.name_or_path),
         "model_type": adapter.model_type,
         "device": str(model.device),
@@ -470,18 +513,18 @@ def run_masking_experiment(
         "num_layers": adapter.n_layers,
         "num_heads": adapter.n_heads,
         "num_kv_heads": adapter.n_kv_heads,
-        "layers": layer_list,
+        "layers": layers,
         "exclude_first_token": exclude_first_token,
         "steps": steps,
         "variant_definitions": VARIANT_DEFINITIONS,
         "distance_definitions": DISTANCE_DEFINITIONS,
+        **(extra or {}),
         "timings": {
             "load_seconds": round(load_seconds, 4),
             "step_seconds": [round(s, 4) for s in step_seconds],
             "total_seconds": round(time.perf_counter() - started, 4),
         },
     }
-    return results
 
 
 def _eos_ids(model: LoadedModel) -> set[int]:

@@ -26,14 +26,13 @@ import torch
 
 from sparse_viz.analysis.loading import LoadedModel, load_model
 from sparse_viz.analysis.token_masking import (
-    DISTANCE_DEFINITIONS,
     METHODS,
-    VARIANT_DEFINITIONS,
     _as_indices,
     _eos_ids,
     _rows,
-    _token_texts,
     analyse_sequence,
+    masking_metadata,
+    step_record,
 )
 from sparse_viz.analysis.vision import (
     VisionInputs,
@@ -198,19 +197,9 @@ def run_vision_masking_experiment(
                 model_inputs=inputs.model_inputs(model.model, vision_attention),
             )
             ids = inputs.input_ids[0].tolist()
-            texts = _token_texts(tokenizer, ids)
-            frames.append(add_token_map_columns(_rows(step, result, texts, adapter.n_heads), inputs))
-            steps.append(
-                {
-                    "generation_step": step,
-                    "num_tokens": len(ids),
-                    "tokens": texts,
-                    "token_ids": ids,
-                    "token_kinds": inputs.token_map.token_kinds,
-                    "next_token": _token_texts(tokenizer, [result.next_token])[0],
-                    "next_token_id": result.next_token,
-                }
-            )
+            record = step_record(tokenizer, step, ids, result.next_token, token_kinds=inputs.token_map.token_kinds)
+            frames.append(add_token_map_columns(_rows(step, result, record["tokens"], adapter.n_heads), inputs))
+            steps.append(record)
             generated.append(result.next_token)
             step_seconds.append(time.perf_counter() - step_started)
             if result.next_token in eos_ids:
@@ -221,41 +210,29 @@ def run_vision_masking_experiment(
 
     results = pd.concat(frames, ignore_index=True)
     results.attrs["images"] = first_inputs.images
-    results.attrs["metadata"] = {
-        "model": str(model.name_or_path),
-        "model_type": adapter.model_type,
-        "device": str(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "method": method,
-        "prompt": prompt,
-        "chat": chat,
-        "tokens": steps[-1]["tokens"],
-        "prompt_tokens": steps[0]["tokens"],
-        "generated_tokens": _token_texts(tokenizer, generated),
-        "generated_text": tokenizer.decode(generated, skip_special_tokens=False),
-        "stopped_at_eos": bool(generated and generated[-1] in eos_ids),
-        "num_steps": len(steps),
-        "num_layers": adapter.n_layers,
-        "num_heads": adapter.n_heads,
-        "num_kv_heads": adapter.n_kv_heads,
-        "layers": layer_list,
-        "exclude_first_token": exclude_first_token,
-        "steps": steps,
-        "variant_definitions": VARIANT_DEFINITIONS,
-        "distance_definitions": DISTANCE_DEFINITIONS,
-        "vision": {
-            "mask": mask,
-            "images": [str(image) if not hasattr(image, "convert") else "<PIL image>" for image in images],
-            "vision_attention": vision_attention,
-            "attention": VISION_ATTENTION[vision_attention],
-            "token_map": first_inputs.token_map.to_json(),
+    results.attrs["metadata"] = masking_metadata(
+        model,
+        method=method,
+        prompt=prompt,
+        chat=chat,
+        layers=layer_list,
+        exclude_first_token=exclude_first_token,
+        steps=steps,
+        generated=generated,
+        eos_ids=eos_ids,
+        started=started,
+        load_seconds=load_seconds,
+        step_seconds=step_seconds,
+        extra={
+            "vision": {
+                "mask": mask,
+                "images": [str(image) if not hasattr(image, "convert") else "<PIL image>" for image in images],
+                "vision_attention": vision_attention,
+                "attention": VISION_ATTENTION[vision_attention],
+                "token_map": first_inputs.token_map.to_json(),
+            }
         },
-        "timings": {
-            "load_seconds": round(load_seconds, 4),
-            "step_seconds": [round(s, 4) for s in step_seconds],
-            "total_seconds": round(time.perf_counter() - started, 4),
-        },
-    }
+    )
     return results
 
 
