@@ -29,8 +29,7 @@ import pandas as pd
 
 from sparse_viz.report.masking import render_masking_report
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+from browser import launch, load_report, open_ready, require_chromium  # bench/browser.py
 
 # Marks the first frame painted after the page says it is ready: rAF runs just before that
 # frame's paint, the task queued from it just after.
@@ -119,8 +118,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    if not Path(CHROMIUM).is_file():
-        sys.exit(f"bench_report_load: {CHROMIUM} not found (apt-get install chromium)")
+    require_chromium("bench_report_load")
     from playwright.sync_api import sync_playwright
 
     results, metadata = synthetic_results(args.layers, args.tokens, args.heads, args.steps)
@@ -137,17 +135,11 @@ def main() -> None:
 
         timings: dict[str, list[float]] = {"report": [], "report_painted": [], "report_wall": [], "columnar_parse": [], "seed_parse": [], **{k: [] for k in INTERACTIONS}}
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            browser = launch(playwright)
             for _ in range(args.repeats):  # interleaved: each repetition loads all three pages
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.add_init_script(AFTER_PAINT_SCRIPT)
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                start = time.perf_counter()
-                page.goto(report.as_uri())
-                page.wait_for_function("() => document.body.dataset.ready === '1'", timeout=60_000, polling=5)
-                timings["report_wall"].append((time.perf_counter() - start) * 1000)
-                timings["report"].append(page.evaluate("() => performance.getEntriesByName('sv-ready')[0].startTime"))
+                page, errors, wall_ms, ready_ms = load_report(browser, report, AFTER_PAINT_SCRIPT)
+                timings["report_wall"].append(wall_ms)
+                timings["report"].append(ready_ms)
                 page.wait_for_function("() => performance.getEntriesByName('sv-painted').length > 0", polling=5)
                 timings["report_painted"].append(page.evaluate("() => performance.getEntriesByName('sv-painted')[0].startTime"))
                 for key, (selector, value) in INTERACTIONS.items():
@@ -156,9 +148,7 @@ def main() -> None:
                     sys.exit(f"bench_report_load: the report threw: {errors[0]}")
                 page.close()
                 for key, path in (("columnar_parse", parse_page), ("seed_parse", seed_page)):
-                    page = browser.new_page()
-                    page.goto(path.as_uri())
-                    page.wait_for_function("() => document.body.dataset.ready === '1'", timeout=60_000, polling=5)
+                    page = open_ready(browser, path)
                     assert page.evaluate("() => window.parsedLength") == len(results)
                     timings[key].append(page.evaluate("() => window.parseMs"))
                     page.close()

@@ -28,8 +28,8 @@ import numpy as np
 from sparse_viz.report.training import render_training_report
 from sparse_viz.tracking.store import RunStore
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+from browser import launch, load_report, open_ready, require_chromium  # bench/browser.py
+
 TIME_SLIDER = """(value) => {
   const slider = document.getElementById("step-slider");
   const t0 = performance.now();
@@ -91,8 +91,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    if not Path(CHROMIUM).is_file():
-        sys.exit(f"bench_training_report_load: {CHROMIUM} not found (apt-get install chromium)")
+    require_chromium("bench_training_report_load")
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,23 +107,16 @@ def main() -> None:
 
         timings: dict[str, list[float]] = {"report": [], "wall": [], "step_change": [], "nested_parse": []}
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            browser = launch(playwright)
             for _ in range(args.repeats):
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                start = time.perf_counter()
-                page.goto(report.as_uri())
-                page.wait_for_function("() => document.body.dataset.ready === '1'", timeout=60_000, polling=5)
-                timings["wall"].append((time.perf_counter() - start) * 1000)
-                timings["report"].append(page.evaluate("() => performance.getEntriesByName('sv-ready')[0].startTime"))
+                page, errors, wall_ms, ready_ms = load_report(browser, report)
+                timings["wall"].append(wall_ms)
+                timings["report"].append(ready_ms)
                 timings["step_change"].append(page.evaluate(TIME_SLIDER, args.snapshots // 2))
                 if errors:
                     sys.exit(f"bench_training_report_load: the report threw: {errors[0]}")
                 page.close()
-                page = browser.new_page()
-                page.goto(nested_page.as_uri())
-                page.wait_for_function("() => document.body.dataset.ready === '1'", timeout=60_000, polling=5)
+                page = open_ready(browser, nested_page)
                 timings["nested_parse"].append(page.evaluate("() => window.parseMs"))
                 page.close()
             version = browser.version
