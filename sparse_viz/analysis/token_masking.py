@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -404,53 +404,101 @@ def run_masking_experiment(
     ).to(model.device)
     n_prompt = input_ids.shape[1]
     position_list = _as_indices(positions, n_prompt, "positions")
-    eos_ids = _eos_ids(model)
 
-    from tqdm.auto import tqdm
+    def analyse_step(step: int, input_ids: torch.Tensor, bar: Any) -> tuple[SequenceMasking, pd.DataFrame, dict]:
+        step_positions = list(range(input_ids.shape[1])) if position_list is None else list(position_list)
+        if exclude_first_token:
+            step_positions = [p for p in step_positions if p != 0]
+        if not step_positions:
+            raise UserInputError("no key positions left to mask")
+        result = analyse_sequence(adapter, input_ids, layer_list, step_positions, method, progress=bar)
+        record = step_record(tokenizer, step, input_ids[0].tolist(), result.next_token)
+        return result, _rows(step, result, record["tokens"], adapter.n_heads), record
 
-    bar = tqdm(total=num_tokens * len(layer_list), desc="masking", unit="layer", disable=not progress, file=sys.stderr)
-    frames, steps, generated = [], [], []
-    step_seconds = []
-    try:
-        for step in range(num_tokens):
-            step_started = time.perf_counter()
-            n_tokens = input_ids.shape[1]
-            step_positions = list(range(n_tokens)) if position_list is None else list(position_list)
-            if exclude_first_token:
-                step_positions = [p for p in step_positions if p != 0]
-            if not step_positions:
-                raise UserInputError("no key positions left to mask")
-            bar.set_postfix(step=step)
-            result = analyse_sequence(adapter, input_ids, layer_list, step_positions, method, progress=bar)
-            ids = input_ids[0].tolist()
-            record = step_record(tokenizer, step, ids, result.next_token)
-            frames.append(_rows(step, result, record["tokens"], adapter.n_heads))
-            steps.append(record)
-            generated.append(result.next_token)
-            step_seconds.append(time.perf_counter() - step_started)
-            if result.next_token in eos_ids:
-                break
-            next_id = torch.tensor([[result.next_token]], device=input_ids.device)
-            input_ids = torch.cat([input_ids, next_id], dim=1)  # (1, T+1)
-    finally:
-        bar.close()
+    def extend(input_ids: torch.Tensor, token: int) -> torch.Tensor:
+        next_id = torch.tensor([[token]], device=input_ids.device)
+        return torch.cat([input_ids, next_id], dim=1)  # (1, T+1)
 
-    results = pd.concat(frames, ignore_index=True)
+    run = greedy_masking_steps(model, input_ids, num_tokens, len(layer_list), progress, analyse_step, extend)
+    results = pd.concat(run.frames, ignore_index=True)
     results.attrs["metadata"] = masking_metadata(
         model,
+        run,
         method=method,
         prompt=prompt,
         chat=chat,
         layers=layer_list,
         exclude_first_token=exclude_first_token,
-        steps=steps,
-        generated=generated,
-        eos_ids=eos_ids,
         started=started,
         load_seconds=load_seconds,
-        step_seconds=step_seconds,
     )
     return results
+
+
+@dataclass
+class GreedySteps:
+    """What `greedy_masking_steps` gathered, one entry per analysed step.
+
+    Attributes:
+        frames: each step's long-format rows.
+        steps: each step's `step_record`.
+        generated: each step's greedy next token id.
+        step_seconds: each step's wall time.
+        stopped_at_eos: the last generated token is an end-of-sequence token.
+    """
+
+    frames: list[pd.DataFrame]
+    steps: list[dict[str, Any]]
+    generated: list[int]
+    step_seconds: list[float]
+    stopped_at_eos: bool = False
+
+
+def greedy_masking_steps(
+    model: LoadedModel,
+    sequence: Any,
+    num_tokens: int,
+    n_layers: int,
+    progress: bool,
+    analyse_step: Callable[[int, Any, Any], tuple[SequenceMasking, pd.DataFrame, dict[str, Any]]],
+    extend: Callable[[Any, int], Any],
+) -> GreedySteps:
+    """Analyse `sequence`, append its greedy next token, analyse again: at most `num_tokens`
+    steps, stopping after an end-of-sequence token.
+
+    Args:
+        model: the loaded model (for its end-of-sequence ids).
+        sequence: step 0's sequence: token ids (1, T), or a vision prompt's `VisionInputs`.
+        num_tokens: the most steps.
+        n_layers: layers analysed per step (the progress bar advances once per layer).
+        progress: show a tqdm bar over layers x steps.
+        analyse_step: (step, sequence, bar) -> (its SequenceMasking, its rows, its step_record).
+        extend: (sequence, token id) -> the sequence with the token appended.
+
+    Returns:
+        GreedySteps.
+    """
+    from tqdm.auto import tqdm
+
+    eos_ids = _eos_ids(model)
+    run = GreedySteps(frames=[], steps=[], generated=[], step_seconds=[])
+    bar = tqdm(total=num_tokens * n_layers, desc="masking", unit="layer", disable=not progress, file=sys.stderr)
+    try:
+        for step in range(num_tokens):
+            step_started = time.perf_counter()
+            bar.set_postfix(step=step)
+            result, frame, record = analyse_step(step, sequence, bar)
+            run.frames.append(frame)
+            run.steps.append(record)
+            run.generated.append(result.next_token)
+            run.step_seconds.append(time.perf_counter() - step_started)
+            if result.next_token in eos_ids:
+                break
+            sequence = extend(sequence, result.next_token)
+    finally:
+        bar.close()
+    run.stopped_at_eos = bool(run.generated and run.generated[-1] in eos_ids)
+    return run
 
 
 def step_record(tokenizer: Any, step: int, ids: list[int], next_token: int, **extra: Any) -> dict[str, Any]:
@@ -469,33 +517,29 @@ def step_record(tokenizer: Any, step: int, ids: list[int], next_token: int, **ex
 
 def masking_metadata(
     model: LoadedModel,
+    run: GreedySteps,
     *,
     method: str,
     prompt: str,
     chat: bool,
     layers: list[int],
     exclude_first_token: bool,
-    steps: list[dict[str, Any]],
-    generated: list[int],
-    eos_ids: set[int],
     started: float,
     load_seconds: float,
-    step_seconds: list[float],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's metadata (`df.attrs["metadata"]`, written as metadata.json).
 
     Args:
         model: the loaded model.
+        run: the analysed steps (at least one).
         method, prompt, chat, layers, exclude_first_token: the run's settings.
-        steps: one `step_record` per analysed step (at least one).
-        generated: the greedy token ids, one per step.
-        eos_ids: the model's end-of-sequence ids.
         started: `time.perf_counter()` at the start of the run (total_seconds counts from it).
-        load_seconds, step_seconds: timings.
+        load_seconds: time to load the model.
         extra: further keys (vision runs: "vision"), placed before "timings".
     """
     adapter, tokenizer = model.adapter, model.tokenizer
+    steps, generated = run.steps, run.generated
     return {
         "model": str(model.name_or_path),
         "model_type": adapter.model_type,
@@ -508,7 +552,7 @@ def masking_metadata(
         "prompt_tokens": steps[0]["tokens"],
         "generated_tokens": _token_texts(tokenizer, generated),
         "generated_text": tokenizer.decode(generated, skip_special_tokens=False),
-        "stopped_at_eos": bool(generated and generated[-1] in eos_ids),
+        "stopped_at_eos": run.stopped_at_eos,
         "num_steps": len(steps),
         "num_layers": adapter.n_layers,
         "num_heads": adapter.n_heads,
@@ -521,7 +565,7 @@ def masking_metadata(
         **(extra or {}),
         "timings": {
             "load_seconds": round(load_seconds, 4),
-            "step_seconds": [round(s, 4) for s in step_seconds],
+            "step_seconds": [round(s, 4) for s in run.step_seconds],
             "total_seconds": round(time.perf_counter() - started, 4),
         },
     }

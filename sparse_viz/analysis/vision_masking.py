@@ -15,7 +15,6 @@ everything. Rows gain `token_kind` (text / image / special) and, for image token
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,10 +26,11 @@ import torch
 from sparse_viz.analysis.loading import LoadedModel, load_model
 from sparse_viz.analysis.token_masking import (
     METHODS,
+    SequenceMasking,
     _as_indices,
-    _eos_ids,
     _rows,
     analyse_sequence,
+    greedy_masking_steps,
     masking_metadata,
     step_record,
 )
@@ -171,65 +171,48 @@ def run_vision_masking_experiment(
         n_tokens = inputs.input_ids.shape[1]
         print(f"Tokenized ({n_tokens} tokens), {len(pictures)} image(s); masking {mask} tokens: "
               f"{len(inputs.token_map.positions(mask))} position(s)")
-    eos_ids = _eos_ids(model)
 
-    from tqdm.auto import tqdm
+    def analyse_step(step: int, step_inputs: VisionInputs, bar: Any) -> tuple[SequenceMasking, pd.DataFrame, dict]:
+        positions = step_inputs.token_map.positions(mask)
+        if exclude_first_token:
+            positions = [p for p in positions if p != 0]
+        if not positions:
+            raise UserInputError(f"no {mask} positions left to mask")
+        result = analyse_sequence(
+            adapter,
+            step_inputs.input_ids,
+            layer_list,
+            positions,
+            method,
+            progress=bar,
+            model_inputs=step_inputs.model_inputs(model.model, vision_attention),
+        )
+        ids = step_inputs.input_ids[0].tolist()
+        record = step_record(tokenizer, step, ids, result.next_token, token_kinds=step_inputs.token_map.token_kinds)
+        return result, add_token_map_columns(_rows(step, result, record["tokens"], adapter.n_heads), step_inputs), record
 
-    bar = tqdm(total=num_tokens * len(layer_list), desc="masking", unit="layer", disable=not progress, file=sys.stderr)
-    frames, steps, generated, step_seconds = [], [], [], []
-    first_inputs = inputs
-    try:
-        for step in range(num_tokens):
-            step_started = time.perf_counter()
-            positions = inputs.token_map.positions(mask)
-            if exclude_first_token:
-                positions = [p for p in positions if p != 0]
-            if not positions:
-                raise UserInputError(f"no {mask} positions left to mask")
-            bar.set_postfix(step=step)
-            result = analyse_sequence(
-                adapter,
-                inputs.input_ids,
-                layer_list,
-                positions,
-                method,
-                progress=bar,
-                model_inputs=inputs.model_inputs(model.model, vision_attention),
-            )
-            ids = inputs.input_ids[0].tolist()
-            record = step_record(tokenizer, step, ids, result.next_token, token_kinds=inputs.token_map.token_kinds)
-            frames.append(add_token_map_columns(_rows(step, result, record["tokens"], adapter.n_heads), inputs))
-            steps.append(record)
-            generated.append(result.next_token)
-            step_seconds.append(time.perf_counter() - step_started)
-            if result.next_token in eos_ids:
-                break
-            inputs = inputs.appended(result.next_token)
-    finally:
-        bar.close()
-
-    results = pd.concat(frames, ignore_index=True)
-    results.attrs["images"] = first_inputs.images
+    run = greedy_masking_steps(
+        model, inputs, num_tokens, len(layer_list), progress, analyse_step, lambda sequence, token: sequence.appended(token)
+    )
+    results = pd.concat(run.frames, ignore_index=True)
+    results.attrs["images"] = inputs.images
     results.attrs["metadata"] = masking_metadata(
         model,
+        run,
         method=method,
         prompt=prompt,
         chat=chat,
         layers=layer_list,
         exclude_first_token=exclude_first_token,
-        steps=steps,
-        generated=generated,
-        eos_ids=eos_ids,
         started=started,
         load_seconds=load_seconds,
-        step_seconds=step_seconds,
         extra={
             "vision": {
                 "mask": mask,
                 "images": [str(image) if not hasattr(image, "convert") else "<PIL image>" for image in images],
                 "vision_attention": vision_attention,
                 "attention": VISION_ATTENTION[vision_attention],
-                "token_map": first_inputs.token_map.to_json(),
+                "token_map": inputs.token_map.to_json(),
             }
         },
     )
