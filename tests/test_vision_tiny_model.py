@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tiny_models import byte_tokenizer
+from tiny_models import byte_tokenizer, redraw_parameters, tiny_text_config
 from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -49,18 +49,8 @@ def tiny_qwen3_vl(n_layers: int = 3, seed: int = 0, deepstack_scale: float = 1.0
     torch.manual_seed(seed)
     config = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=2048,
+            tiny_text_config(tokenizer, n_layers, max_positions=2048),
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True},
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
             depth=2,
@@ -84,15 +74,8 @@ def tiny_qwen3_vl(n_layers: int = 3, seed: int = 0, deepstack_scale: float = 1.0
     config.text_config._attn_implementation = "eager"
     config.vision_config._attn_implementation = "eager"
     model = Qwen3VLForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(seed)
+    redraw_parameters(model, seed, scales={"model.visual": 0.1})
     with torch.no_grad():
-        for name, parameter in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                parameter.copy_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator))
-            elif name.startswith("model.visual"):
-                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-            else:
-                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
         for merger in model.model.visual.deepstack_merger_list:
             for parameter in merger.parameters():
                 parameter.mul_(deepstack_scale)

@@ -38,7 +38,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def _common_config(tokenizer: PreTrainedTokenizerFast, n_layers: int) -> dict:
+def tiny_text_config(tokenizer: PreTrainedTokenizerFast, n_layers: int, max_positions: int) -> dict:
+    """The text decoder every tiny model shares (the VL one's text tower too): hidden 32,
+    SwiGLU 64, 4 query / 2 KV heads of 8, the tokenizer's vocabulary and special ids."""
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -47,25 +49,37 @@ def _common_config(tokenizer: PreTrainedTokenizerFast, n_layers: int) -> dict:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        max_position_embeddings=64,
-        initializer_range=0.3,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _common_config(tokenizer: PreTrainedTokenizerFast, n_layers: int) -> dict:
+    return dict(
+        tiny_text_config(tokenizer, n_layers, max_positions=64),
+        initializer_range=0.3,
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
 
 
-def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    # Re-draw every parameter (norm weights included) so norms are not all-ones.
+def redraw_parameters(model: torch.nn.Module, seed: int, scales: dict[str, float] | None = None) -> None:
+    """Re-draw every parameter, seeded, in name order: norm weights 1 + 0.2 N(0, 1) (so norms are
+    not all-ones), the rest 0.3 N(0, 1), or `scales[prefix]` N(0, 1) under a name prefix."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in sorted(model.named_parameters()):
             if name.endswith("norm.weight"):
                 parameter.copy_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator))
             else:
-                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+                scale = next((s for prefix, s in (scales or {}).items() if name.startswith(prefix)), 0.3)
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    redraw_parameters(model, seed)
     return model.float().eval()
 
 
