@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from sparse_viz.analysis.loading import ArchitectureAdapter, LoadedModel, load_model
 from sparse_viz.analysis.prompts import encode_prompt
 from sparse_viz.errors import UserInputError
-from sparse_viz.report.masking import RESULT_COLUMNS  # the columns the report reads, defined once there
+from sparse_viz.report.masking import RESULT_COLUMNS, render_masking_report  # columns defined once there
 
 # Written after RESULT_COLUMNS when present (vision-language runs, `analysis.vision_masking`).
 OPTIONAL_COLUMNS = ("token_kind", "image_index", "grid_row", "grid_col")
@@ -668,11 +668,6 @@ def write_masking_outputs(
 
 
 def _write_report(directory: Path, results: pd.DataFrame, metadata: dict) -> None:
-    try:
-        from sparse_viz.report.masking import render_masking_report
-    except ImportError:  # the report module is optional until it lands
-        print("token_masking: sparse_viz.report.masking not available; no report.html", file=sys.stderr)
-        return
     render_masking_report(directory, results, metadata)
 
 
