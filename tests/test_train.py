@@ -155,3 +155,25 @@ def test_malformed_yaml_and_empty_corpus_are_rejected(tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr[-2000:]
         assert not root.exists() or not any(root.iterdir())
+
+
+@pytest.mark.slow
+def test_validation_loss_is_the_token_weighted_mean_with_the_stage_attention(tiny_run):
+    import torch.nn.functional as F
+
+    cli, _ = tiny_run
+    module = cli.model
+    # The run's own trainer: its global step places validation in the final, sparse stage.
+    assert module.stage_attention == "sparse"
+    assert cli.trainer.limit_val_batches == 2
+    (logged,) = cli.trainer.validate(module, datamodule=cli.datamodule, verbose=False)
+    total, tokens = 0.0, 0
+    batches = iter(cli.datamodule.val_dataloader())
+    with torch.no_grad():
+        for _ in range(2):
+            batch = next(batches)
+            logits = module.model(batch[:, :-1], attention="sparse").logits
+            total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            tokens += batch[:, 1:].numel()
+    assert logged["val/loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert logged["val/ppl"] == pytest.approx(math.exp(total / tokens), rel=1e-5)

@@ -180,9 +180,13 @@ class DSALightningModule(L.LightningModule):
         return loss / targets.numel()
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_token_count:
+        # Token-weighted mean over every rank's batches (identity on a single device).
+        totals = torch.tensor([self._val_loss_sum, float(self._val_token_count)], dtype=torch.float64, device=self.device)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss_sum, token_count = totals.tolist()
+        if not token_count:
             return
-        mean_loss = self._val_loss_sum / self._val_token_count
+        mean_loss = loss_sum / token_count
         self.log("val/loss", mean_loss, prog_bar=True)
         self.log("val/ppl", math.exp(min(mean_loss, 50.0)))
         self.log("val/stage", float(self.schedule.locate(self.global_step)[0]))
