@@ -47,17 +47,18 @@ class DSALightningModule(L.LightningModule):
     """Language-model training with DeepSeek Sparse Attention and a stage schedule.
 
     The `--model.*` options of `python -m sparse_viz.train` are this constructor's arguments:
-    the `ModelConfig` fields (see `sparse_viz/model/config.py`) plus the training recipe.
+    the `ModelConfig` fields (their descriptions below are copied from `ModelConfig`'s docstring
+    at import, so `--help` documents every option from one source) plus the training recipe.
+    `vocab_size` is linked to the data's tokenizer by the training command.
 
     Args:
-        vocab_size ... attention_path: the `ModelConfig` fields, same names and meaning.
-            `vocab_size` is linked to the data's tokenizer by the training command.
+        {model_config_args}
         stages: the schedule, a list of `Stage` fields as dicts (`{name: dense, steps: 300,
             lr: 3e-3, ...}`); default dense -> warmup -> sparse. `[{name: sparse, ...}]` alone
             is the from-scratch mode. Plain dicts (not dataclasses) so that a config or command
             line that gives `stages` replaces the whole list instead of merging item by item.
-        weight_decay: AdamW decoupled weight decay on matrices (not on norms, biases, embeddings
-            of the indexer's LayerNorm).
+        weight_decay: AdamW decoupled weight decay on matrices (embeddings included), not on
+            vectors (norm scales, biases).
         betas: AdamW betas.
         indexer_loss_weight: multiplier of the summed per-layer indexer KL. The indexer's input
             is detached, so this only rescales the indexer's gradient.
@@ -73,6 +74,7 @@ class DSALightningModule(L.LightningModule):
         max_seq_len: int = 256,
         rope_theta: float = 10000.0,
         tie_embeddings: bool = True,
+        norm_eps: float = 1e-5,
         selector: str = "topk",
         top_k: int = 32,
         sink_tokens: int = 4,
@@ -93,7 +95,7 @@ class DSALightningModule(L.LightningModule):
             self.model_config = ModelConfig(
                 vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                 d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=rope_theta,
-                tie_embeddings=tie_embeddings, selector=selector, top_k=top_k,
+                tie_embeddings=tie_embeddings, norm_eps=norm_eps, selector=selector, top_k=top_k,
                 sink_tokens=sink_tokens, selector_seed=selector_seed, use_indexer=use_indexer,
                 indexer_heads=indexer_heads, indexer_dim=indexer_dim,
                 indexer_rope_dim=indexer_rope_dim, attention_path=attention_path,
@@ -216,3 +218,12 @@ class DSALightningModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [rate(role) for role in roles])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _model_config_args() -> str:
+    """The `name: description` items of `ModelConfig`'s docstring (8-space indented lines)."""
+    lines = [line for line in (ModelConfig.__doc__ or "").splitlines() if line.startswith(" " * 8)]
+    return "\n".join(lines).strip()
+
+
+DSALightningModule.__doc__ = (DSALightningModule.__doc__ or "").replace("{model_config_args}", _model_config_args())
