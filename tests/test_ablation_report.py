@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from analysis_cli import run_analysis_cli
 from browser import chromium, open_report  # noqa: F401  (pytest fixture)
 from safetensors.torch import save_file
 from tiny_models import save_tiny, tiny_llama, tiny_qwen3
@@ -24,10 +25,8 @@ def model_dir(tmp_path_factory):
 
 
 def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    result = run_analysis_cli(argv, capsys)
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")

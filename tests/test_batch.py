@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from analysis_cli import run_analysis_cli
 from test_vision_tiny_model import save_tiny_vl, test_image, tiny_qwen3_vl
 from tiny_models import save_tiny, tiny_qwen3
 
@@ -30,13 +31,7 @@ def files(tmp_path_factory):
 
 
 def run_batch_cli(args: list[str], capsys) -> subprocess.CompletedProcess:
-    from sparse_viz.analysis.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["batch", *args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+    return run_analysis_cli(["batch", *args], capsys)
 
 
 def write_yaml(path: Path, document) -> Path:

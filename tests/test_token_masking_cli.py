@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from analysis_cli import run_analysis_cli
 
 from sparse_viz.analysis.token_masking import RESULT_COLUMNS
 
@@ -33,15 +34,9 @@ def run_cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
 
 def run_cli_in_process(args: list[str], capsys, cwd: Path | None = None, monkeypatch=None) -> subprocess.CompletedProcess:
     """`cli.main(["mask", *args])` with its exit status and output, like `run_cli`."""
-    from sparse_viz.analysis.cli import main
-
     if cwd is not None:
         monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["mask", *args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+    return run_analysis_cli(["mask", *args], capsys)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:

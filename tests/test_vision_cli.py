@@ -8,6 +8,7 @@ import subprocess
 
 import pandas as pd
 import pytest
+from analysis_cli import run_analysis_cli
 from test_vision_tiny_model import save_tiny_vl, test_image, tiny_qwen3_vl
 from tiny_models import save_tiny, tiny_qwen3
 
@@ -26,13 +27,7 @@ def vl_files(tmp_path_factory):
 
 
 def run_mask(args: list[str], capsys) -> subprocess.CompletedProcess:
-    from sparse_viz.analysis.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["mask", *args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+    return run_analysis_cli(["mask", *args], capsys)
 
 
 def test_seed_001_test_it_now_masks_text_only_and_prints_the_vision_ranges(vl_files, tmp_path, capsys):
