@@ -121,6 +121,34 @@ def test_metrics_use_every_batch_item_hand_computed():
     assert float(logit_change_metrics(base, abl, valid)["kl_divergence"]) == pytest.approx(kl_item2, rel=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 0.1, 3.0])
+def test_fast_metrics_match_float64_formula(scale):
+    """The sweep's KL-from-logit-change path == the direct formula evaluated in float64."""
+    torch.manual_seed(1)
+    base = torch.randn(2, 5, 1000) * 4  # peaked, like an LM's next-token logits
+    abl = base + scale * torch.randn_like(base)
+    m = logit_change_metrics(base, abl)
+    b64, a64 = base.double(), abl.double()
+    logp, logq = torch.log_softmax(b64, -1), torch.log_softmax(a64, -1)
+    kl64 = (logp.exp() * (logp - logq)).sum(-1)  # (2, 5)
+    # relative to the KL itself: fp32 rounding of the logit change, not of the logits
+    torch.testing.assert_close(m["kl"].double(), kl64, rtol=1e-4, atol=1e-9)
+    top1 = b64.argmax(-1, keepdim=True)
+    delta64 = (logq.gather(-1, top1) - logp.gather(-1, top1)).squeeze(-1)
+    torch.testing.assert_close(m["delta_logprob_top1"].double(), delta64, rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_where_the_ablated_model_rules_a_token_out():
+    """q = 0 where p > 0 gives KL = inf (fallback path); p = 0 where q > 0 costs nothing."""
+    base = torch.tensor([[[0.0, 0.0, float("-inf")]]])  # p = (1/2, 1/2, 0)
+    abl = torch.tensor([[[0.0, float("-inf"), 0.0]]])  # q = (1/2, 0, 1/2)
+    assert math.isinf(float(logit_change_metrics(base, abl)["kl"]))
+    abl = torch.tensor([[[0.0, 0.0, 5.0]]])  # q > 0 everywhere p > 0
+    q = torch.softmax(abl[0, 0], -1)
+    expected = 0.5 * (math.log(0.5) - math.log(q[0])) + 0.5 * (math.log(0.5) - math.log(q[1]))
+    assert float(logit_change_metrics(base, abl)["kl"]) == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_batched_sweep_equals_one_at_a_time(model, padded):
     """Batched rows + prefix reuse == one full forward per ablation (the reference path)."""

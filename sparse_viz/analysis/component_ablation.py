@@ -251,7 +251,7 @@ def component_ablation_study(
             samples_kl.append(m["kl"])
             samples_top1.append(float(m["frac_top1_changed"]))
             samples_delta.append(float(m["delta_logprob_top1_mean"]))
-            noise_kl.append(float(kl_per_position(original, b_logits).mean()))
+            noise_kl.append(float(logit_change_metrics(original, b_logits)["kl"].mean()))
             base_probs = base_probs + F.softmax(b_logits, -1) / n_samples
             abl_probs = abl_probs + F.softmax(a_logits, -1) / n_samples
             for p in paths:
@@ -273,7 +273,7 @@ def component_ablation_study(
     else:
         with torch.no_grad():
             recon_logits, _ = _forward(model, input_ids, ones, decomposition)
-        reconstruction_kl = float(kl_per_position(original, recon_logits).mean())
+        reconstruction_kl = float(logit_change_metrics(original, recon_logits)["kl"].mean())
         masks = ablate(ones)
         if mode == "adversarial":
             ci = {p: _ci(decomposition, p, ci_default, device) for p in paths}

@@ -356,37 +356,86 @@ def kl_per_position(base_logits: torch.Tensor, ablated_logits: torch.Tensor) -> 
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
+@dataclass
+class BaselineDistribution:
+    """The baseline's next-token distribution, computed once and compared with every ablation.
+
+    A sweep compares one baseline with hundreds of ablated forwards; recomputing the baseline's
+    log-softmax per ablation (as `kl_per_position` does) costs more than the memory-bound
+    metrics themselves. `compare` is the fast path; `kl_per_position` is its readable reference.
+
+    Attributes:
+        logits: (N, T, V) fp32 baseline logits.
+        p: (N, T, V) baseline probabilities.
+        top1: (N, T, 1) baseline argmax.
+    """
+
+    logits: torch.Tensor
+    p: torch.Tensor
+    top1: torch.Tensor
+
+    @classmethod
+    def of(cls, base_logits: torch.Tensor) -> BaselineDistribution:
+        logits = base_logits.float()
+        return cls(logits, F.softmax(logits, dim=-1), logits.argmax(-1, keepdim=True))
+
+    def compare(self, ablated_logits: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-position and summary metrics of one ablation against this baseline.
+
+        KL from the logit change d = ablated - base, without the large-magnitude cancellation
+        of `log p - log q` (each ~10 in size) that the direct formula suffers in fp32:
+            log q - log p = d - log E_p[e^d]        (softmax normalisers cancel exactly)
+            KL(p || q)    = log E_p[e^d] - E_p[d] = log1p(E_p[expm1(d - E_p[d])])
+        Every term is small when the ablation is small. Positions where this is not finite
+        (q = 0 where p > 0, or overflow of e^d) fall back to the reference formula.
+
+        Args:
+            ablated_logits: (N, T, V), same sequences as the baseline.
+            valid: (N, T) bool, False on padding; None = all positions.
+        Returns:
+            dict with per-position (N, T) tensors `kl`, `top1_changed`, `delta_logprob_top1` and
+            scalar means over valid positions `kl_divergence`, `frac_top1_changed`,
+            `delta_logprob_top1_mean`, the largest per-position KL `kl_max`, and `n_positions`.
+        """
+        ablated = ablated_logits.float()
+        changed = ablated.argmax(-1, keepdim=True) != self.top1  # (N, T, 1)
+        d = ablated - self.logits  # (N, T, V)
+        d_top1 = d.gather(-1, self.top1).squeeze(-1)  # (N, T)
+        mean_d = torch.einsum("ntv,ntv->nt", self.p, d)  # (N, T)  E_p[d]
+        d.sub_(mean_d[..., None]).expm1_()  # (N, T, V)  expm1(d - E_p[d]), in place
+        kl = torch.log1p(torch.einsum("ntv,ntv->nt", self.p, d)).clamp_min(0)  # (N, T)  >= 0 by Jensen
+        log_normaliser_ratio = mean_d + kl  # (N, T)  log E_p[e^d] = lse(ablated) - lse(base)
+        delta = d_top1 - log_normaliser_ratio  # (N, T)  log q(t*) - log p(t*)
+        bad = ~(torch.isfinite(kl) & torch.isfinite(delta))
+        if bool(bad.any()):
+            logp = F.log_softmax(self.logits[bad], dim=-1)  # (n_bad, V)
+            logq = F.log_softmax(ablated[bad], dim=-1)
+            kl[bad] = kl_per_position(self.logits[bad], ablated[bad])
+            delta[bad] = (logq.gather(-1, self.top1[bad]) - logp.gather(-1, self.top1[bad])).squeeze(-1)
+        changed = changed.squeeze(-1)
+        if valid is None:
+            valid = torch.ones_like(kl, dtype=torch.bool)
+        n = valid.sum()
+        zero = torch.zeros_like(kl)
+        return {
+            "kl": kl, "top1_changed": changed, "delta_logprob_top1": delta,
+            "kl_divergence": torch.where(valid, kl, zero).sum() / n,  # where, not *: padding may hold NaN
+            "kl_max": torch.where(valid, kl, zero).max(),
+            "frac_top1_changed": (changed & valid).sum() / n,
+            "delta_logprob_top1_mean": torch.where(valid, delta, zero).sum() / n,
+            "n_positions": n,
+        }
+
+
 def logit_change_metrics(base_logits: torch.Tensor, ablated_logits: torch.Tensor,
                          valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-position and summary metrics of one ablation.
+    """Metrics of one ablation (see `BaselineDistribution.compare`; build that once for many).
 
     Args:
         base_logits, ablated_logits: (N, T, V) for the same N sequences.
         valid: (N, T) bool, False on padding; None = all positions.
-    Returns:
-        dict with per-position (N, T) tensors `kl`, `top1_changed`, `delta_logprob_top1` and
-        scalar means over valid positions `kl_divergence`, `frac_top1_changed`,
-        `delta_logprob_top1_mean`, the largest per-position KL `kl_max`, and `n_positions`.
     """
-    logp = F.log_softmax(base_logits.float(), dim=-1)  # (N, T, V)
-    logq = F.log_softmax(ablated_logits.float(), dim=-1)
-    kl = kl_per_position(base_logits, ablated_logits)  # (N, T)
-    top1 = logp.argmax(-1, keepdim=True)  # (N, T, 1)
-    changed = logq.argmax(-1, keepdim=True) != top1
-    delta = (logq.gather(-1, top1) - logp.gather(-1, top1)).squeeze(-1)  # (N, T)
-    changed = changed.squeeze(-1)
-    if valid is None:
-        valid = torch.ones_like(kl, dtype=torch.bool)
-    n = valid.sum()
-    zero = torch.zeros_like(kl)
-    return {
-        "kl": kl, "top1_changed": changed, "delta_logprob_top1": delta,
-        "kl_divergence": torch.where(valid, kl, zero).sum() / n,  # where, not *: padding may hold NaN
-        "kl_max": torch.where(valid, kl, zero).max(),
-        "frac_top1_changed": (changed & valid).sum() / n,
-        "delta_logprob_top1_mean": torch.where(valid, delta, zero).sum() / n,
-        "n_positions": n,
-    }
+    return BaselineDistribution.of(base_logits).compare(ablated_logits, valid)
 
 
 def prediction_table(base_logits: torch.Tensor, ablated_logits: torch.Tensor, positions: Sequence[tuple[int, int]],
@@ -539,6 +588,7 @@ def head_ablation_study(
         base_logits, base_attn = forward_logits(model, input_ids, attention_mask, patterns)  # (N, T, V)
     baseline_patterns = {L: a.float().cpu().numpy() for L, a in enumerate(base_attn)} if patterns else {}
 
+    baseline = BaselineDistribution.of(base_logits)
     records, kl_rows, ablated_patterns, predictions = [], [], [], []
     chunks = [list(ablations[i:i + batch_size]) for i in range(0, len(ablations), batch_size)]
     bar = tqdm(total=len(ablations), desc="head ablation", unit="ablation", disable=not progress)
@@ -555,7 +605,7 @@ def head_ablation_study(
                 attn = dict(enumerate(attn_all)) if patterns else {}
         for a, ablation in enumerate(chunk):
             abl = logits[a * N:(a + 1) * N]  # (N, T, V)
-            m = logit_change_metrics(base_logits, abl, valid)
+            m = baseline.compare(abl, valid)
             kl_rows.append(torch.where(valid, m["kl"], torch.nan).cpu().numpy())
             records.append(_table_row(ablation, layout, m))
             predictions.append(prediction_table(base_logits, abl, pred_pos, tokenizer, input_ids))
