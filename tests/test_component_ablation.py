@@ -183,3 +183,102 @@ def test_bad_component_specs(spec, message):
     model = tiny_qwen3()[0]
     with pytest.raises(UserInputError, match=message):
         run_component_ablation(model, ids(), [spec], progress=False)
+
+
+# -- padding ----------------------------------------------------------------------------------
+
+
+def padded_batch(lengths=(8, 5)):
+    """Two sequences of different lengths, right-padded, and each one alone."""
+    alone = [torch.randint(3, 200, (1, t), generator=torch.Generator().manual_seed(10 + t)) for t in lengths]
+    T = max(lengths)
+    ids_ = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for n, x in enumerate(alone):
+        ids_[n, : x.shape[1]], mask[n, : x.shape[1]] = x[0], 1
+    return ids_, mask, alone
+
+
+def test_padded_prompts_equal_each_sequence_alone(model):
+    """Right padding changes nothing: per-position KL of each sequence == that sequence run alone."""
+    x, mask, alone = padded_batch()
+    dec = svd_decomposition(model, PATHS)
+    ablated = {PATHS[1]: [0, 1], PATHS[3]: [2]}
+    options = dict(mode="deterministic", patterns=False, progress=False)
+    padded = component_ablation_study(model, x, dec, ablated, attention_mask=mask, **options)
+    singles = [component_ablation_study(model, a, dec, ablated, **options) for a in alone]
+    for n, single in enumerate(singles):
+        t = alone[n].shape[1]
+        torch.testing.assert_close(torch.from_numpy(padded.kl_per_position[n, :t]),
+                                   torch.from_numpy(single.kl_per_position[0]), rtol=1e-4, atol=1e-7)
+        assert padded.kl_per_position[n, t:].size == 0 or torch.isnan(torch.from_numpy(padded.kl_per_position[n, t:])).all()
+        assert len(padded.tokens[n]) == t
+    every_position = torch.cat([torch.from_numpy(s.kl_per_position[0]) for s in singles])
+    assert padded.table.loc[0, "kl_divergence"] == pytest.approx(float(every_position.mean()), rel=1e-4)
+    assert padded.table.loc[0, "n_positions"] == sum(a.shape[1] for a in alone)
+
+
+# -- sweeps -----------------------------------------------------------------------------------
+
+
+def edited_model_logits(model, dec, path, component, x, mask=None):
+    """Independent reference: a copy whose decomposed weights are their reconstructions, minus one term."""
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in dec.factors:
+            edited.get_submodule(p).weight.copy_(dec[p].weight())
+        f = dec[path]
+        edited.get_submodule(path).weight -= torch.outer(f.U[component], f.V[:, component])
+        return edited(x, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_component_sweep_equals_editing_each_weight(model, padded):
+    from sparse_viz.analysis.component_ablation import component_sweep_study, sweep_ablations
+
+    x, mask, _ = padded_batch() if padded else (ids(), None, None)
+    dec = svd_decomposition(model, [PATHS[0], "model.layers.0.self_attn.o_proj"])
+    ablations = sweep_ablations(model, dec, ["1.q_proj:0-3", "0.o_proj:1,5"])
+    assert [a.name for a in ablations] == ["1.q_proj:0", "1.q_proj:1", "1.q_proj:2", "1.q_proj:3", "0.o_proj:1", "0.o_proj:5"]
+    result = component_sweep_study(model, x, dec, ablations, attention_mask=mask, batch_size=4, patterns=True, progress=False)
+    with torch.no_grad():
+        base = model(x, attention_mask=mask).logits.double()
+    valid = torch.ones(x.shape, dtype=torch.bool) if mask is None else mask.bool()
+    logp = torch.log_softmax(base, -1)
+    for i, a in enumerate(ablations):
+        logq = torch.log_softmax(edited_model_logits(model, dec, a.path, a.component, x, mask).double(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)[valid]  # every real position of every sequence
+        row = result.table.iloc[i]
+        assert row["kl_divergence"] == pytest.approx(float(kl.mean()), rel=1e-3, abs=1e-8)
+        changed = (logp.argmax(-1) != logq.argmax(-1))[valid].double().mean()
+        assert row["frac_top1_changed"] == pytest.approx(float(changed))
+        assert row["component_norm"] == pytest.approx(float(torch.linalg.svdvals(model.get_submodule(a.path).weight.detach())[a.component]), rel=1e-5)
+        assert row["n_positions"] == int(valid.sum())
+    # q components change their own layer's attention; o components only later layers'
+    assert list(result.ablated_patterns[0]) == [1] and list(result.ablated_patterns[4]) == [1]
+
+
+def test_batched_component_sweep_equals_one_full_forward_per_component(model):
+    from sparse_viz.analysis.component_ablation import component_sweep_study, sweep_ablations
+
+    x = ids()
+    dec = svd_decomposition(model, [PATHS[2], PATHS[3]])
+    ablations = sweep_ablations(model, dec, ["1.v_proj:0-2", "1.o_proj:0-2"])
+    fast = component_sweep_study(model, x, dec, ablations, batch_size=4, patterns=False, progress=False)
+    slow = component_sweep_study(model, x, dec, ablations, batch_size=1, reuse_prefix=False, patterns=False, progress=False)
+    for column in ("kl_divergence", "frac_top1_changed", "delta_logprob_top1"):
+        torch.testing.assert_close(torch.tensor(fast.table[column].to_numpy()), torch.tensor(slow.table[column].to_numpy()),
+                                   rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["1.q_proj:99"], "outside 0-31"),
+    (["1.q_proj", "1.q_proj:0"], "listed twice"),
+    (["1.x_proj"], "no"),
+])
+def test_bad_sweep_specs_are_one_clear_error(specs, message):
+    from sparse_viz.analysis.component_ablation import run_component_sweep
+
+    model = tiny_qwen3()[0]
+    with pytest.raises(UserInputError, match=message):
+        run_component_sweep(model, ids(), specs, patterns=False, progress=False)

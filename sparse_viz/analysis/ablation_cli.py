@@ -123,10 +123,9 @@ def run_components(args: argparse.Namespace):
     check_replaceable(output)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     input_ids, attention_mask = _inputs(args, loaded)
-    if attention_mask is not None:
-        raise UserInputError("component ablation needs prompts of equal token length (--prompt-lines)")
     table = run_component_ablation(
-        loaded.model, input_ids, args.ablate, tokenizer=loaded.tokenizer, decomposition=args.decomposition,
+        loaded.model, input_ids, args.ablate, tokenizer=loaded.tokenizer, attention_mask=attention_mask,
+        decomposition=args.decomposition,
         mode=args.mode, n_samples=args.samples, ci_default=args.ci_default, pgd_steps=args.pgd_steps,
         pgd_step_size=args.pgd_step_size, seed=args.seed, patterns=not args.no_patterns,
         prediction_positions=args.prediction_positions, output_dir=output,

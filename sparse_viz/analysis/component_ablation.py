@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_viz.analysis.ablation_sweep import prediction_pairs
 from sparse_viz.analysis.decomposition import Decomposition, linear_at, projection_path
 from sparse_viz.analysis.head_ablation import (
     AttentionLayout,
@@ -43,6 +44,7 @@ from sparse_viz.analysis.head_ablation import (
     kl_per_position,
     logit_change_metrics,
     prediction_table,
+    summary_columns,
     token_text,
 )
 from sparse_viz.errors import UserInputError
@@ -154,9 +156,9 @@ class ComponentAblationResult:
     relative_error: dict[str, float] = field(default_factory=dict)
 
 
-def _forward(model, input_ids, masks, decomposition, patterns=False):
+def _forward(model, input_ids, masks, decomposition, patterns=False, attention_mask=None):
     with component_masks(model, decomposition, masks), eager_attention(model, patterns):
-        out = model(input_ids=input_ids, output_attentions=patterns, use_cache=False)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=patterns, use_cache=False)
     return out.logits.float(), (tuple(a.float() for a in out.attentions) if patterns else None)
 
 
@@ -172,6 +174,7 @@ def component_ablation_study(
     decomposition: Decomposition,
     ablated: Mapping[str, Sequence[int]],
     *,
+    attention_mask: torch.Tensor | None = None,
     mode: str = "deterministic",
     n_samples: int = 10,
     ci_default: float = 1.0,
@@ -187,7 +190,7 @@ def component_ablation_study(
 
     Args:
         model: HF causal LM.
-        input_ids: (N, T).
+        input_ids: (N, T); attention_mask: (N, T) 1 = token, 0 = right padding (None = none).
         decomposition: factors of the modules in play (all of them use their components).
         ablated: module path -> component indices to ablate (together).
         mode: "deterministic", "stochastic" or "adversarial" (see the module docstring).
@@ -217,6 +220,14 @@ def component_ablation_study(
     N, T = input_ids.shape
     paths = list(decomposition.factors)
     ones = {p: torch.ones(decomposition[p].n_components, device=device) for p in paths}  # (C,)
+    valid = torch.ones(N, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    n_valid = valid.sum()
+
+    def forward(masks, patterns=False):
+        return _forward(model, input_ids, masks, decomposition, patterns, attention_mask)
+
+    def mean_kl(base_logits, logits) -> torch.Tensor:  # over valid positions; differentiable
+        return kl_per_position(base_logits, logits)[valid].mean()
 
     def ablate(mask: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(mask)
@@ -227,7 +238,7 @@ def component_ablation_study(
         return out
 
     with torch.no_grad():
-        original, original_attn = _forward(model, input_ids, {}, decomposition, patterns)  # (N, T, V)
+        original, original_attn = forward({}, patterns)  # (N, T, V)
     notes = [f"Decomposition: {decomposition.label or decomposition.source}."]
     history: list[float] = []
     samples_kl, samples_top1, samples_delta = [], [], []
@@ -245,23 +256,23 @@ def component_ablation_study(
             base_mask = {p: ci[p] + (1 - ci[p]) * u[p] for p in paths}
             abl_mask = {p: ci_ablated[p] + (1 - ci_ablated[p]) * u[p] for p in paths}
             with torch.no_grad():
-                b_logits, b_attn = _forward(model, input_ids, base_mask, decomposition, patterns)
-                a_logits, a_attn = _forward(model, input_ids, abl_mask, decomposition, patterns)
-            m = logit_change_metrics(b_logits, a_logits)
-            samples_kl.append(m["kl"])
+                b_logits, b_attn = forward(base_mask, patterns)
+                a_logits, a_attn = forward(abl_mask, patterns)
+            m = logit_change_metrics(b_logits, a_logits, valid)
+            samples_kl.append(torch.where(valid, m["kl"], 0.0))
             samples_top1.append(float(m["frac_top1_changed"]))
             samples_delta.append(float(m["delta_logprob_top1_mean"]))
-            noise_kl.append(float(logit_change_metrics(original, b_logits)["kl"].mean()))
+            noise_kl.append(float(logit_change_metrics(original, b_logits, valid)["kl_divergence"]))
             base_probs = base_probs + F.softmax(b_logits, -1) / n_samples
             abl_probs = abl_probs + F.softmax(a_logits, -1) / n_samples
             for p in paths:
-                mask_sum[p] += abl_mask[p].mean((0, 1)) / n_samples
+                mask_sum[p] += abl_mask[p][valid].mean(0) / n_samples  # mean over real tokens
             if patterns:
                 base_attn_sum = [a / n_samples for a in b_attn] if base_attn_sum is None else [s + a / n_samples for s, a in zip(base_attn_sum, b_attn)]
                 abl_attn_sum = [a / n_samples for a in a_attn] if abl_attn_sum is None else [s + a / n_samples for s, a in zip(abl_attn_sum, a_attn)]
         kl = torch.stack(samples_kl).mean(0)  # (N, T)
-        summary = {"kl_divergence": float(kl.mean()), "frac_top1_changed": float(np.mean(samples_top1)),
-                   "delta_logprob_top1": float(np.mean(samples_delta)), "kl_std_over_samples": float(torch.stack([k.mean() for k in samples_kl]).std()) if n_samples > 1 else 0.0,
+        summary = {"kl_divergence": float(kl.sum() / n_valid), "frac_top1_changed": float(np.mean(samples_top1)),
+                   "delta_logprob_top1": float(np.mean(samples_delta)), "kl_std_over_samples": float(torch.stack([k.sum() / n_valid for k in samples_kl]).std()) if n_samples > 1 else 0.0,
                    "reconstruction_kl": float(np.mean(noise_kl))}
         base_for_table, abl_for_table = base_probs.clamp_min(1e-30).log(), abl_probs.clamp_min(1e-30).log()
         base_attn, abl_attn = base_attn_sum, abl_attn_sum
@@ -272,8 +283,8 @@ def component_ablation_study(
                      f"patterns and predictions use sample-mean attention / probabilities. Masks shown are mean ablated masks.")
     else:
         with torch.no_grad():
-            recon_logits, _ = _forward(model, input_ids, ones, decomposition)
-        reconstruction_kl = float(logit_change_metrics(original, recon_logits)["kl"].mean())
+            recon_logits, _ = forward(ones)
+        reconstruction_kl = float(logit_change_metrics(original, recon_logits, valid)["kl_divergence"])
         masks = ablate(ones)
         if mode == "adversarial":
             ci = {p: _ci(decomposition, p, ci_default, device) for p in paths}
@@ -287,8 +298,8 @@ def component_ablation_study(
 
             best_kl, best = -1.0, {p: s.detach().clone() for p, s in sources.items()}
             for step in tqdm(range(pgd_steps + 1), desc="PGD", disable=not progress):
-                logits, _ = _forward(model, input_ids, adversarial_masks(sources), decomposition)
-                loss = kl_per_position(original, logits).mean()
+                logits, _ = forward(adversarial_masks(sources))
+                loss = mean_kl(original, logits)
                 value = float(loss.detach())
                 history.append(value)
                 if value > best_kl:
@@ -313,8 +324,8 @@ def component_ablation_study(
         notes.append(f"reconstruction_kl = {reconstruction_kl:.4g}: KL(original || all components kept), reported "
                      "separately from the ablation's effect.")
         with torch.no_grad():
-            abl_logits, abl_attn = _forward(model, input_ids, masks, decomposition, patterns)
-        m = logit_change_metrics(original, abl_logits)
+            abl_logits, abl_attn = forward(masks, patterns)
+        m = logit_change_metrics(original, abl_logits, valid)
         kl = m["kl"]
         summary = {"kl_divergence": float(m["kl_divergence"]), "frac_top1_changed": float(m["frac_top1_changed"]),
                    "delta_logprob_top1": float(m["delta_logprob_top1_mean"]), "kl_std_over_samples": 0.0,
@@ -322,25 +333,18 @@ def component_ablation_study(
         base_for_table, abl_for_table, base_attn = original, abl_logits, original_attn
         final_masks = masks
 
-    lengths = [T] * N
-    pred_pos = []
-    for n in range(N):
-        for p in (prediction_positions if prediction_positions is not None else [-1]):
-            t = p if p >= 0 else lengths[n] + p
-            if not 0 <= t < T:
-                raise UserInputError(f"prediction position {p} out of range for {T} tokens")
-            pred_pos.append((n, t))
+    pred_pos = prediction_pairs(valid, prediction_positions)
     name = " + ".join(f"{path}:{','.join(map(str, idx))}" for path, idx in ablated.items())
     row = {"ablation": name, "mode": mode, "modules": " ".join(ablated), "n_components_ablated": sum(len(i) for i in ablated.values()),
-           **summary, "n_positions": N * T, "n_samples": n_samples if mode == "stochastic" else 1,
+           **summary, "n_positions": int(n_valid), "n_samples": n_samples if mode == "stochastic" else 1,
            "pgd_steps": pgd_steps if mode == "adversarial" else 0, "decomposition": decomposition.source}
     ids_np = input_ids.cpu().numpy()
     return ComponentAblationResult(
         table=pd.DataFrame([row]),
         ablated={p: list(i) for p, i in ablated.items()}, mode=mode,
         masks={p: m.detach().float().cpu().numpy() for p, m in final_masks.items()},
-        kl_per_position=kl.detach().cpu().numpy(), input_ids=ids_np,
-        tokens=[[token_text(tokenizer, int(i)) for i in ids_np[n]] for n in range(N)],
+        kl_per_position=torch.where(valid, kl.detach(), torch.nan).cpu().numpy(), input_ids=ids_np,
+        tokens=[[token_text(tokenizer, int(i)) for i in ids_np[n, :length]] for n, length in enumerate(valid.sum(1).tolist())],
         baseline_patterns={L: a.detach().cpu().numpy() for L, a in enumerate(base_attn)} if patterns else {},
         ablated_patterns={L: a.detach().cpu().numpy() for L, a in enumerate(abl_attn)} if patterns else {},
         predictions=prediction_table(base_for_table, abl_for_table, pred_pos, tokenizer, input_ids),
@@ -349,12 +353,42 @@ def component_ablation_study(
     )
 
 
+def _prepare(model, prompts, tokenizer, attention_mask, decomposition, specs: Sequence[str]):
+    """Model, tokenizer, (N, T) ids and padding mask, and the decomposition of a run.
+
+    `decomposition`: None = SVD of the modules named in `specs`; a path = SPD-style factors.
+    """
+    from sparse_viz.analysis.decomposition import load_factors, svd_decomposition
+    from sparse_viz.analysis.head_ablation import encode_prompts
+
+    if hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, nn.Module):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    device = next(model.parameters()).device
+    if isinstance(prompts, torch.Tensor):
+        input_ids = prompts.to(device)
+        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        attention_mask = None if attention_mask is None else attention_mask.to(device)
+    else:
+        if tokenizer is None:
+            raise UserInputError("text prompts need a tokenizer")
+        input_ids, attention_mask = encode_prompts(tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), device)
+    AttentionLayout.of(model)  # unsupported architecture -> one clear line
+    if isinstance(decomposition, (str, bytes)) or hasattr(decomposition, "__fspath__"):
+        decomposition = load_factors(decomposition, model)
+    if decomposition is None:
+        paths = [parse_component_spec(s if ":" in s else f"{s}:all", model)[0] for s in specs]
+        decomposition = svd_decomposition(model, dict.fromkeys(paths))
+    return model, tokenizer, input_ids, attention_mask, decomposition
+
+
 def run_component_ablation(
     model: nn.Module,
     prompts: str | Sequence[str] | torch.Tensor,
     components: Sequence[str],
     *,
     tokenizer=None,
+    attention_mask: torch.Tensor | None = None,
     decomposition: str | Decomposition | None = None,
     mode: str = "deterministic",
     n_samples: int = 10,
@@ -372,8 +406,9 @@ def run_component_ablation(
 
     Args:
         model: HF causal LM, or a LoadedModel.
-        prompts: a prompt, several prompts (all must tokenise to the same length), or ids (N, T).
+        prompts: a prompt, several prompts (batch items, right-padded), or ids (N, T).
         components: specs ablated together, e.g. ["3.o_proj:0,1", "2.q_proj:5"].
+        attention_mask: (N, T) right padding of tensor `prompts` (text prompts make their own).
         decomposition: None = SVD of the modules named in `components`; a file path = SPD-style
             factors (`load_factors`); or a Decomposition.
         mode, n_samples, ci_default, pgd_steps, pgd_step_size, seed: see `component_ablation_study`.
@@ -383,41 +418,233 @@ def run_component_ablation(
         frac_top1_changed, delta_logprob_top1, kl_std_over_samples, reconstruction_kl,
         n_positions, n_samples, pgd_steps, decomposition.
     """
-    from sparse_viz.analysis.decomposition import load_factors, svd_decomposition
-
-    if hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, nn.Module):
-        tokenizer = tokenizer or model.tokenizer
-        model = model.model
-    device = next(model.parameters()).device
-    if isinstance(prompts, torch.Tensor):
-        input_ids = prompts.to(device)
-        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-    else:
-        from sparse_viz.analysis.head_ablation import encode_prompts
-
-        if tokenizer is None:
-            raise UserInputError("text prompts need a tokenizer")
-        input_ids, mask = encode_prompts(tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), device)
-        if not bool(mask.all()):
-            raise UserInputError("component ablation needs prompts of equal token length (no padding)")
     if not components:
         raise UserInputError("nothing to ablate: give --ablate LAYER.PROJ:INDICES ...")
-    AttentionLayout.of(model)  # unsupported architecture -> one clear line
-    if isinstance(decomposition, (str, bytes)) or hasattr(decomposition, "__fspath__"):
-        decomposition = load_factors(decomposition, model)
+    model, tokenizer, input_ids, attention_mask, decomposition = _prepare(
+        model, prompts, tokenizer, attention_mask, decomposition, components)
     ablated: dict[str, list[int]] = {}
-    if decomposition is None:
-        paths = [parse_component_spec(s, model)[0] for s in components]
-        decomposition = svd_decomposition(model, dict.fromkeys(paths))
     for spec in components:
         path, idx = parse_component_spec(spec, model, decomposition)
         ablated[path] = sorted(set(ablated.get(path, [])) | set(idx))
     result = component_ablation_study(
-        model, input_ids, decomposition, ablated, mode=mode, n_samples=n_samples, ci_default=ci_default,
+        model, input_ids, decomposition, ablated, attention_mask=attention_mask, mode=mode, n_samples=n_samples, ci_default=ci_default,
         pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, seed=seed, patterns=patterns,
         prediction_positions=prediction_positions, tokenizer=tokenizer, progress=progress)
     if output_dir is not None:
         from sparse_viz.report.ablation import write_component_ablation_outputs
 
         write_component_ablation_outputs(result, output_dir, title=title)
+    return result.table
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps: every component alone, batched (deterministic mode).
+# --------------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ComponentAblation:
+    """One component of one module, ablated alone (a row of a sweep).
+
+    Attributes:
+        path: module path; component: its index; layer: the module's decoder layer.
+        name: table label, e.g. "3.o_proj:5" (never a bare number).
+    """
+
+    path: str
+    component: int
+    layer: int
+    name: str
+
+    @property
+    def changes_own_layer_attention(self) -> bool:
+        """q/k components change the attention pattern of their own layer; v/o only later ones."""
+        return self.path.endswith(("q_proj", "k_proj"))
+
+
+def _short_name(path: str) -> str:
+    match = _LAYER.search(path)
+    return f"{match.group(1)}.{path.rsplit('.', 1)[-1]}" if match else path
+
+
+def sweep_ablations(model: nn.Module, decomposition: Decomposition, specs: Sequence[str]) -> list[ComponentAblation]:
+    """Every listed component alone: "3.o_proj" (all of its components) or "3.o_proj:0-15".
+
+    Raises:
+        UserInputError: unknown module, component index beyond C, a module listed twice.
+    """
+    out: list[ComponentAblation] = []
+    seen: set[str] = set()
+    for spec in specs:
+        path, indices = parse_component_spec(spec if ":" in spec else f"{spec}:all", model, decomposition)
+        if path in seen:
+            raise UserInputError(f"module {path!r} is listed twice in --sweep")
+        seen.add(path)
+        match = _LAYER.search(path)
+        layer = int(match.group(1)) if match else 0  # unknown layer: forwards start at layer 0
+        out += [ComponentAblation(path, c, layer, f"{_short_name(path)}:{c}") for c in indices]
+    return out
+
+
+@dataclass
+class ComponentSweepResult:
+    """What a component sweep produced (the CSV, npz, PNGs and report are made of it).
+
+    Attributes:
+        table: one row per component (see `run_component_sweep`).
+        ablations: in table order.
+        kl_per_position: (A, N, T), NaN on padding; input_ids, valid: (N, T); tokens per sequence.
+        baseline_patterns: {layer: (N, H, T, T)}; ablated_patterns: per ablation {layer: ...}.
+        predictions: per ablation, the prediction table.
+        notes: what the baseline is, the SVD label, the reconstruction error.
+    """
+
+    table: pd.DataFrame
+    ablations: list[ComponentAblation]
+    kl_per_position: np.ndarray
+    input_ids: np.ndarray
+    valid: np.ndarray
+    tokens: list[list[str]]
+    baseline_patterns: dict[int, np.ndarray] = field(default_factory=dict)
+    ablated_patterns: list[dict[int, np.ndarray]] = field(default_factory=list)
+    predictions: list[list[dict]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    decomposition_label: str = ""
+    relative_error: dict[str, float] = field(default_factory=dict)
+
+
+SWEEP_COLUMNS = ["ablation", "module", "layer", "component", "component_norm", "kl_divergence", "kl_max_position",
+                 "frac_top1_changed", "delta_logprob_top1", "n_positions", "reconstruction_kl", "decomposition"]
+
+
+def component_sweep_study(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    decomposition: Decomposition,
+    ablations: Sequence[ComponentAblation],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 16,
+    patterns: bool = True,
+    prediction_positions: Sequence[int] | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    reuse_prefix: bool = True,
+) -> ComponentSweepResult:
+    """Ablate each component alone (deterministic mode), `batch_size` components per forward.
+
+    Each ablated run is the deterministic one of `component_ablation_study`: every decomposed
+    module runs from its components with mask 1, except the one ablated component; the
+    baseline is the ORIGINAL model, and the all-ones reconstruction error is reported
+    separately. Batch row a*N + n carries ablation a (a per-row (B, 1, C) mask); with
+    `reuse_prefix`, forwards start at the layer of their first module, from the layer inputs of
+    the all-ones reconstruction (the reference path, one full forward per component, is tested
+    to agree).
+
+    Args:
+        input_ids: (N, T); attention_mask: (N, T) 1 = token, 0 = right padding.
+        decomposition: factors of every module in play; ablations: from `sweep_ablations`.
+    Returns:
+        ComponentSweepResult.
+    """
+    from sparse_viz.analysis.ablation_sweep import run_batched_sweep
+
+    layout = AttentionLayout.of(model)
+    for a in ablations:
+        if a.path not in decomposition.factors or not 0 <= a.component < decomposition[a.path].n_components:
+            raise UserInputError(f"component {a.name} is not in the decomposition")
+    device = input_ids.device
+    ones = {p: torch.ones(decomposition[p].n_components, device=device) for p in decomposition.factors}  # (C,)
+
+    def row_hooks(rows: Sequence[ComponentAblation], seq_len: int):
+        masks = dict(ones)
+        for r, a in enumerate(rows):
+            if masks[a.path].dim() == 1:
+                masks[a.path] = torch.ones(len(rows), 1, len(ones[a.path]), device=device)  # (B, 1, C)
+            masks[a.path][r, 0, a.component] = 0.0
+        return component_masks(model, decomposition, masks)
+
+    def pattern_layer(a: ComponentAblation) -> list[int]:
+        return [min(a.layer + (0 if a.changes_own_layer_attention else 1), layout.n_layers - 1)]
+
+    run = run_batched_sweep(
+        model, input_ids, ablations, row_hooks=row_hooks, first_layer=lambda a: a.layer, pattern_layers=pattern_layer,
+        attention_mask=attention_mask, batch_size=batch_size, patterns=patterns,
+        prediction_positions=prediction_positions, tokenizer=tokenizer, progress=progress,
+        reuse_prefix=reuse_prefix, prefix_hooks=lambda: component_masks(model, decomposition, ones),
+        desc="component sweep")
+    valid = torch.as_tensor(run.valid, device=device)
+    with torch.no_grad():
+        original, _ = _forward(model, input_ids, {}, decomposition, attention_mask=attention_mask)
+        reconstructed, _ = _forward(model, input_ids, ones, decomposition, attention_mask=attention_mask)
+    reconstruction_kl = float(logit_change_metrics(original, reconstructed, valid)["kl_divergence"])
+
+    records = []
+    for a, m in zip(ablations, run.metrics):
+        f = decomposition[a.path]
+        norm = float(f.V[:, a.component].norm() * f.U[a.component].norm())  # = s_c for SVD
+        records.append({"ablation": a.name, "module": a.path, "layer": a.layer, "component": a.component,
+                        "component_norm": norm, **summary_columns(m), "reconstruction_kl": reconstruction_kl,
+                        "decomposition": decomposition.source})
+    notes = [
+        f"Decomposition: {decomposition.label or decomposition.source}.",
+        "Sweep, deterministic mode: each row ablates ONE component (mask 0) while every decomposed module runs "
+        "from its components with mask 1; baseline = the ORIGINAL model.",
+        f"reconstruction_kl = {reconstruction_kl:.4g}: KL(original || all components kept), reported separately "
+        "from each ablation's effect.",
+        "component_norm = |V[:, c]| |U[c]| (the singular value s_c for the SVD baseline).",
+    ]
+    return ComponentSweepResult(
+        table=pd.DataFrame.from_records(records, columns=SWEEP_COLUMNS), ablations=list(ablations),
+        kl_per_position=run.kl_per_position, input_ids=run.input_ids, valid=run.valid, tokens=run.tokens,
+        baseline_patterns=run.baseline_patterns, ablated_patterns=run.ablated_patterns,
+        predictions=run.predictions, notes=notes, decomposition_label=decomposition.label,
+        relative_error=dict(decomposition.relative_error),
+    )
+
+
+def run_component_sweep(
+    model: nn.Module,
+    prompts: str | Sequence[str] | torch.Tensor,
+    modules: Sequence[str],
+    *,
+    tokenizer=None,
+    attention_mask: torch.Tensor | None = None,
+    decomposition: str | Decomposition | None = None,
+    batch_size: int = 16,
+    patterns: bool = True,
+    prediction_positions: Sequence[int] | None = None,
+    output_dir=None,
+    progress: bool = True,
+    title: str = "Component sweep",
+) -> pd.DataFrame:
+    """Every component of the listed modules alone; the Python face of `components --sweep`.
+
+    Args:
+        model: HF causal LM, or a LoadedModel.
+        prompts: a prompt, several prompts (batch items, right-padded), or ids (N, T).
+        modules: "3.o_proj" (every component) or "3.o_proj:0-15", or MODULE_PATH[:IDX].
+        attention_mask: (N, T) right padding of tensor `prompts`.
+        decomposition: None = SVD of `modules`; a file path = SPD-style factors; a Decomposition.
+        batch_size: components per forward.
+        output_dir: if given, writes component_sweep.csv, patterns .npz, PNGs and report.html.
+    Returns:
+        DataFrame, one row per component: ablation, module, layer, component, component_norm,
+        kl_divergence, kl_max_position, frac_top1_changed, delta_logprob_top1, n_positions,
+        reconstruction_kl, decomposition.
+    """
+    if not modules:
+        raise UserInputError("nothing to sweep: give --sweep LAYER.PROJ ...")
+    model, tokenizer, input_ids, attention_mask, decomposition = _prepare(
+        model, prompts, tokenizer, attention_mask, decomposition, modules)
+    ablations = sweep_ablations(model, decomposition, modules)
+    result = component_sweep_study(model, input_ids, decomposition, ablations, attention_mask=attention_mask,
+                                   batch_size=batch_size, patterns=patterns, prediction_positions=prediction_positions,
+                                   tokenizer=tokenizer, progress=progress)
+    if output_dir is not None:
+        from sparse_viz.report.ablation import write_component_sweep_outputs
+
+        write_component_sweep_outputs(result, output_dir, title=title)
     return result.table

@@ -560,72 +560,31 @@ def head_ablation_study(
     Returns:
         HeadAblationResult.
     """
-    from tqdm.auto import tqdm
+    from sparse_viz.analysis.ablation_sweep import run_batched_sweep
 
     layout = AttentionLayout.of(model)
     N, T = input_ids.shape
     for ablation in ablations:
         validate_ablation(ablation, layout, T)
-    if batch_size < 1:
-        raise UserInputError(f"batch size must be >= 1, got {batch_size}")
     if pattern_layers is not None:
         for layer in pattern_layers:
             if not 0 <= layer < layout.n_layers:
                 raise UserInputError(f"pattern layer {layer} out of range (model has {layout.n_layers} layers)")
-    model.eval()
-    valid = torch.ones(N, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
-    lengths = valid.sum(1).tolist()
-    pred_pos = []
-    for n in range(N):
-        for p in (prediction_positions if prediction_positions is not None else [-1]):
-            t = p if p >= 0 else lengths[n] + p
-            if not 0 <= t < lengths[n]:
-                raise UserInputError(f"prediction position {p} out of range for sequence {n} of {lengths[n]} tokens")
-            pred_pos.append((n, t))
-
-    recorded = LayerInputs()
-    with record_layer_inputs(model, recorded) if reuse_prefix else contextlib.nullcontext():
-        base_logits, base_attn = forward_logits(model, input_ids, attention_mask, patterns)  # (N, T, V)
-    baseline_patterns = {L: a.float().cpu().numpy() for L, a in enumerate(base_attn)} if patterns else {}
-
-    baseline = BaselineDistribution.of(base_logits)
-    records, kl_rows, ablated_patterns, predictions = [], [], [], []
-    chunks = [list(ablations[i:i + batch_size]) for i in range(0, len(ablations), batch_size)]
-    bar = tqdm(total=len(ablations), desc="head ablation", unit="ablation", disable=not progress)
-    for chunk in chunks:
-        rows = [a for a in chunk for _ in range(N)]  # row a*N + n: ablation a on sequence n
-        ids = input_ids.repeat(len(chunk), 1)  # (k*N, T)
-        mask = None if attention_mask is None else attention_mask.repeat(len(chunk), 1)
-        start = min(min(a.layers) for a in chunk)
-        with head_ablation_hooks(model, rows, T):
-            if reuse_prefix:
-                logits, attn = forward_from_layer(model, start, recorded, len(chunk), patterns)  # (k*N, T, V)
-            else:
-                logits, attn_all = forward_logits(model, ids, mask, patterns)  # (k*N, T, V)
-                attn = dict(enumerate(attn_all)) if patterns else {}
-        for a, ablation in enumerate(chunk):
-            abl = logits[a * N:(a + 1) * N]  # (N, T, V)
-            m = baseline.compare(abl, valid)
-            kl_rows.append(torch.where(valid, m["kl"], torch.nan).cpu().numpy())
-            records.append(_table_row(ablation, layout, m))
-            predictions.append(prediction_table(base_logits, abl, pred_pos, tokenizer, input_ids))
-            if patterns:
-                layers = pattern_layers if pattern_layers is not None else [auto_pattern_layer(ablation, layout.n_layers)]
-                # layers below `start` did not run: their patterns are the baseline's, bit for bit
-                ablated_patterns.append({L: attn[L][a * N:(a + 1) * N].float().cpu().numpy() if L in attn
-                                         else baseline_patterns[L] for L in layers})
-        bar.update(len(chunk))
-    bar.close()
-
-    ids_np = input_ids.cpu().numpy()
-    tokens = [[token_text(tokenizer, int(i)) for i in ids_np[n, : lengths[n]]] for n in range(N)]
+    run = run_batched_sweep(
+        model, input_ids, ablations,
+        row_hooks=lambda rows, seq_len: head_ablation_hooks(model, rows, seq_len),
+        first_layer=lambda a: min(a.layers),
+        pattern_layers=lambda a: pattern_layers if pattern_layers is not None else [auto_pattern_layer(a, layout.n_layers)],
+        attention_mask=attention_mask, batch_size=batch_size, patterns=patterns,
+        prediction_positions=prediction_positions, tokenizer=tokenizer, progress=progress,
+        reuse_prefix=reuse_prefix, desc="head ablation")
+    records = [_table_row(ablation, layout, m) for ablation, m in zip(ablations, run.metrics)]
     return HeadAblationResult(
         table=pd.DataFrame.from_records(records, columns=TABLE_COLUMNS),
-        ablations=list(ablations),
-        kl_per_position=np.stack(kl_rows) if kl_rows else np.zeros((0, N, T)),
-        input_ids=ids_np, valid=valid.cpu().numpy(), tokens=tokens,
-        baseline_patterns=baseline_patterns, ablated_patterns=ablated_patterns,
-        predictions=predictions, layout=layout,
+        ablations=list(ablations), kl_per_position=run.kl_per_position,
+        input_ids=run.input_ids, valid=run.valid, tokens=run.tokens,
+        baseline_patterns=run.baseline_patterns, ablated_patterns=run.ablated_patterns,
+        predictions=run.predictions, layout=layout,
     )
 
 
@@ -633,7 +592,18 @@ TABLE_COLUMNS = ["ablation", "kind", "layer", "head", "n_heads_ablated", "positi
                  "kl_max_position", "frac_top1_changed", "delta_logprob_top1", "n_positions"]
 
 
-def _table_row(ablation: HeadAblation, layout: AttentionLayout, m: dict[str, torch.Tensor]) -> dict:
+def summary_columns(m: dict[str, float]) -> dict:
+    """The table columns of one ablation's summary metrics (`BaselineDistribution.compare`)."""
+    return {
+        "kl_divergence": float(m["kl_divergence"]),
+        "kl_max_position": float(m["kl_max"]),
+        "frac_top1_changed": float(m["frac_top1_changed"]),
+        "delta_logprob_top1": float(m["delta_logprob_top1_mean"]),
+        "n_positions": int(m["n_positions"]),
+    }
+
+
+def _table_row(ablation: HeadAblation, layout: AttentionLayout, m: dict[str, float]) -> dict:
     pairs = ablation.heads + ablation.kv_heads
     layers = ablation.layers
     n_query_heads = len(ablation.heads) + len(ablation.kv_heads) * layout.group_size
@@ -644,11 +614,7 @@ def _table_row(ablation: HeadAblation, layout: AttentionLayout, m: dict[str, tor
         "head": pairs[0][1] if len(pairs) == 1 else -1,  # -1: several heads (or KV group)
         "n_heads_ablated": n_query_heads,
         "positions": "all" if ablation.positions is None else " ".join(map(str, ablation.positions)),
-        "kl_divergence": float(m["kl_divergence"]),
-        "kl_max_position": float(m["kl_max"]),
-        "frac_top1_changed": float(m["frac_top1_changed"]),
-        "delta_logprob_top1": float(m["delta_logprob_top1_mean"]),
-        "n_positions": int(m["n_positions"]),
+        **summary_columns(m),
     }
 
 
