@@ -122,6 +122,36 @@ def test_component_report_shows_the_adversarial_masks(model_dir, tmp_path, capsy
         report.screenshot("component_ablation_report")
 
 
+@pytest.mark.browser
+def test_component_sweep_cli_and_report(model_dir, tmp_path, capsys, chromium):  # noqa: F811
+    """`components --sweep`: one CSV row per component, bar chart per module, click shows that component."""
+    out = tmp_path / "sweep"
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("xy\n")  # a shorter second sequence: padded
+    code, stdout, err = run_cli(["components", "--model", str(model_dir), "--prompt", HOSTILE, "--prompt-lines", str(lines),
+                                 "--sweep", "1.q_proj:0-5", "0.o_proj", "--batch-size", "7", "--output", str(out)], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "component_sweep.csv")
+    assert list(table["ablation"]) == [f"1.q_proj:{c}" for c in range(6)] + [f"0.o_proj:{c}" for c in range(32)]
+    assert (table["kl_divergence"] >= 0).all() and table["kl_divergence"].max() > 0
+    for module, group in table.groupby("module"):
+        assert group["component_norm"].is_monotonic_decreasing, module  # SVD: s_0 >= s_1 >= ...
+    assert (table["n_positions"] == table.loc[0, "n_positions"]).all()
+    assert (out / "plots" / "component_sweep.png").is_file()
+    assert np.load(out / "component_sweep_patterns.npz")["kl_per_position"].shape[:2] == (38, 2)
+    assert "0.o_proj" in stdout or "1.q_proj" in stdout
+    with open_report(chromium, out / "report.html") as report:
+        page = report.page
+        assert not page.locator("#sweep-panel").is_hidden() and page.locator("#masks-panel").is_hidden()
+        assert page.locator("#sweep svg.sweep-chart").count() == 2
+        assert page.locator("#sweep rect.bar").count() == 38
+        page.locator('#sweep rect.bar[data-name="0.o_proj:3"]').click()
+        assert page.locator("#detail-title").text_content().startswith("Ablation 0.o_proj:3")
+        assert page.locator("#ablation-table tbody tr.selected td").first.text_content() == "0.o_proj:3"
+        assert page.locator("img").count() == 0  # the hostile prompt stays text
+        report.screenshot("component_sweep_report")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["heads", "--ablate", "7.0"], "layer 7 out of range"),
     (["heads", "--ablate", "1.9"], "head 9 out of range"),
@@ -130,6 +160,9 @@ def test_component_report_shows_the_adversarial_masks(model_dir, tmp_path, capsy
     (["heads"], "nothing to ablate"),
     (["components", "--ablate", "0.q_proj:99"], "outside 0-31"),
     (["components", "--ablate", "0.q_proj:1", "--mode", "stochastic", "--ci-default", "2"], "ci-default must lie in"),
+    (["components", "--sweep", "0.q_proj:40"], "outside 0-31"),
+    (["components", "--sweep", "0.q_proj", "--mode", "adversarial"], "--sweep runs deterministic ablations only"),
+    (["components", "--sweep", "0.q_proj", "--ablate", "0.q_proj:1"], "not allowed with argument"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(model_dir, tmp_path, capsys, argv, message):
     out = tmp_path / "out"

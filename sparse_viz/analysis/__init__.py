@@ -18,6 +18,7 @@ _LAZY = {
     "SUPPORTED_ARCHITECTURES": "sparse_viz.analysis.loading",
     "run_head_ablation": "sparse_viz.analysis.head_ablation",
     "run_component_ablation": "sparse_viz.analysis.component_ablation",
+    "run_component_sweep": "sparse_viz.analysis.component_ablation",
     "run_vision_masking_experiment": "sparse_viz.analysis.vision_masking",
     "run_batch": "sparse_viz.analysis.batch",
 }

@@ -6,6 +6,7 @@ Examples:
     python -m sparse_viz.analysis heads --model DIR --ablate-kv 4.1
     python -m sparse_viz.analysis components --model DIR --ablate 3.o_proj:0-3 --mode adversarial --ci-default 0.5
     python -m sparse_viz.analysis components --model DIR --decomposition spd.safetensors --ablate 3.q_proj:7 --mode stochastic
+    python -m sparse_viz.analysis components --model DIR --sweep 3.o_proj 3.q_proj:0-63 --output results/sweep
 """
 
 from __future__ import annotations
@@ -102,8 +103,12 @@ def run_heads(args: argparse.Namespace):
 
 def add_components_arguments(parser: argparse.ArgumentParser) -> None:
     _add_shared(parser)
-    parser.add_argument("--ablate", nargs="+", required=True, metavar="L.PROJ:IDX",
-                        help='components ablated together, e.g. 3.o_proj:0,2,5-7 2.q_proj:all (or MODULE_PATH:IDX)')
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ablate", nargs="+", default=[], metavar="L.PROJ:IDX",
+                      help='components ablated together, e.g. 3.o_proj:0,2,5-7 2.q_proj:all (or MODULE_PATH:IDX)')
+    what.add_argument("--sweep", nargs="+", default=[], metavar="L.PROJ[:IDX]",
+                      help="every component of these modules alone, batched (deterministic mode), e.g. 3.o_proj 2.q_proj:0-31")
+    parser.add_argument("--batch-size", type=int, default=16, help="--sweep: components per forward (default 16)")
     parser.add_argument("--decomposition", default=None,
                         help="SPD-style factors (.safetensors/.pt with <module>.V, .U, optional .ci); default: SVD baseline")
     parser.add_argument("--mode", default="deterministic", choices=("deterministic", "stochastic", "adversarial"))
@@ -116,13 +121,28 @@ def add_components_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_components(args: argparse.Namespace):
-    from sparse_viz.analysis.component_ablation import run_component_ablation
+    from sparse_viz.analysis.component_ablation import run_component_ablation, run_component_sweep
     from sparse_viz.analysis.loading import load_model
 
-    output = check_output_dir(args.output or "results/component_ablation")
+    output = check_output_dir(args.output or ("results/component_sweep" if args.sweep else "results/component_ablation"))
     check_replaceable(output)
+    if args.sweep and args.mode != "deterministic":
+        raise UserInputError(f"--sweep runs deterministic ablations only (got --mode {args.mode}); "
+                             "use --ablate for stochastic or adversarial runs")
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     input_ids, attention_mask = _inputs(args, loaded)
+    if args.sweep:
+        table = run_component_sweep(
+            loaded.model, input_ids, args.sweep, tokenizer=loaded.tokenizer, attention_mask=attention_mask,
+            decomposition=args.decomposition, batch_size=args.batch_size, patterns=not args.no_patterns,
+            prediction_positions=args.prediction_positions, output_dir=output,
+            title=f"Component sweep: {loaded.name_or_path}")
+        top = table.sort_values("kl_divergence", ascending=False).head(10)
+        print(top[["ablation", "component_norm", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
+        print(f"{len(table)} component(s) written to {output}")
+        return table
     table = run_component_ablation(
         loaded.model, input_ids, args.ablate, tokenizer=loaded.tokenizer, attention_mask=attention_mask,
         decomposition=args.decomposition,

@@ -177,10 +177,17 @@ register_command("mask", add_mask_arguments, run_mask, help="token masking impac
 # -- entry point -----------------------------------------------------------------------------
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the problem, and where help is), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         importlib.import_module(module)
-    parser = argparse.ArgumentParser(prog=PROG, description="Probe pretrained checkpoints.")
+    parser = OneLineErrorParser(prog=PROG, description="Probe pretrained checkpoints.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_arguments, _) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=COMMAND_HELP.get(name, ""))

@@ -12,9 +12,9 @@ channels `[g*hd, (g+1)*hd)`) at every key position. With GQA every query head h 
 them, so its z becomes exactly 0: KV-head ablation == ablating that query-head group at all
 positions. (Restricting it to positions would mean something else, so it is not offered.)
 
-Batched sweeps. The prompt batch (N sequences) is replicated k times along the batch dim;
-batch row `a*N + n` carries ablation a on sequence n, and the hooks apply a per-row keep mask,
-so k ablations share one forward.
+Batched sweeps (`ablation_sweep.run_batched_sweep`). The prompt batch (N sequences) is
+replicated k times along the batch dim; batch row `a*N + n` carries ablation a on sequence n,
+and the hooks apply a per-row keep mask, so k ablations share one forward.
 
 Metrics (over ALL positions of ALL sequences, never item 0 only), with p = baseline and
 q = ablated next-token distributions:

@@ -11,6 +11,7 @@ Report payload (read by static/ablation.js):
     patterns: {key: {shape: [N, H, T, T], data: base64 of uint8 round(255 * p)}}
     baseline: {layer: key}
     masks (components): {module: [float]}, ablated (components): {module: [int]}, pgd_history
+    sweep (component sweep): [{module, components: [int], index: [ablation index]}]
 Attention probabilities are quantised to 1/255 for the page only; the .npz keeps float32.
 """
 
@@ -204,24 +205,28 @@ def _slug(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def head_ablation_payload(result, title: str = "Head ablation") -> dict[str, Any]:
-    """The JSON payload of the head-ablation report (see the module docstring)."""
-    layout = result.layout
+def _ablation_entries(result, extra) -> tuple[list[dict[str, Any]], _PatternStore, dict[str, str], int]:
+    """Report entries of a sweep-shaped result (heads, or a component sweep).
+
+    Args:
+        result: has table, ablations (with .name), kl_per_position (A, N, T), predictions,
+            baseline_patterns {layer: (N, H, T, T)} and ablated_patterns [{layer: ...}].
+        extra: i -> entry fields of ablation i beyond the shared ones.
+    Returns:
+        (entries, pattern store, baseline {layer: key}, count of entries without patterns).
+    """
     store = _PatternStore()
     baseline = {}
     # Embed baseline layers that some ablation's patterns refer to first, then others if room.
-    order = np.argsort(-result.table["kl_divergence"].to_numpy(), kind="stable")
     needed = sorted({L for pats in result.ablated_patterns for L in pats})
     for L in needed + [L for L in sorted(result.baseline_patterns) if L not in needed]:
         if store.add(f"b{L}", result.baseline_patterns[L]):
             baseline[str(L)] = f"b{L}"
-    ablations = []
+    entries = []
     for i, ablation in enumerate(result.ablations):
         row = result.table.iloc[i]
-        ablations.append({
-            "name": ablation.name, "kind": ablation.kind, "layer": int(row["layer"]), "head": int(row["head"]),
-            "heads": [list(p) for p in ablation.heads], "kv_heads": [list(p) for p in ablation.kv_heads],
-            "positions": row["positions"],
+        entries.append({
+            "name": ablation.name, **extra(i),
             "kl_divergence": float(row["kl_divergence"]), "frac_top1_changed": float(row["frac_top1_changed"]),
             "delta_logprob_top1": float(row["delta_logprob_top1"]),
             "kl_per_position": _round(result.kl_per_position[i][:MAX_REPORT_SEQUENCES]),
@@ -229,6 +234,7 @@ def head_ablation_payload(result, title: str = "Head ablation") -> dict[str, Any
             "pattern_layers": sorted(result.ablated_patterns[i]) if result.ablated_patterns else [],
             "patterns": None,
         })
+    order = np.argsort(-result.table["kl_divergence"].to_numpy(), kind="stable")
     for i in order:  # the largest effects get their patterns embedded first
         if not result.ablated_patterns:
             break
@@ -236,7 +242,22 @@ def head_ablation_payload(result, title: str = "Head ablation") -> dict[str, Any
         for L, pattern in result.ablated_patterns[i].items():
             if str(L) in baseline and store.add(f"a{i}_{L}", pattern):
                 keys[str(L)] = f"a{i}_{L}"
-        ablations[i]["patterns"] = keys or None
+        entries[i]["patterns"] = keys or None
+    missing = sum(e["patterns"] is None for e in entries) if result.ablated_patterns else 0
+    return entries, store, baseline, missing
+
+
+def head_ablation_payload(result, title: str = "Head ablation") -> dict[str, Any]:
+    """The JSON payload of the head-ablation report (see the module docstring)."""
+    layout = result.layout
+
+    def extra(i):
+        ablation, row = result.ablations[i], result.table.iloc[i]
+        return {"kind": ablation.kind, "layer": int(row["layer"]), "head": int(row["head"]),
+                "heads": [list(p) for p in ablation.heads], "kv_heads": [list(p) for p in ablation.kv_heads],
+                "positions": row["positions"]}
+
+    ablations, store, baseline, missing = _ablation_entries(result, extra)
     notes = [
         "Ablating head h of layer L zeroes its output z (the o_proj input slice [h*hd, (h+1)*hd)); the head's "
         "own attention is unchanged, so ablated patterns are shown at later layers.",
@@ -245,7 +266,6 @@ def head_ablation_payload(result, title: str = "Head ablation") -> dict[str, Any
     if any(a.kv_heads for a in result.ablations):
         notes.append("KV-head ablation zeroes that KV head's values at every position; with GQA this equals "
                      f"ablating its {layout.group_size} query heads.")
-    missing = sum(a["patterns"] is None for a in ablations) if result.ablated_patterns else 0
     if missing:
         notes.append(f"{missing} ablation(s) have no patterns in this page (size budget); "
                      "head_ablation_patterns.npz has them all.")
@@ -257,39 +277,43 @@ def head_ablation_payload(result, title: str = "Head ablation") -> dict[str, Any
     }
 
 
+def _write_sweep_files(out: Path, result, stem: str, plots: bool) -> None:
+    """`{stem}.csv`, `{stem}_patterns.npz`, predictions.json and the largest effects' pattern PNGs."""
+    import json
+
+    result.table.to_csv(out / f"{stem}.csv", index=False)
+    arrays = {"kl_per_position": result.kl_per_position, "input_ids": result.input_ids, "valid": result.valid,
+              "ablation_names": np.array([a.name for a in result.ablations])}
+    for L, pattern in result.baseline_patterns.items():
+        arrays[f"baseline_layer{L}"] = pattern
+    for i, pats in enumerate(result.ablated_patterns):
+        for L, pattern in pats.items():
+            arrays[f"ablation{i}_layer{L}"] = pattern
+    _save_npz(out / f"{stem}_patterns.npz", arrays)
+    write_text_atomic(out / "predictions.json", json.dumps(
+        {a.name: p for a, p in zip(result.ablations, result.predictions)}, ensure_ascii=False, indent=1))
+    if plots and result.ablated_patterns:
+        order = np.argsort(-result.table["kl_divergence"].to_numpy(), kind="stable")[:MAX_PATTERN_PNGS]
+        for i in order:
+            for L, pattern in result.ablated_patterns[i].items():
+                for n in range(min(len(pattern), 2)):
+                    name = result.ablations[i].name
+                    fig = patterns_figure(result.baseline_patterns[L][n], pattern[n], result.tokens[n],
+                                          f"ablation {name}: layer {L} attention, sequence {n}")
+                    _save_fig(fig, out / "plots" / f"patterns_{_slug(name)}_layer{L}_seq{n}.png")
+
+
 def write_head_ablation_outputs(result, output_dir, *, title: str = "Head ablation", plots: bool = True) -> Path:
     """Write head_ablation.csv, head_ablation_patterns.npz, predictions.json, plots/*.png, report.html.
 
     Returns:
         The output folder.
     """
-    import json
-
     with _OutputDir(output_dir) as out:
-        result.table.to_csv(out / "head_ablation.csv", index=False)
-        arrays = {"kl_per_position": result.kl_per_position, "input_ids": result.input_ids, "valid": result.valid,
-                  "ablation_names": np.array([a.name for a in result.ablations])}
-        for L, pattern in result.baseline_patterns.items():
-            arrays[f"baseline_layer{L}"] = pattern
-        for i, pats in enumerate(result.ablated_patterns):
-            for L, pattern in pats.items():
-                arrays[f"ablation{i}_layer{L}"] = pattern
-        _save_npz(out / "head_ablation_patterns.npz", arrays)
-        write_text_atomic(out / "predictions.json", json.dumps(
-            {a.name: p for a, p in zip(result.ablations, result.predictions)}, ensure_ascii=False, indent=1))
-        if plots:
-            if (result.table["kind"] == "head").sum() > 1:
-                _save_fig(head_heatmap_figure(result.table, result.layout.n_layers, result.layout.n_heads),
-                          out / "plots" / "head_ablation_heatmap.png")
-            if result.ablated_patterns:
-                order = np.argsort(-result.table["kl_divergence"].to_numpy(), kind="stable")[:MAX_PATTERN_PNGS]
-                for i in order:
-                    for L, pattern in result.ablated_patterns[i].items():
-                        for n in range(min(len(pattern), 2)):
-                            name = result.ablations[i].name
-                            fig = patterns_figure(result.baseline_patterns[L][n], pattern[n], result.tokens[n],
-                                                  f"ablation {name}: layer {L} attention, sequence {n}")
-                            _save_fig(fig, out / "plots" / f"patterns_{_slug(name)}_layer{L}_seq{n}.png")
+        _write_sweep_files(out, result, "head_ablation", plots)
+        if plots and (result.table["kind"] == "head").sum() > 1:
+            _save_fig(head_heatmap_figure(result.table, result.layout.n_layers, result.layout.n_heads),
+                      out / "plots" / "head_ablation_heatmap.png")
         _write_report(out, head_ablation_payload(result, title))
     return Path(output_dir)
 
@@ -380,4 +404,68 @@ def write_component_ablation_outputs(result, output_dir, *, title: str = "Compon
                                           f"{result.mode} component ablation: layer {L} attention, sequence 0")
                     _save_fig(fig, out / "plots" / f"patterns_layer{L}_seq0.png")
         _write_report(out, component_ablation_payload(result, title))
+    return Path(output_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Component sweep.
+# --------------------------------------------------------------------------------------------
+
+
+def _sweep_modules(result) -> list[dict[str, Any]]:
+    """Per swept module: its component indices and where each one's row is."""
+    modules: dict[str, dict[str, Any]] = {}
+    for i, a in enumerate(result.ablations):
+        entry = modules.setdefault(a.path, {"module": a.path, "components": [], "index": []})
+        entry["components"].append(a.component)
+        entry["index"].append(i)
+    return list(modules.values())
+
+
+def component_sweep_payload(result, title: str = "Component sweep") -> dict[str, Any]:
+    """The JSON payload of a component sweep's report (the head report's shape, plus `sweep`)."""
+
+    def extra(i):
+        a = result.ablations[i]
+        return {"kind": "component", "layer": a.layer, "head": -1, "module": a.path, "component": a.component,
+                "component_norm": float(result.table.iloc[i]["component_norm"]),
+                "reconstruction_kl": float(result.table.iloc[i]["reconstruction_kl"])}
+
+    ablations, store, baseline, missing = _ablation_entries(result, extra)
+    notes = list(result.notes)
+    if missing:
+        notes.append(f"{missing} ablation(s) have no patterns in this page (size budget); "
+                     "component_sweep_patterns.npz has them all.")
+    n_heads = next(iter(result.baseline_patterns.values())).shape[1] if result.baseline_patterns else 0
+    return {
+        "kind": "components", "title": title, "mode": "deterministic sweep", "decomposition": result.decomposition_label,
+        "relative_error": result.relative_error, "n_layers": len(result.baseline_patterns), "n_heads": n_heads,
+        "notes": notes, "tokens": result.tokens[:MAX_REPORT_SEQUENCES], "n_sequences": len(result.tokens),
+        "ablations": ablations, "patterns": store.items, "baseline": baseline,
+        "sweep": _sweep_modules(result), "masks": {}, "ablated": {}, "pgd_history": [],
+    }
+
+
+def component_sweep_figure(result):
+    """One bar chart per module: KL(baseline || ablated) of each component ablated alone."""
+    plt = _pyplot()
+    modules = _sweep_modules(result)
+    kl = result.table["kl_divergence"].to_numpy()
+    fig, axes = plt.subplots(len(modules), 1, figsize=(8, 1.9 * len(modules) + 0.6), squeeze=False)
+    for ax, entry in zip(axes[:, 0], modules):
+        ax.bar(entry["components"], kl[entry["index"]], color="#3b6fd8", width=1.0)
+        ax.set_ylabel("KL"), ax.set_title(entry["module"], fontsize=9)
+    axes[-1, 0].set_xlabel("component (ablated alone)")
+    fig.suptitle("component sweep: KL(original || one component removed)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_component_sweep_outputs(result, output_dir, *, title: str = "Component sweep", plots: bool = True) -> Path:
+    """Write component_sweep.csv, component_sweep_patterns.npz, predictions.json, plots, report.html."""
+    with _OutputDir(output_dir) as out:
+        _write_sweep_files(out, result, "component_sweep", plots)
+        if plots:
+            _save_fig(component_sweep_figure(result), out / "plots" / "component_sweep.png")
+        _write_report(out, component_sweep_payload(result, title))
     return Path(output_dir)

@@ -64,8 +64,31 @@
     document.getElementById("metric-select").addEventListener("change", (e) => { state.metric = e.target.value; drawHeatmap(); });
   }
 
+  // --- component sweep: KL of each component alone, per module ---------------------------------
+  if (data.sweep) {
+    document.getElementById("sweep-panel").hidden = false;
+    const root = d3.select("#sweep");
+    for (const entry of data.sweep) {
+      const items = entry.index.map((i, k) => ({ i, c: entry.components[k], a: ablations[i] }));
+      const width = Math.max(300, Math.min(1000, items.length * 8)), height = 80;
+      const x = d3.scaleBand().domain(items.map((d) => d.c)).range([48, width]).padding(0.05);
+      const y = d3.scaleLinear([0, d3.max(items, (d) => d.a.kl_divergence) || 1], [height + 5, 5]);
+      root.append("div").attr("class", "muted").text(entry.module);
+      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 24).attr("class", "sweep-chart");
+      svg.append("g").selectAll("rect").data(items).join("rect")
+        .attr("class", "bar").attr("data-name", (d) => d.a.name)
+        .attr("x", (d) => x(d.c)).attr("width", x.bandwidth())
+        .attr("y", (d) => y(d.a.kl_divergence)).attr("height", (d) => height + 5 - y(d.a.kl_divergence))
+        .attr("fill", "#3b6fd8")
+        .on("mousemove", (event, d) => tooltip.show(event, `component ${d.a.name}\nKL ${SV.format(d.a.kl_divergence)}\ntop-1 changed ${SV.format(d.a.frac_top1_changed, 3)}\nnorm ${SV.format(d.a.component_norm, 3)}`))
+        .on("mouseleave", () => tooltip.hide())
+        .on("click", (event, d) => select(d.i));
+      svg.append("g").attr("transform", "translate(48,0)").call(d3.axisLeft(y).ticks(3));
+    }
+  }
+
   // --- component masks ---------------------------------------------------------------------
-  if (data.kind === "components") {
+  if (data.kind === "components" && !data.sweep) {
     document.getElementById("masks-panel").hidden = false;
     text(document.getElementById("masks-caption"),
       `Mask value per component (red: ablated) of the run the metrics and patterns come from (${data.mode} mode).` +
@@ -212,7 +235,7 @@
     state.selected = i;
     const a = ablations[i];
     for (const [j, tr] of rows) tr.classList.toggle("selected", j === i);
-    d3.selectAll("#heatmap rect.cell").classed("selected", (d) => d.i === i);
+    d3.selectAll("#heatmap rect.cell, #sweep rect.bar").classed("selected", (d) => d.i === i);
     text(document.getElementById("detail-title"),
       `Ablation ${a.name}: KL ${SV.format(a.kl_divergence)}, top-1 changed ${SV.format(a.frac_top1_changed, 3)}` +
       (a.reconstruction_kl !== undefined ? `, reconstruction KL ${SV.format(a.reconstruction_kl)}` : ""));
