@@ -12,9 +12,11 @@ All three tables are checked to agree, then the heads with the largest KL are pr
     python bench/bench_head_sweep.py --layers 0,10,20 --repeats 3
 
 On a CPU the sweep is compute-bound: batching only amortises per-call overhead and prefix reuse
-removes ~45% of the FLOPs, so expect ~2x there (measured 2.07x, 1 thread, 2-core machine); the
-large batching gains are on a GPU, where a 64-token forward is launch-bound. On a shared CPU use
---threads 1: with several threads, OpenMP thrashing inflates every small op and the ratios.
+removes ~38% of the FLOPs (17.5 -> 10.8 GFLOP per head on average), so expect ~2x there. The
+script prints each method's FLOPs and GFLOP/s and the fp32 GEMM peak, hence the most an exact
+sweep could gain on this machine. The large batching gains are on a GPU, where a 64-token
+forward is launch-bound. On a shared CPU use --threads 1: with several threads, OpenMP
+thrashing inflates every small op and the ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +38,43 @@ PROMPT = (
     "university founded in the same decade attracted students and scholars from across the continent, "
     "and the city slowly became known for its libraries, its music and its long tradition of printing."
 )
+
+
+def forward_flops(model, T: int, first_layer: int = 0) -> float:
+    """Matmul FLOPs of one T-token forward from `first_layer` on: projections, MLP, scores, LM head."""
+    c = model.config
+    d, hd = c.hidden_size, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    per_token = 2 * (d * q + 2 * d * kv + q * d + 3 * d * c.intermediate_size)  # q, k, v, o, gate/up/down
+    scores = 2 * 2 * c.num_attention_heads * hd * T * (T + 1) / 2  # QK^T and AV over the causal half
+    layers = c.num_hidden_layers - first_layer
+    return layers * (T * per_token + scores) + 2 * T * d * c.vocab_size
+
+
+def matmul_peak_gflops(m: int = 1728, k: int = 576, n: int = 1536, reps: int = 10) -> float:
+    """fp32 GEMM throughput of this machine at a sweep-like shape (the compute ceiling)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+
+
+def print_roofline(model, T: int, ablations, times: dict[str, list[float]], batch_size: int) -> None:
+    """Achieved GFLOP/s of each method, and the best ratio an exact sweep could reach here."""
+    full = forward_flops(model, T)
+    flops = {"one_per_head": full * len(ablations), "batched": full * len(ablations),
+             "batched+prefix": sum(forward_flops(model, T, min(a.layers)) for a in ablations)}
+    print("\nwork per method (matmul FLOPs from the config) and achieved throughput:")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:>15}: {flops[name] / 1e9:8.1f} GFLOP  {flops[name] / median / 1e9:6.1f} GFLOP/s")
+    if "one_per_head" in times and next(iter(model.parameters())).device.type == "cpu":
+        peak = matmul_peak_gflops(m=batch_size * T)
+        bound = statistics.median(times["one_per_head"]) / (flops["batched+prefix"] / (peak * 1e9))
+        print(f"  fp32 GEMM peak at the sweep's shape: {peak:.0f} GFLOP/s -> an exact sweep can be at most "
+              f"{bound:.1f}x faster than one_per_head on this CPU (all its FLOPs at peak)")
 
 
 def main() -> None:
@@ -99,6 +138,8 @@ def main() -> None:
         print(f"  {name:>15}: {median:8.2f} s  ({median / len(ablations) * 1000:7.1f} ms/head){ratio}")
     if "batched" in times:
         print(f"  prefix reuse alone: {statistics.median(times['batched']) / statistics.median(times['batched+prefix']):.2f}x")
+
+    print_roofline(model, ids.shape[1], ablations, times, args.batch_size)
 
     print("\nheads with the largest KL(baseline || ablated), mean over all positions:")
     top = reference.sort_values("kl_divergence", ascending=False).head(10)

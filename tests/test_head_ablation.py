@@ -150,9 +150,10 @@ def test_metrics_where_the_ablated_model_rules_a_token_out():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_batched_sweep_equals_one_at_a_time(model, padded):
+def test_batched_sweep_equals_one_at_a_time(model, padded, monkeypatch):
     """Batched rows + prefix reuse == one full forward per ablation (the reference path)."""
     x = ids(n=2, t=7)
+    monkeypatch.setattr("sparse_viz.analysis.ablation_sweep.LM_HEAD_ROWS", 2 * 2 * 7)  # LM head 2 ablations at a time
     mask = None
     if padded:
         mask = torch.ones_like(x)
@@ -179,6 +180,29 @@ def test_sweep_skips_the_layers_before_each_ablation(model):
     for handle in handles:
         handle.remove()
     assert calls == [1 + 1, 1 + 2, 1 + 3]  # baseline + the chunks (of 4 heads = one layer) at or below each layer
+
+
+def test_rows_join_the_batch_at_their_own_layer(model):
+    """A chunk mixing layers 2, 0 and 1 (in that order): each layer runs only the rows that need it."""
+    rows_seen = [[], [], []]
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: rows_seen[i].append(a[0].shape[0]))
+               for i, layer in enumerate(model.model.layers)]
+    x = ids(n=2)
+    ablations = build_ablations(AttentionLayout.of(model), ablate=["2.1"]) + build_ablations(AttentionLayout.of(model), ablate=["0.3"]) \
+        + build_ablations(AttentionLayout.of(model), ablate=["1.0", "2.2"])
+    batched = head_ablation_study(model, x, ablations, batch_size=3, patterns=True, pattern_layers=[0, 1, 2], progress=False)
+    for handle in handles:
+        handle.remove()
+    # baseline (2 sequences), then one forward: layer 0 runs the L0 rows, layer 1 adds the L1+L2 rows, layer 2 all
+    assert rows_seen == [[2, 2], [2, 4], [2, 6]]
+    for i, ablation in enumerate(ablations):  # results land on their own ablation, not in layer order
+        single = head_ablation_study(model, x, [ablation], batch_size=1, patterns=True, pattern_layers=[0, 1, 2],
+                                     progress=False, reuse_prefix=False)
+        assert batched.table.loc[i, "ablation"] == ablation.name
+        assert batched.table.loc[i, "kl_divergence"] == pytest.approx(single.table.loc[0, "kl_divergence"], rel=1e-4, abs=1e-7)
+        for layer in (0, 1, 2):
+            torch.testing.assert_close(torch.from_numpy(batched.ablated_patterns[i][layer]),
+                                       torch.from_numpy(single.ablated_patterns[0][layer]), atol=1e-6, rtol=0)
 
 
 def test_patterns_are_per_sequence_and_match_model(model):

@@ -1,20 +1,25 @@
 """The batched sweep engine shared by head and component ablation.
 
-Many ablations, one baseline: the prompt batch (N sequences) is replicated k times along the
-batch dim, batch row `a*N + n` carries ablation a on sequence n, and the caller's hooks apply a
-per-row edit, so k ablations share one forward. With `reuse_prefix`, each forward starts at the
-first layer its ablations touch, from the recorded input of that layer (`forward_from_layer`):
-the layers before it cannot change. Every ablation is compared with the same baseline
-(`BaselineDistribution`) over ALL positions of ALL sequences.
+Many ablations, one baseline: the prompt batch (N sequences) is replicated once per ablation
+along the batch dim, batch row `a*N + n` carries ablation a on sequence n, and the caller's hooks
+apply a per-row edit, so k ablations share one forward.
 
-The reference path (`reuse_prefix=False`, `batch_size=1`) is one full forward per ablation;
-both ablation kinds test that the two agree.
+Prefix reuse (`reuse_prefix`): an ablation whose first edited layer is L cannot change layers
+< L, so its rows need not run them. The ablations are ordered by first layer and each one's rows
+JOIN the batch at its own first layer, from the recorded input of that layer: at layer i the
+batch holds the rows of the ablations starting at or before i, always a prefix of the row list
+(hence the hooks slice their per-row masks to the rows present). A chunk that mixes layers then
+does no more work than one forward per layer would.
+
+Every ablation is compared with the same baseline (`BaselineDistribution`) over ALL positions
+of ALL sequences. The reference path (`reuse_prefix=False`, `batch_size=1`) is one full forward
+per ablation; both ablation kinds test that the two agree.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
 
@@ -22,19 +27,113 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparse_viz.analysis.head_ablation import (
-    BaselineDistribution,
-    LayerInputs,
-    forward_from_layer,
-    forward_logits,
-    prediction_table,
-    record_layer_inputs,
-    token_text,
-)
+from sparse_viz.analysis.loading import ArchitectureAdapter
+from sparse_viz.analysis.head_ablation import BaselineDistribution, eager_attention, forward_logits, prediction_table, token_text
 from sparse_viz.errors import UserInputError
+
+# Rows per LM-head call in a sweep: bounds the (rows, V) fp32 logits alive at once (2048 rows of
+# Qwen3's 151,936-token vocabulary: 1.2 GB) whatever the batch size. Smaller slices cost speed:
+# 64 rows (one ablation) ran 1.2x slower than the whole 1728-row chunk (bench_head_sweep.py).
+LM_HEAD_ROWS = 2048
 
 # rows (one ablation per batch row) and T -> context manager that applies them to the model
 RowHooks = Callable[[Sequence[Any], int], ContextManager]
+
+
+# --------------------------------------------------------------------------------------------
+# Prefix reuse.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerInputs:
+    """What the model passed to each decoder layer in one forward (hidden states and kwargs)."""
+
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (N, T, D)
+    kwargs: dict[int, dict] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def record_layer_inputs(model: nn.Module, record: LayerInputs) -> Iterator[None]:
+    """Record each decoder layer's input hidden states and keyword arguments while open."""
+    adapter = ArchitectureAdapter.for_model(model)
+    handles = []
+
+    def pre_hook(i):
+        def hook(module, args, kwargs):
+            record.hidden[i] = args[0] if args else kwargs["hidden_states"]
+            record.kwargs[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return hook
+
+    try:
+        for i, layer in enumerate(adapter.layers):
+            handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tile(value, n: int, k: int):
+    """Repeat batch-dim tensors (leading dim n, at least 2-D) k times; leave the rest alone."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat(k, *[1] * (value.dim() - 1)) if value.dim() >= 2 and value.shape[0] == n and n > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_tile(v, n, k) for v in value)
+    return value
+
+
+@torch.no_grad()
+def forward_from_layers(model: nn.Module, inputs: LayerInputs, starts: Sequence[int],
+                        patterns: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Run copy a of the N recorded sequences from layer starts[a] on; all copies to the logits.
+
+    The reference path is a full forward (`forward_logits`); this one skips, for each copy, the
+    layers before its start, which no edit at or after that layer can change. Copy a joins the
+    batch at layer starts[a] with the recorded input of that layer, so at layer i the batch
+    holds copies 0 .. (last with start <= i): a prefix. Text decoders only (the loop reproduces
+    Llama/Qwen3's `layers -> norm -> lm_head`; Qwen3-VL's DeepStack additions for images are not
+    replayed).
+
+    Args:
+        inputs: recorded by `record_layer_inputs`.
+        starts: (k,) non-decreasing first layer of each copy.
+    Returns:
+        the final-norm output (k*N, T, D) (row a*N + n: copy a of sequence n; the caller applies
+        the LM head a slice at a time, see `LM_HEAD_ROWS`), and, if asked,
+        {layer: (rows present at that layer, H, T, T)} attention of the layers that ran.
+    """
+    if list(starts) != sorted(starts):
+        raise ValueError(f"starts must be non-decreasing, got {list(starts)}")
+    adapter = ArchitectureAdapter.for_model(model)
+    N = inputs.hidden[starts[0]].shape[0]
+    joining = {layer: list(starts).count(layer) for layer in set(starts)}
+    attn: dict[int, torch.Tensor] = {}
+    handles = []
+    if patterns:
+        for i in range(starts[0], adapter.n_layers):
+            handles.append(adapter.attention(i).register_forward_hook(
+                lambda m, a, out, i=i: attn.__setitem__(i, out[1])))
+    h = None
+    try:
+        with eager_attention(model, patterns):
+            for i in range(starts[0], adapter.n_layers):
+                if i in joining:
+                    new = inputs.hidden[i].repeat(joining[i], 1, 1)  # (copies * N, T, D)
+                    h = new if h is None else torch.cat([h, new])  # (rows present, T, D)
+                k = h.shape[0] // N
+                kwargs = {name: _tile(v, N, k) for name, v in inputs.kwargs[i].items()}
+                h = adapter.layers[i](h, **kwargs)
+                h = h[0] if isinstance(h, tuple) else h
+    finally:
+        for handle in handles:
+            handle.remove()
+    return adapter.final_norm(h), attn  # (k*N, T, D): the LM head's input
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep.
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -107,7 +206,8 @@ def run_batched_sweep(
         row_hooks: (rows, T) -> context that applies rows[r] to batch row r.
         first_layer: the first decoder layer an ablation can change (where its forward may start).
         pattern_layers: the layers whose ablated attention is kept for an ablation.
-        reuse_prefix: start each forward at the chunk's first layer (see the module docstring).
+        reuse_prefix: each ablation's rows join the batched forward at its own first layer, from
+            the recorded input of that layer (see the module docstring).
         prefix_hooks: edits shared by every ablated run but absent from the baseline (component
             ablation's all-ones reconstruction): the layer inputs are then recorded from a
             forward under them. None = record them during the baseline forward.
@@ -132,31 +232,41 @@ def run_batched_sweep(
             forward_logits(model, input_ids, attention_mask)
     baseline_patterns = {L: a.float().cpu().numpy() for L, a in enumerate(base_attn)} if patterns else {}
     baseline = BaselineDistribution.of(base_logits)
+    lm_head = ArchitectureAdapter.for_model(model).lm_head
 
-    metrics, kl_rows, ablated_patterns, predictions = [], [], [], []
-    bar = tqdm(total=len(ablations), desc=desc, unit="ablation", disable=not progress)
-    for i in range(0, len(ablations), batch_size):
-        chunk = list(ablations[i:i + batch_size])
+    A = len(ablations)
+    metrics, kl_rows, ablated_patterns, predictions = [None] * A, [None] * A, [None] * A, [None] * A
+    # by first layer, so that a chunk's rows join its forward in order (see the module docstring)
+    order = sorted(range(A), key=lambda j: first_layer(ablations[j])) if reuse_prefix else list(range(A))
+    bar = tqdm(total=A, desc=desc, unit="ablation", disable=not progress)
+    for i in range(0, A, batch_size):
+        indices = order[i:i + batch_size]
+        chunk = [ablations[j] for j in indices]
         rows = [a for a in chunk for _ in range(N)]  # row a*N + n: ablation a on sequence n
         with row_hooks(rows, T):
             if reuse_prefix:
-                start = min(first_layer(a) for a in chunk)
-                logits, attn = forward_from_layer(model, start, recorded, len(chunk), patterns)  # (k*N, T, V)
+                final, attn = forward_from_layers(model, recorded, [first_layer(a) for a in chunk], patterns)  # (k*N, T, D)
             else:
                 mask = None if attention_mask is None else attention_mask.repeat(len(chunk), 1)
                 logits, attn_all = forward_logits(model, input_ids.repeat(len(chunk), 1), mask, patterns)  # (k*N, T, V)
                 attn = dict(enumerate(attn_all)) if patterns else {}
-        for a, ablation in enumerate(chunk):
-            ablated = logits[a * N:(a + 1) * N]  # (N, T, V)
+        per_slice = max(1, LM_HEAD_ROWS // (N * T))  # ablations per LM-head call
+        for a, (j, ablation) in enumerate(zip(indices, chunk)):
+            if reuse_prefix and a % per_slice == 0:
+                with torch.no_grad():
+                    logits = lm_head(final[a * N:(a + per_slice) * N]).float()  # (per_slice*N, T, V)
+            b = a % per_slice if reuse_prefix else a
+            ablated = logits[b * N:(b + 1) * N]  # (N, T, V)
             m = baseline.compare(ablated, valid)
-            kl_rows.append(torch.where(valid, m["kl"], torch.nan).cpu().numpy())
-            metrics.append({name: float(m[name]) for name in
-                            ("kl_divergence", "kl_max", "frac_top1_changed", "delta_logprob_top1_mean", "n_positions")})
-            predictions.append(prediction_table(base_logits, ablated, pred_pos, tokenizer, input_ids))
+            kl_rows[j] = torch.where(valid, m["kl"], torch.nan).cpu().numpy()
+            metrics[j] = {name: float(m[name]) for name in
+                          ("kl_divergence", "kl_max", "frac_top1_changed", "delta_logprob_top1_mean", "n_positions")}
+            predictions[j] = prediction_table(base_logits, ablated, pred_pos, tokenizer, input_ids)
             if patterns:
-                # layers below the forward's start did not run: their patterns are the baseline's
-                ablated_patterns.append({L: attn[L][a * N:(a + 1) * N].float().cpu().numpy() if L in attn
-                                         else baseline_patterns[L] for L in pattern_layers(ablation)})
+                # layers this ablation's rows did not run (before its start) keep the baseline's patterns
+                ablated_patterns[j] = {L: attn[L][a * N:(a + 1) * N].float().cpu().numpy()
+                                       if L in attn and attn[L].shape[0] >= (a + 1) * N else baseline_patterns[L]
+                                       for L in pattern_layers(ablation)}
         bar.update(len(chunk))
     bar.close()
 
@@ -167,5 +277,5 @@ def run_batched_sweep(
         kl_per_position=np.stack(kl_rows) if kl_rows else np.zeros((0, N, T)),
         predictions=predictions, input_ids=ids_np, valid=valid.cpu().numpy(),
         tokens=[[token_text(tokenizer, int(i)) for i in ids_np[n, : lengths[n]]] for n in range(N)],
-        baseline_patterns=baseline_patterns, ablated_patterns=ablated_patterns,
+        baseline_patterns=baseline_patterns, ablated_patterns=ablated_patterns if patterns else [],
     )

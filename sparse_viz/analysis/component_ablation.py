@@ -66,7 +66,8 @@ def component_masks(model: nn.Module, decomposition: Decomposition, masks: Mappi
         factors = decomposition[path]
 
         def hook(module, args, out):
-            y = factors.apply(args[0], mask)  # (B, T, d_out)
+            x = args[0]  # (B, T, d_in); a sweep's batch may hold only the first B rows (ablation_sweep)
+            y = factors.apply(x, mask[: x.shape[0]] if mask.dim() == 3 else mask)  # (B, T, d_out)
             return y if module.bias is None else y + module.bias
         return hook
 

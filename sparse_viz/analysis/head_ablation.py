@@ -220,14 +220,15 @@ def head_ablation_hooks(model: nn.Module, rows: Sequence[HeadAblation], seq_len:
         def pre_hook(module, args):
             z = args[0]  # (B, T, H*hd), head-major
             B, T, D = z.shape
-            z = (z.view(B, T, D // hd, hd) * keep[:, :T, :, None]).view(B, T, D)  # (B, T, H*hd)
+            # a sweep's batch holds a prefix of the rows until every row has joined (ablation_sweep)
+            z = (z.view(B, T, D // hd, hd) * keep[:B, :T, :, None]).view(B, T, D)  # (B, T, H*hd)
             return (z, *args[1:])
         return pre_hook
 
     def zero_values(keep: torch.Tensor):
         def hook(module, args, out):
             B, T, D = out.shape  # (B, T, Hkv*hd)
-            return (out.view(B, T, D // hd, hd) * keep[:, :T, :, None]).view(B, T, D)
+            return (out.view(B, T, D // hd, hd) * keep[:B, :T, :, None]).view(B, T, D)
         return hook
 
     try:
@@ -248,93 +249,6 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     with eager_attention(model, patterns):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=patterns, use_cache=False)
     return out.logits.float(), (tuple(out.attentions) if patterns else None)
-
-
-# --------------------------------------------------------------------------------------------
-# Prefix reuse: ablations at layer >= L leave layers < L untouched, so a batched sweep can start
-# from the baseline's input of layer L instead of re-running the prefix for every ablation.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LayerInputs:
-    """What the model passed to each decoder layer in one forward (hidden states and kwargs)."""
-
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (N, T, D)
-    kwargs: dict[int, dict] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def record_layer_inputs(model: nn.Module, record: LayerInputs) -> Iterator[None]:
-    """Record each decoder layer's input hidden states and keyword arguments while open."""
-    from sparse_viz.analysis.loading import ArchitectureAdapter
-
-    adapter = ArchitectureAdapter.for_model(model)
-    handles = []
-
-    def pre_hook(i):
-        def hook(module, args, kwargs):
-            record.hidden[i] = args[0] if args else kwargs["hidden_states"]
-            record.kwargs[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        return hook
-
-    try:
-        for i, layer in enumerate(adapter.layers):
-            handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _tile(value, n: int, k: int):
-    """Repeat batch-dim tensors (leading dim n, at least 2-D) k times; leave the rest alone."""
-    if isinstance(value, torch.Tensor):
-        return value.repeat(k, *[1] * (value.dim() - 1)) if value.dim() >= 2 and value.shape[0] == n and n > 1 else value
-    if isinstance(value, tuple):
-        return tuple(_tile(v, n, k) for v in value)
-    return value
-
-
-@torch.no_grad()
-def forward_from_layer(model: nn.Module, start: int, inputs: LayerInputs, k: int,
-                       patterns: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Run decoder layers start.. on the baseline's input of layer `start`, replicated k times.
-
-    The reference path is a full forward (`forward_logits`); this one skips the layers before
-    `start`, which no ablation of layer >= start can change. Text decoders only (the loop
-    reproduces Llama/Qwen3's `layers -> norm -> lm_head`; Qwen3-VL's DeepStack additions for
-    images are not replayed).
-
-    Args:
-        start: first layer to run; inputs: recorded by `record_layer_inputs` on the baseline.
-        k: copies of the N baseline sequences (row a*N + n is copy a of sequence n).
-    Returns:
-        logits (k*N, T, V) fp32, and {layer: (k*N, H, T, T)} attention of layers >= start if asked.
-    """
-    from sparse_viz.analysis.loading import ArchitectureAdapter
-
-    adapter = ArchitectureAdapter.for_model(model)
-    hidden = inputs.hidden[start]  # (N, T, D)
-    N = hidden.shape[0]
-    h = hidden.repeat(k, 1, 1)  # (k*N, T, D)
-    kwargs = {name: _tile(v, N, k) for name, v in inputs.kwargs[start].items()}
-    attn: dict[int, torch.Tensor] = {}
-    handles = []
-    if patterns:
-        for i in range(start, adapter.n_layers):
-            handles.append(adapter.attention(i).register_forward_hook(
-                lambda m, a, out, i=i: attn.__setitem__(i, out[1])))
-    try:
-        with eager_attention(model, patterns):
-            for i in range(start, adapter.n_layers):
-                h = adapter.layers[i](h, **kwargs)
-                h = h[0] if isinstance(h, tuple) else h
-    finally:
-        for handle in handles:
-            handle.remove()
-    logits = adapter.lm_head(adapter.final_norm(h))  # (k*N, T, V)
-    return logits.float(), attn
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,9 +468,9 @@ def head_ablation_study(
         prediction_positions: positions for the prediction table (negative from the end of
             each sequence); None = the last token of each sequence.
         tokenizer: for token strings (optional).
-        reuse_prefix: start each batched forward at the first layer its ablations touch, from
-            the baseline's input of that layer (`forward_from_layer`); False = full forwards
-            (the reference path). Same numbers either way (tested).
+        reuse_prefix: each ablation's rows join the batched forward at the first layer it
+            touches, from the baseline's input of that layer (`ablation_sweep`); False = full
+            forwards (the reference path). Same numbers either way (tested).
     Returns:
         HeadAblationResult.
     """
