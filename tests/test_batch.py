@@ -14,7 +14,6 @@ from test_vision_tiny_model import save_tiny_vl, test_image, tiny_qwen3_vl
 from tiny_models import save_tiny, tiny_qwen3
 
 from sparse_viz.analysis.batch import load_batch_config
-from sparse_viz.errors import UserInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

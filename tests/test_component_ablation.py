@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from tiny_models import tiny_llama, tiny_qwen3
 
 from sparse_viz.analysis.component_ablation import component_ablation_study, component_masks, run_component_ablation
-from sparse_viz.analysis.decomposition import ComponentFactors, Decomposition, load_factors, svd_decomposition
-from sparse_viz.analysis.head_ablation import kl_per_position
+from sparse_viz.analysis.decomposition import load_factors, svd_decomposition
+from sparse_viz.analysis.ablation_metrics import kl_per_position
 from sparse_viz.errors import UserInputError
 
 PATHS = [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]

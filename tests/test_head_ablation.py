@@ -8,14 +8,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from sparse_viz.analysis.ablation_metrics import kl_per_position, logit_change_metrics
 from sparse_viz.analysis.head_ablation import (
     AttentionLayout,
     HeadAblation,
     build_ablations,
     head_ablation_hooks,
     head_ablation_study,
-    kl_per_position,
-    logit_change_metrics,
     run_head_ablation,
 )
 from sparse_viz.errors import UserInputError

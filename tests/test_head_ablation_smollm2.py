@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sparse_viz.analysis.head_ablation import AttentionLayout, build_ablations, head_ablation_study
 

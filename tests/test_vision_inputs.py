@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from test_vision_tiny_model import test_image, tiny_image_processor, tiny_qwen3_vl, tiny_vl_tokenizer
 
 from sparse_viz.analysis.vision import IMAGE_PAD, describe_token_map, encode_vision_prompt, load_image

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, ContextManager
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
+from sparse_viz.analysis.ablation_metrics import BaselineDistribution, prediction_table, token_text
 from sparse_viz.analysis.loading import ArchitectureAdapter
-from sparse_viz.analysis.head_ablation import BaselineDistribution, eager_attention, forward_logits, prediction_table, token_text
 from sparse_viz.errors import UserInputError
 
 # Rows per LM-head call in a sweep: bounds the (rows, V) fp32 logits alive at once (2048 rows of
@@ -38,6 +39,34 @@ LM_HEAD_ROWS = 2048
 
 # rows (one ablation per batch row) and T -> context manager that applies them to the model
 RowHooks = Callable[[Sequence[Any], int], ContextManager]
+
+
+# --------------------------------------------------------------------------------------------
+# Forwards.
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Switch a HF model to eager attention (the only one that returns probabilities) and back."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if not enabled or previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   patterns: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """One forward; returns fp32 logits (B, T, V) and, if asked, per-layer attention (B, H, T, T)."""
+    with eager_attention(model, patterns):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=patterns, use_cache=False)
+    return out.logits.float(), (tuple(out.attentions) if patterns else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +166,31 @@ def forward_from_layers(model: nn.Module, inputs: LayerInputs, starts: Sequence[
 
 
 @dataclass
+class SweepResult:
+    """What a sweep produced, one entry per ablation (its CSV, npz, PNGs and report are made of it).
+
+    Attributes:
+        table: one row per ablation (columns depend on the ablation kind).
+        ablations: in table order (each has a `.name`).
+        kl_per_position: (A, N, T) KL(baseline || ablated), NaN on padding.
+        input_ids: (N, T); valid: (N, T) bool; tokens: per sequence, its token strings.
+        baseline_patterns: {layer: (N, H, T, T)} per sequence, never averaged (empty if not captured).
+        ablated_patterns: per ablation, {layer: (N, H, T, T)} at its pattern layers.
+        predictions: per ablation, the top-k table at the chosen positions (`prediction_table`).
+    """
+
+    table: pd.DataFrame
+    ablations: list
+    kl_per_position: np.ndarray
+    input_ids: np.ndarray
+    valid: np.ndarray
+    tokens: list[list[str]]
+    baseline_patterns: dict[int, np.ndarray] = field(default_factory=dict)
+    ablated_patterns: list[dict[int, np.ndarray]] = field(default_factory=list)
+    predictions: list[list[dict]] = field(default_factory=list)
+
+
+@dataclass
 class SweepRun:
     """What one sweep measured, before an ablation kind turns it into its own table.
 
@@ -157,6 +211,12 @@ class SweepRun:
     tokens: list[list[str]]
     baseline_patterns: dict[int, np.ndarray] = field(default_factory=dict)
     ablated_patterns: list[dict[int, np.ndarray]] = field(default_factory=list)
+
+    def result_fields(self) -> dict[str, Any]:
+        """The `SweepResult` fields this run fills (all but table and ablations)."""
+        return {"kl_per_position": self.kl_per_position, "input_ids": self.input_ids, "valid": self.valid,
+                "tokens": self.tokens, "baseline_patterns": self.baseline_patterns,
+                "ablated_patterns": self.ablated_patterns, "predictions": self.predictions}
 
 
 def prediction_pairs(valid: torch.Tensor, positions: Sequence[int] | None) -> list[tuple[int, int]]:

@@ -36,17 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_viz.analysis.ablation_sweep import prediction_pairs
+from sparse_viz.analysis.ablation_metrics import kl_per_position, logit_change_metrics, prediction_table, summary_columns, token_text
+from sparse_viz.analysis.ablation_sweep import SweepResult, eager_attention, prediction_pairs, run_batched_sweep
 from sparse_viz.analysis.decomposition import Decomposition, linear_at, projection_path
-from sparse_viz.analysis.head_ablation import (
-    AttentionLayout,
-    eager_attention,
-    kl_per_position,
-    logit_change_metrics,
-    prediction_table,
-    summary_columns,
-    token_text,
-)
+from sparse_viz.analysis.head_ablation import AttentionLayout
 from sparse_viz.errors import UserInputError
 
 MODES = ("deterministic", "stochastic", "adversarial")
@@ -490,27 +483,15 @@ def sweep_ablations(model: nn.Module, decomposition: Decomposition, specs: Seque
 
 
 @dataclass
-class ComponentSweepResult:
-    """What a component sweep produced (the CSV, npz, PNGs and report are made of it).
+class ComponentSweepResult(SweepResult):
+    """What a component sweep produced (see `SweepResult`; `table` as `run_component_sweep`).
 
     Attributes:
-        table: one row per component (see `run_component_sweep`).
-        ablations: in table order.
-        kl_per_position: (A, N, T), NaN on padding; input_ids, valid: (N, T); tokens per sequence.
-        baseline_patterns: {layer: (N, H, T, T)}; ablated_patterns: per ablation {layer: ...}.
-        predictions: per ablation, the prediction table.
+        ablations: the ComponentAblations, in table order.
         notes: what the baseline is, the SVD label, the reconstruction error.
+        decomposition_label, relative_error: of the decomposition used.
     """
 
-    table: pd.DataFrame
-    ablations: list[ComponentAblation]
-    kl_per_position: np.ndarray
-    input_ids: np.ndarray
-    valid: np.ndarray
-    tokens: list[list[str]]
-    baseline_patterns: dict[int, np.ndarray] = field(default_factory=dict)
-    ablated_patterns: list[dict[int, np.ndarray]] = field(default_factory=list)
-    predictions: list[list[dict]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     decomposition_label: str = ""
     relative_error: dict[str, float] = field(default_factory=dict)
@@ -550,8 +531,6 @@ def component_sweep_study(
     Returns:
         ComponentSweepResult.
     """
-    from sparse_viz.analysis.ablation_sweep import run_batched_sweep
-
     layout = AttentionLayout.of(model)
     for a in ablations:
         if a.path not in decomposition.factors or not 0 <= a.component < decomposition[a.path].n_components:
@@ -598,11 +577,8 @@ def component_sweep_study(
         "component_norm = |V[:, c]| |U[c]| (the singular value s_c for the SVD baseline).",
     ]
     return ComponentSweepResult(
-        table=pd.DataFrame.from_records(records, columns=SWEEP_COLUMNS), ablations=list(ablations),
-        kl_per_position=run.kl_per_position, input_ids=run.input_ids, valid=run.valid, tokens=run.tokens,
-        baseline_patterns=run.baseline_patterns, ablated_patterns=run.ablated_patterns,
-        predictions=run.predictions, notes=notes, decomposition_label=decomposition.label,
-        relative_error=dict(decomposition.relative_error),
+        table=pd.DataFrame.from_records(records, columns=SWEEP_COLUMNS), ablations=list(ablations), **run.result_fields(),
+        notes=notes, decomposition_label=decomposition.label, relative_error=dict(decomposition.relative_error),
     )
 
 

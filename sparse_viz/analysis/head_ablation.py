@@ -28,14 +28,21 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sparse_viz.analysis.ablation_metrics import (  # noqa: F401  (re-exported: the metrics of head ablation)
+    BaselineDistribution,
+    kl_per_position,
+    logit_change_metrics,
+    prediction_table,
+    summary_columns,
+    token_text,
+)
+from sparse_viz.analysis.ablation_sweep import SweepResult, eager_attention, forward_logits, run_batched_sweep  # noqa: F401
 from sparse_viz.errors import UserInputError
 
 # --------------------------------------------------------------------------------------------
@@ -73,20 +80,6 @@ class AttentionLayout:
         adapter = ArchitectureAdapter.for_model(model)
         attentions = tuple(adapter.attention(i) for i in range(adapter.n_layers))
         return cls(attentions, adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
-
-
-@contextlib.contextmanager
-def eager_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Switch a HF model to eager attention (the only one that returns probabilities) and back."""
-    previous = getattr(model.config, "_attn_implementation", None)
-    if not enabled or previous == "eager":
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,180 +235,20 @@ def head_ablation_hooks(model: nn.Module, rows: Sequence[HeadAblation], seq_len:
             handle.remove()
 
 
-@torch.no_grad()
-def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   patterns: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """One forward; returns fp32 logits (B, T, V) and, if asked, per-layer attention (B, H, T, T)."""
-    with eager_attention(model, patterns):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=patterns, use_cache=False)
-    return out.logits.float(), (tuple(out.attentions) if patterns else None)
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics.
-# --------------------------------------------------------------------------------------------
-
-
-def kl_per_position(base_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) at every position, p = softmax(base), q = softmax(ablated).
-
-    Args:
-        base_logits, ablated_logits: (..., V).
-    Returns:
-        (...) = sum_v p (log p - log q), computed from log_softmax (terms with p = 0 are 0).
-    """
-    logp = F.log_softmax(base_logits.float(), dim=-1)
-    logq = F.log_softmax(ablated_logits.float(), dim=-1)
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-
-
-@dataclass
-class BaselineDistribution:
-    """The baseline's next-token distribution, computed once and compared with every ablation.
-
-    A sweep compares one baseline with hundreds of ablated forwards; recomputing the baseline's
-    log-softmax per ablation (as `kl_per_position` does) costs more than the memory-bound
-    metrics themselves. `compare` is the fast path; `kl_per_position` is its readable reference.
-
-    Attributes:
-        logits: (N, T, V) fp32 baseline logits.
-        p: (N, T, V) baseline probabilities.
-        top1: (N, T, 1) baseline argmax.
-    """
-
-    logits: torch.Tensor
-    p: torch.Tensor
-    top1: torch.Tensor
-
-    @classmethod
-    def of(cls, base_logits: torch.Tensor) -> BaselineDistribution:
-        logits = base_logits.float()
-        return cls(logits, F.softmax(logits, dim=-1), logits.argmax(-1, keepdim=True))
-
-    def compare(self, ablated_logits: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-position and summary metrics of one ablation against this baseline.
-
-        KL from the logit change d = ablated - base, without the large-magnitude cancellation
-        of `log p - log q` (each ~10 in size) that the direct formula suffers in fp32:
-            log q - log p = d - log E_p[e^d]        (softmax normalisers cancel exactly)
-            KL(p || q)    = log E_p[e^d] - E_p[d] = log1p(E_p[expm1(d - E_p[d])])
-        Every term is small when the ablation is small. Positions where this is not finite
-        (q = 0 where p > 0, or overflow of e^d) fall back to the reference formula.
-
-        Args:
-            ablated_logits: (N, T, V), same sequences as the baseline.
-            valid: (N, T) bool, False on padding; None = all positions.
-        Returns:
-            dict with per-position (N, T) tensors `kl`, `top1_changed`, `delta_logprob_top1` and
-            scalar means over valid positions `kl_divergence`, `frac_top1_changed`,
-            `delta_logprob_top1_mean`, the largest per-position KL `kl_max`, and `n_positions`.
-        """
-        ablated = ablated_logits.float()
-        changed = ablated.argmax(-1, keepdim=True) != self.top1  # (N, T, 1)
-        d = ablated - self.logits  # (N, T, V)
-        d_top1 = d.gather(-1, self.top1).squeeze(-1)  # (N, T)
-        mean_d = torch.einsum("ntv,ntv->nt", self.p, d)  # (N, T)  E_p[d]
-        d.sub_(mean_d[..., None]).expm1_()  # (N, T, V)  expm1(d - E_p[d]), in place
-        kl = torch.log1p(torch.einsum("ntv,ntv->nt", self.p, d)).clamp_min(0)  # (N, T)  >= 0 by Jensen
-        log_normaliser_ratio = mean_d + kl  # (N, T)  log E_p[e^d] = lse(ablated) - lse(base)
-        delta = d_top1 - log_normaliser_ratio  # (N, T)  log q(t*) - log p(t*)
-        bad = ~(torch.isfinite(kl) & torch.isfinite(delta))
-        if bool(bad.any()):
-            logp = F.log_softmax(self.logits[bad], dim=-1)  # (n_bad, V)
-            logq = F.log_softmax(ablated[bad], dim=-1)
-            kl[bad] = kl_per_position(self.logits[bad], ablated[bad])
-            delta[bad] = (logq.gather(-1, self.top1[bad]) - logp.gather(-1, self.top1[bad])).squeeze(-1)
-        changed = changed.squeeze(-1)
-        if valid is None:
-            valid = torch.ones_like(kl, dtype=torch.bool)
-        n = valid.sum()
-        zero = torch.zeros_like(kl)
-        return {
-            "kl": kl, "top1_changed": changed, "delta_logprob_top1": delta,
-            "kl_divergence": torch.where(valid, kl, zero).sum() / n,  # where, not *: padding may hold NaN
-            "kl_max": torch.where(valid, kl, zero).max(),
-            "frac_top1_changed": (changed & valid).sum() / n,
-            "delta_logprob_top1_mean": torch.where(valid, delta, zero).sum() / n,
-            "n_positions": n,
-        }
-
-
-def logit_change_metrics(base_logits: torch.Tensor, ablated_logits: torch.Tensor,
-                         valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Metrics of one ablation (see `BaselineDistribution.compare`; build that once for many).
-
-    Args:
-        base_logits, ablated_logits: (N, T, V) for the same N sequences.
-        valid: (N, T) bool, False on padding; None = all positions.
-    """
-    return BaselineDistribution.of(base_logits).compare(ablated_logits, valid)
-
-
-def prediction_table(base_logits: torch.Tensor, ablated_logits: torch.Tensor, positions: Sequence[tuple[int, int]],
-                     tokenizer=None, input_ids: torch.Tensor | None = None, k: int = 5) -> list[dict]:
-    """Top-k next tokens before / after the ablation at chosen (sequence, position) pairs.
-
-    Args:
-        base_logits, ablated_logits: (N, T, V).
-        positions: (sequence index, position) pairs.
-    Returns:
-        one dict per pair: seq, position, token (the input token there), before/after lists of
-        {"token", "id", "prob"}, and the ablated prob of the baseline's top-1.
-    """
-    rows = []
-    for n, t in positions:
-        p = F.softmax(base_logits[n, t].float(), -1)  # (V,)
-        q = F.softmax(ablated_logits[n, t].float(), -1)
-        before, after = p.topk(k), q.topk(k)
-        top1 = int(before.indices[0])
-        rows.append({
-            "seq": int(n), "position": int(t),
-            "token": token_text(tokenizer, int(input_ids[n, t])) if input_ids is not None else "",
-            "before": [{"token": token_text(tokenizer, int(i)), "id": int(i), "prob": float(v)} for v, i in zip(*before)],
-            "after": [{"token": token_text(tokenizer, int(i)), "id": int(i), "prob": float(v)} for v, i in zip(*after)],
-            "top1_prob_after": float(q[top1]),
-        })
-    return rows
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    """Readable text of one token id (the id itself when there is no tokenizer)."""
-    if tokenizer is None:
-        return str(token_id)
-    return tokenizer.decode([token_id])
-
-
 # --------------------------------------------------------------------------------------------
 # The study.
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class HeadAblationResult:
-    """Everything a head-ablation run produced (what the CSV, npz, PNGs and report are made of).
+class HeadAblationResult(SweepResult):
+    """Everything a head-ablation run produced (see `SweepResult`; `table` as `run_head_ablation`).
 
     Attributes:
-        table: one row per ablation (see `run_head_ablation`).
-        ablations: the ablations, in table order.
-        kl_per_position: (A, N, T) KL(baseline || ablated) at every position (NaN on padding).
-        input_ids: (N, T); valid: (N, T) bool.
-        tokens: per sequence, the token strings.
-        baseline_patterns: {layer: (N, H, T, T)} per sequence, never averaged; empty if not captured.
-        ablated_patterns: per ablation, {layer: (N, H, T, T)} at its pattern layers.
-        predictions: per ablation, the prediction table (see `prediction_table`).
+        ablations: the HeadAblations, in table order.
         layout: the model's AttentionLayout (n_layers, n_heads, ...).
     """
 
-    table: pd.DataFrame
-    ablations: list[HeadAblation]
-    kl_per_position: np.ndarray
-    input_ids: np.ndarray
-    valid: np.ndarray
-    tokens: list[list[str]]
-    baseline_patterns: dict[int, np.ndarray] = field(default_factory=dict)
-    ablated_patterns: list[dict[int, np.ndarray]] = field(default_factory=list)
-    predictions: list[list[dict]] = field(default_factory=list)
     layout: AttentionLayout | None = None
 
 
@@ -474,8 +307,6 @@ def head_ablation_study(
     Returns:
         HeadAblationResult.
     """
-    from sparse_viz.analysis.ablation_sweep import run_batched_sweep
-
     layout = AttentionLayout.of(model)
     N, T = input_ids.shape
     for ablation in ablations:
@@ -493,28 +324,12 @@ def head_ablation_study(
         prediction_positions=prediction_positions, tokenizer=tokenizer, progress=progress,
         reuse_prefix=reuse_prefix, desc="head ablation")
     records = [_table_row(ablation, layout, m) for ablation, m in zip(ablations, run.metrics)]
-    return HeadAblationResult(
-        table=pd.DataFrame.from_records(records, columns=TABLE_COLUMNS),
-        ablations=list(ablations), kl_per_position=run.kl_per_position,
-        input_ids=run.input_ids, valid=run.valid, tokens=run.tokens,
-        baseline_patterns=run.baseline_patterns, ablated_patterns=run.ablated_patterns,
-        predictions=run.predictions, layout=layout,
-    )
+    return HeadAblationResult(table=pd.DataFrame.from_records(records, columns=TABLE_COLUMNS),
+                              ablations=list(ablations), **run.result_fields(), layout=layout)
 
 
 TABLE_COLUMNS = ["ablation", "kind", "layer", "head", "n_heads_ablated", "positions", "kl_divergence",
                  "kl_max_position", "frac_top1_changed", "delta_logprob_top1", "n_positions"]
-
-
-def summary_columns(m: dict[str, float]) -> dict:
-    """The table columns of one ablation's summary metrics (`BaselineDistribution.compare`)."""
-    return {
-        "kl_divergence": float(m["kl_divergence"]),
-        "kl_max_position": float(m["kl_max"]),
-        "frac_top1_changed": float(m["frac_top1_changed"]),
-        "delta_logprob_top1": float(m["delta_logprob_top1_mean"]),
-        "n_positions": int(m["n_positions"]),
-    }
 
 
 def _table_row(ablation: HeadAblation, layout: AttentionLayout, m: dict[str, float]) -> dict:
