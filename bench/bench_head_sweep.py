@@ -12,7 +12,7 @@ All three tables are checked to agree, then the heads with the largest KL are pr
     python bench/bench_head_sweep.py --layers 0,10,20 --repeats 3
 
 On a CPU the sweep is compute-bound: batching only amortises per-call overhead and prefix reuse
-removes ~38% of the FLOPs (17.5 -> 10.8 GFLOP per head on average), so expect ~2x there. The
+removes ~38% of the FLOPs (17.4 -> 10.7 GFLOP per head on average), so expect ~2x there. The
 script prints each method's FLOPs and GFLOP/s and the fp32 GEMM peak, hence the most an exact
 sweep could gain on this machine. The large batching gains are on a GPU, where a 64-token
 forward is launch-bound. On a shared CPU use --threads 1: with several threads, OpenMP

@@ -46,3 +46,16 @@ def test_kv_head_equals_its_three_query_heads_on_smollm2(smollm2):
     kv, group = result.table.iloc[0], result.table.iloc[1]
     assert kv["kl_divergence"] == pytest.approx(group["kl_divergence"], rel=1e-4, abs=1e-7)
     assert kv["frac_top1_changed"] == group["frac_top1_changed"]
+
+
+def test_component_sweep_largest_svd_direction_matters_more_than_the_smallest(smollm2):
+    """Sanity on the SVD baseline: removing s_0 u_0 v_0^T of an o_proj moves the predictions more
+    than removing the smallest-singular-value term, whose weight change is ~100x smaller."""
+    from sparse_viz.analysis.component_ablation import run_component_sweep
+
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    table = run_component_sweep(smollm2, PROMPT, ["1.o_proj:0,575"], patterns=False, progress=False)
+    largest, smallest = table.iloc[0], table.iloc[1]
+    assert largest["component_norm"] > 50 * smallest["component_norm"]
+    assert largest["kl_divergence"] > 10 * smallest["kl_divergence"]
+    assert table["reconstruction_kl"].iloc[0] < 1e-6  # the SVD reconstructs o_proj up to rounding
