@@ -31,6 +31,7 @@ from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig
 from sparse_viz.training import DSALightningModule, Schedule
 from sparse_viz.training.module import stages_from_dicts
+from sparse_viz.training.progress import use_steps_progress_bar
 from sparse_viz.training.resumable_csv_logger import ResumableCSVLogger
 
 MODEL_CONFIG_FIELDS = [field.name for field in dataclasses.fields(ModelConfig)]
@@ -98,6 +99,7 @@ class SparseVizCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         kwargs.setdefault("logger", self._loggers())
         trainer = super().instantiate_trainer(**kwargs)
+        use_steps_progress_bar(trainer)
         trainer.callbacks.append(
             ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0,
                             every_n_train_steps=trainer.val_check_interval if isinstance(trainer.val_check_interval, int) else None)

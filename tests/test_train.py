@@ -177,3 +177,14 @@ def test_validation_loss_is_the_token_weighted_mean_with_the_stage_attention(tin
             tokens += batch[:, 1:].numel()
     assert logged["val/loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert logged["val/ppl"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
+
+
+def test_progress_bar_names_the_step_budget_not_a_negative_epoch(tiny_run):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    cli, _ = tiny_run
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, RichProgressBar)]
+    assert len(bars) == 1  # the stock bar was replaced, not joined
+    description = bars[0]._get_train_description(0)
+    assert description.strip() == f"Epoch 0 (max {cli.trainer.max_steps} steps)"
+    assert cli.trainer.max_epochs == -1 and "-2" not in description
