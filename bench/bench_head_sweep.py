@@ -10,6 +10,7 @@ All three tables are checked to agree, then the heads with the largest KL are pr
 
     python bench/bench_head_sweep.py --threads 1            # all 270 heads
     python bench/bench_head_sweep.py --layers 0,10,20 --repeats 3
+    python bench/bench_head_sweep.py --positions 63          # heads ablated at the last token only
 
 On a CPU the sweep is compute-bound: batching only amortises per-call overhead and prefix reuse
 removes ~38% of the FLOPs (17.4 -> 10.7 GFLOP per head on average), so expect ~2x there. The
@@ -64,8 +65,12 @@ def matmul_peak_gflops(m: int = 1728, k: int = 576, n: int = 1536, reps: int = 1
 def print_roofline(model, T: int, ablations, times: dict[str, list[float]], batch_size: int) -> None:
     """Achieved GFLOP/s of each method, and the best ratio an exact sweep could reach here."""
     full = forward_flops(model, T)
+    def suffix(a):  # the prefix path runs positions from the ablation's first one on
+        first = 0 if a.positions is None else min(p % T for p in a.positions)
+        return forward_flops(model, T, min(a.layers)) * (T - first) / T  # ~linear in positions at this T
+
     flops = {"one_per_head": full * len(ablations), "batched": full * len(ablations),
-             "batched+prefix": sum(forward_flops(model, T, min(a.layers)) for a in ablations)}
+             "batched+prefix": sum(suffix(a) for a in ablations)}
     print("\nwork per method (matmul FLOPs from the config) and achieved throughput:")
     for name, values in times.items():
         median = statistics.median(values)
@@ -82,6 +87,9 @@ def main() -> None:
     parser.add_argument("--model", default=str(Path(".cache/smollm2-135m")))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--layers", default=None, help='subset of layers to sweep, e.g. "0,10,20" (default: all)')
+    parser.add_argument("--positions", default=None,
+                        help='ablate heads only at these positions, e.g. "63" (default: all); the sweep then runs '
+                             'only the positions from the first one on')
     parser.add_argument("--batch-size", type=int, default=27)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="auto")
@@ -99,7 +107,8 @@ def main() -> None:
     assert ids.shape[1] == args.tokens, f"prompt has only {ids.shape[1]} tokens"
     layout = AttentionLayout.of(model)
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
-    ablations = single_head_ablations(layout, layers=layers)
+    positions = None if args.positions is None else [int(x) for x in args.positions.split(",")]
+    ablations = single_head_ablations(layout, layers=layers, positions=positions)
     print(f"{loaded.name_or_path}: {layout.n_layers} layers x {layout.n_heads} heads; sweeping {len(ablations)} heads "
           f"on {ids.shape[1]} tokens; device {loaded.device}, torch threads {torch.get_num_threads()}")
 

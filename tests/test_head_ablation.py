@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -204,6 +205,63 @@ def test_rows_join_the_batch_at_their_own_layer(model):
                                        torch.from_numpy(single.ablated_patterns[0][layer]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_position_restricted_sweep_runs_only_the_later_positions(model, padded):
+    """Ablations at positions >= p leave earlier positions as they were: the sweep runs only
+    positions >= p (attending to the baseline's keys/values), and its KL, top-1 change and
+    patterns equal one full forward per ablation with a plain pre-hook."""
+    x = ids(n=2, t=9)
+    mask = None
+    if padded:
+        mask = torch.ones_like(x)
+        mask[1, 7:] = 0
+    ablations = [HeadAblation(heads=((1, 2),), positions=(6,), name="L1.H2@6"),
+                 HeadAblation(heads=((0, 1), (2, 3)), positions=(4, 8), name="L0.H1+L2.H3@4,8"),
+                 HeadAblation(heads=((2, 0),), positions=(-1,), name="L2.H0@-1"),
+                 HeadAblation(heads=((1, 1),), positions=None, name="L1.H1")]
+    queries_seen = [[], [], []]
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: queries_seen[i].append(tuple(a[0].shape[:2])))
+               for i, layer in enumerate(model.model.layers)]
+    batched = head_ablation_study(model, x, ablations, attention_mask=mask, batch_size=3, patterns=True,
+                                  pattern_layers=[0, 1, 2], prediction_positions=[2, -1], progress=False)
+    for handle in handles:
+        handle.remove()
+    # chunk 1 = the three position-restricted ablations (first positions 8, 6, 4 -> offset 4): 5 of 9 positions
+    assert (6, 5) in queries_seen[2] and (2, 5) in queries_seen[0]
+    valid = torch.ones(x.shape, dtype=torch.bool) if mask is None else mask.bool()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x, attention_mask=mask).logits.double(), -1)
+    for i, ablation in enumerate(ablations):
+        positions = None if ablation.positions is None else [p % 9 for p in ablation.positions]
+        with torch.no_grad():
+            logq = torch.log_softmax(_reference_with_mask(model, x, mask, ablation.heads, positions).double(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        assert batched.table.loc[i, "kl_divergence"] == pytest.approx(float(kl[valid].mean()), rel=1e-4, abs=1e-9)
+        if positions is not None:  # positions before the first ablated one are untouched
+            assert np.nanmax(abs(batched.kl_per_position[i][:, : min(positions)])) < 1e-12  # NaN: padding
+        single = head_ablation_study(model, x, [ablation], attention_mask=mask, batch_size=1, patterns=True,
+                                     pattern_layers=[0, 1, 2], prediction_positions=[2, -1], progress=False,
+                                     reuse_prefix=False)
+        for layer in (0, 1, 2):
+            torch.testing.assert_close(torch.from_numpy(batched.ablated_patterns[i][layer]),
+                                       torch.from_numpy(single.ablated_patterns[0][layer]), atol=1e-6, rtol=0)
+        # prediction tables, before the offset (position 2: the baseline's) and after it
+        for got, want in zip(batched.predictions[i], single.predictions[0], strict=True):
+            assert (got["seq"], got["position"]) == (want["seq"], want["position"])
+            assert [e["id"] for e in got["after"]] == [e["id"] for e in want["after"]]
+            assert got["top1_prob_after"] == pytest.approx(want["top1_prob_after"], rel=1e-4)
+
+
+def _reference_with_mask(model, x, mask, heads, positions):
+    """reference_ablated_logits, with an attention mask (padding)."""
+    forward = model.forward
+    model.forward = lambda input_ids, **kw: forward(input_ids, attention_mask=mask, **kw)
+    try:
+        return reference_ablated_logits(model, x, heads, positions)
+    finally:
+        model.forward = forward
+
+
 def test_patterns_are_per_sequence_and_match_model(model):
     x = ids(n=3, t=6)
     result = head_ablation_study(model, x, build_ablations(AttentionLayout.of(model), ablate=["0.1"]), progress=False)
@@ -271,3 +329,9 @@ def test_qwen3_vl_text_decoder_sweep_matches_plain_pre_hook():
         base = model(x).logits
     got = result.table.set_index("ablation").loc["L1.H3", "kl_divergence"]
     assert got == pytest.approx(float(hand_kl(base, expected)), rel=1e-3)
+    # at the last positions only: the sweep runs positions 6.. with the baseline's keys/values (MRoPE ids sliced)
+    late = build_ablations(AttentionLayout.of(model), sweep=True, positions=[6, 8])
+    fast = head_ablation_study(model, x, late, batch_size=4, patterns=False, progress=False)
+    slow = head_ablation_study(model, x, late, batch_size=1, patterns=False, progress=False, reuse_prefix=False)
+    torch.testing.assert_close(torch.tensor(fast.table["kl_divergence"].to_numpy()),
+                               torch.tensor(slow.table["kl_divergence"].to_numpy()), rtol=1e-4, atol=1e-9)

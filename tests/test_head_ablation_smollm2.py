@@ -53,7 +53,6 @@ def test_component_sweep_largest_svd_direction_matters_more_than_the_smallest(sm
     than removing the smallest-singular-value term, whose weight change is ~100x smaller."""
     from sparse_viz.analysis.component_ablation import run_component_sweep
 
-    model, tokenizer = smollm2.model, smollm2.tokenizer
     table = run_component_sweep(smollm2, PROMPT, ["1.o_proj:0,575"], patterns=False, progress=False)
     largest, smallest = table.iloc[0], table.iloc[1]
     assert largest["component_norm"] > 50 * smallest["component_norm"]

@@ -132,7 +132,8 @@ def test_parse_index_spec():
     assert parse_index_spec("0,3,5-7", 10) == [0, 3, 5, 6, 7]
     assert parse_index_spec("7-7, 2", 10) == [2, 7]
     assert parse_index_spec(None, 10) is None and parse_index_spec("all", 10) is None
-    for bad in ("", "a", "3-1", "1-2-3", "10", "-1", "0,,1"):
+    assert parse_index_spec("-1", 10) == [9] and parse_index_spec("-3--1, 0", 10) == [0, 7, 8, 9]  # from the end
+    for bad in ("", "a", "3-1", "1-2-3", "10", "-11", "-1-0", "0,,1"):
         with pytest.raises(UserInputError, match="bad --layers spec"):
             parse_index_spec(bad, 10)
 

@@ -61,7 +61,9 @@ def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV heads whose values are zeroed (= their GQA query-head group)")
     parser.add_argument("--sweep", action="store_true", help="every head alone (batched)")
     parser.add_argument("--sweep-layers", action="store_true", help="all heads of each layer together")
-    parser.add_argument("--positions", default=None, help='query positions where heads are zeroed, e.g. "0-4,7" (default: all)')
+    parser.add_argument("--positions", default=None,
+                        help='query positions where heads are zeroed, e.g. "0-4,7" or "-1" (the last; negative = from the end). '
+                             'Only those positions and later ones are recomputed (default: all)')
     parser.add_argument("--batch-size", type=int, default=16, help="ablations per forward (default 16)")
     parser.add_argument("--pattern-layers", default=None,
                         help='layers whose ablated patterns are kept, e.g. "0-3" or "all" (default: the layer after each ablation)')

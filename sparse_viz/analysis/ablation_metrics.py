@@ -53,7 +53,8 @@ class BaselineDistribution:
         logits = base_logits.float()
         return cls(logits, F.softmax(logits, dim=-1), logits.argmax(-1, keepdim=True))
 
-    def compare(self, ablated_logits: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def compare(self, ablated_logits: torch.Tensor, valid: torch.Tensor | None = None,
+                offset: int = 0) -> dict[str, torch.Tensor]:
         """Per-position and summary metrics of one ablation against this baseline.
 
         KL from the logit change d = ablated - base, without the large-magnitude cancellation
@@ -64,7 +65,9 @@ class BaselineDistribution:
         (q = 0 where p > 0, or overflow of e^d) fall back to the reference formula.
 
         Args:
-            ablated_logits: (N, T, V), same sequences as the baseline.
+            ablated_logits: (N, T - offset, V): the ablated logits of positions >= offset, same
+                sequences as the baseline; the positions before `offset` are the baseline's
+                (an ablation that starts there), so they count with KL 0 and no change.
             valid: (N, T) bool, False on padding; None = all positions.
         Returns:
             dict with per-position (N, T) tensors `kl`, `top1_changed`, `delta_logprob_top1` and
@@ -72,21 +75,25 @@ class BaselineDistribution:
             `delta_logprob_top1_mean`, the largest per-position KL `kl_max`, and `n_positions`.
         """
         ablated = ablated_logits.float()
-        changed = ablated.argmax(-1, keepdim=True) != self.top1  # (N, T, 1)
-        d = ablated - self.logits  # (N, T, V)
-        d_top1 = d.gather(-1, self.top1).squeeze(-1)  # (N, T)
-        mean_d = torch.einsum("ntv,ntv->nt", self.p, d)  # (N, T)  E_p[d]
-        d.sub_(mean_d[..., None]).expm1_()  # (N, T, V)  expm1(d - E_p[d]), in place
-        kl = torch.log1p(torch.einsum("ntv,ntv->nt", self.p, d)).clamp_min(0)  # (N, T)  >= 0 by Jensen
+        base, p, top1 = self.logits[:, offset:], self.p[:, offset:], self.top1[:, offset:]  # views
+        changed = ablated.argmax(-1, keepdim=True) != top1  # (N, T', 1)
+        d = ablated - base  # (N, T', V)
+        d_top1 = d.gather(-1, top1).squeeze(-1)  # (N, T')
+        mean_d = torch.einsum("ntv,ntv->nt", p, d)  # (N, T')  E_p[d]
+        d.sub_(mean_d[..., None]).expm1_()  # (N, T', V)  expm1(d - E_p[d]), in place
+        kl = torch.log1p(torch.einsum("ntv,ntv->nt", p, d)).clamp_min(0)  # (N, T')  >= 0 by Jensen
         log_normaliser_ratio = mean_d + kl  # (N, T)  log E_p[e^d] = lse(ablated) - lse(base)
         delta = d_top1 - log_normaliser_ratio  # (N, T)  log q(t*) - log p(t*)
         bad = ~(torch.isfinite(kl) & torch.isfinite(delta))
         if bool(bad.any()):
-            logp = F.log_softmax(self.logits[bad], dim=-1)  # (n_bad, V)
+            logp = F.log_softmax(base[bad], dim=-1)  # (n_bad, V)
             logq = F.log_softmax(ablated[bad], dim=-1)
-            kl[bad] = kl_per_position(self.logits[bad], ablated[bad])
-            delta[bad] = (logq.gather(-1, self.top1[bad]) - logp.gather(-1, self.top1[bad])).squeeze(-1)
+            kl[bad] = kl_per_position(base[bad], ablated[bad])
+            delta[bad] = (logq.gather(-1, top1[bad]) - logp.gather(-1, top1[bad])).squeeze(-1)
         changed = changed.squeeze(-1)
+        if offset:  # (N, T) again: the untouched positions before the offset
+            kl, delta = (F.pad(t, (offset, 0)) for t in (kl, delta))
+            changed = F.pad(changed, (offset, 0), value=False)
         if valid is None:
             valid = torch.ones_like(kl, dtype=torch.bool)
         n = valid.sum()
@@ -113,11 +120,12 @@ def logit_change_metrics(base_logits: torch.Tensor, ablated_logits: torch.Tensor
 
 
 def prediction_table(base_logits: torch.Tensor, ablated_logits: torch.Tensor, positions: Sequence[tuple[int, int]],
-                     tokenizer=None, input_ids: torch.Tensor | None = None, k: int = 5) -> list[dict]:
+                     tokenizer=None, input_ids: torch.Tensor | None = None, k: int = 5, offset: int = 0) -> list[dict]:
     """Top-k next tokens before / after the ablation at chosen (sequence, position) pairs.
 
     Args:
-        base_logits, ablated_logits: (N, T, V).
+        base_logits: (N, T, V); ablated_logits: (N, T - offset, V), positions >= offset (before
+            it the ablated model is the baseline, see `BaselineDistribution.compare`).
         positions: (sequence index, position) pairs.
     Returns:
         one dict per pair: seq, position, token (the input token there), before/after lists of
@@ -126,7 +134,7 @@ def prediction_table(base_logits: torch.Tensor, ablated_logits: torch.Tensor, po
     rows = []
     for n, t in positions:
         p = F.softmax(base_logits[n, t].float(), -1)  # (V,)
-        q = F.softmax(ablated_logits[n, t].float(), -1)
+        q = p if t < offset else F.softmax(ablated_logits[n, t - offset].float(), -1)
         before, after = p.topk(k), q.topk(k)
         top1 = int(before.indices[0])
         rows.append({

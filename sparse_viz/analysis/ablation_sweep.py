@@ -103,6 +103,62 @@ def record_layer_inputs(model: nn.Module, record: LayerInputs) -> Iterator[None]
             handle.remove()
 
 
+class PrefixKeyValues:
+    """The baseline's keys and values of positions < offset, offered to attention as a cache.
+
+    An ablation confined to positions >= offset leaves every earlier position unchanged at every
+    layer (causal attention), so a sweep runs only the positions >= offset and lets them attend
+    to these recorded keys/values. Duck-types the one Cache method HF Llama/Qwen3 attention calls
+    (`update`), and never grows: it can serve every chunk of a sweep.
+    """
+
+    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], offset: int):
+        self.keys, self.values, self.offset = keys, values, offset  # layer -> (N, Hkv, T, hd)
+
+    @classmethod
+    @torch.no_grad()
+    def record(cls, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> PrefixKeyValues:
+        """Every layer's post-RoPE keys and values of one baseline forward (offset set later)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        keys = {i: layer.keys for i, layer in enumerate(cache.layers)}
+        values = {i: layer.values for i, layer in enumerate(cache.layers)}
+        return cls(keys, values, 0)
+
+    def at(self, offset: int) -> PrefixKeyValues:
+        return PrefixKeyValues(self.keys, self.values, offset)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """(B, Hkv, T', hd) keys/values of positions >= offset -> those of all positions."""
+        copies = key_states.shape[0] // self.keys[layer_idx].shape[0]
+        k = self.keys[layer_idx][:, :, : self.offset].repeat(copies, 1, 1, 1)  # (B, Hkv, offset, hd)
+        v = self.values[layer_idx][:, :, : self.offset].repeat(copies, 1, 1, 1)
+        return torch.cat([k, key_states], dim=2), torch.cat([v, value_states], dim=2)
+
+
+def _suffix_kwargs(kwargs: dict, offset: int, T: int, prefix: PrefixKeyValues | None, device) -> dict:
+    """A decoder layer's recorded kwargs for queries at positions >= offset only."""
+    if offset == 0:
+        return kwargs
+    out = dict(kwargs)
+    cos_sin = kwargs.get("position_embeddings")
+    if cos_sin is not None:
+        out["position_embeddings"] = tuple(t[..., offset:, :] for t in cos_sin)  # (B, T', hd)
+    for name in ("position_ids", "cache_position"):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            out[name] = kwargs[name][..., offset:]
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        out["attention_mask"] = mask[..., offset:, :]  # (B, 1, T', T): suffix queries, every key
+    else:  # no padding: the model relied on is_causal, which cannot express a query offset
+        query = torch.arange(offset, T, device=device)[:, None]
+        out["attention_mask"] = (torch.arange(T, device=device)[None, :] <= query)[None, None]  # (1, 1, T', T) bool
+    out["past_key_values"] = prefix.at(offset)
+    return out
+
+
 def _tile(value, n: int, k: int):
     """Repeat batch-dim tensors (leading dim n, at least 2-D) k times; leave the rest alone."""
     if isinstance(value, torch.Tensor):
@@ -113,8 +169,8 @@ def _tile(value, n: int, k: int):
 
 
 @torch.no_grad()
-def forward_from_layers(model: nn.Module, inputs: LayerInputs, starts: Sequence[int],
-                        patterns: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def forward_from_layers(model: nn.Module, inputs: LayerInputs, starts: Sequence[int], patterns: bool = False,
+                        offset: int = 0, prefix: PrefixKeyValues | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run copy a of the N recorded sequences from layer starts[a] on; all copies to the logits.
 
     The reference path is a full forward (`forward_logits`); this one skips, for each copy, the
@@ -124,13 +180,18 @@ def forward_from_layers(model: nn.Module, inputs: LayerInputs, starts: Sequence[
     Llama/Qwen3's `layers -> norm -> lm_head`; Qwen3-VL's DeepStack additions for images are not
     replayed).
 
+    With `offset` > 0 only positions >= offset run (queries T' = T - offset), attending to
+    the baseline's keys/values of the earlier positions (`prefix`): exact when no edit touches
+    a position < offset.
+
     Args:
         inputs: recorded by `record_layer_inputs`.
         starts: (k,) non-decreasing first layer of each copy.
+        offset: first position to run; prefix: the baseline's keys/values (needed if offset > 0).
     Returns:
-        the final-norm output (k*N, T, D) (row a*N + n: copy a of sequence n; the caller applies
+        the final-norm output (k*N, T', D) (row a*N + n: copy a of sequence n; the caller applies
         the LM head a slice at a time, see `LM_HEAD_ROWS`), and, if asked,
-        {layer: (rows present at that layer, H, T, T)} attention of the layers that ran.
+        {layer: (rows present at that layer, H, T', T)} attention of the layers that ran.
     """
     if list(starts) != sorted(starts):
         raise ValueError(f"starts must be non-decreasing, got {list(starts)}")
@@ -148,10 +209,12 @@ def forward_from_layers(model: nn.Module, inputs: LayerInputs, starts: Sequence[
         with eager_attention(model, patterns):
             for i in range(starts[0], adapter.n_layers):
                 if i in joining:
-                    new = inputs.hidden[i].repeat(joining[i], 1, 1)  # (copies * N, T, D)
-                    h = new if h is None else torch.cat([h, new])  # (rows present, T, D)
+                    new = inputs.hidden[i][:, offset:].repeat(joining[i], 1, 1)  # (copies * N, T', D)
+                    h = new if h is None else torch.cat([h, new])  # (rows present, T', D)
                 k = h.shape[0] // N
-                kwargs = {name: _tile(v, N, k) for name, v in inputs.kwargs[i].items()}
+                T = inputs.hidden[i].shape[1]
+                kwargs = _suffix_kwargs(inputs.kwargs[i], offset, T, prefix, h.device)
+                kwargs = {name: _tile(v, N, k) for name, v in kwargs.items()}
                 h = adapter.layers[i](h, **kwargs)
                 h = h[0] if isinstance(h, tuple) else h
     finally:
@@ -219,6 +282,13 @@ class SweepRun:
                 "ablated_patterns": self.ablated_patterns, "predictions": self.predictions}
 
 
+def _full_pattern(ablated: torch.Tensor, baseline: np.ndarray) -> np.ndarray:
+    """(N, H, T', T) attention of the last T' queries -> (N, H, T, T), earlier rows the baseline's."""
+    ablated = ablated.float().cpu().numpy()
+    offset = baseline.shape[2] - ablated.shape[2]
+    return ablated if offset == 0 else np.concatenate([baseline[:, :, :offset], ablated], axis=2)
+
+
 def prediction_pairs(valid: torch.Tensor, positions: Sequence[int] | None) -> list[tuple[int, int]]:
     """(sequence, position) pairs for the prediction table; negative positions count from each end.
 
@@ -255,6 +325,7 @@ def run_batched_sweep(
     progress: bool = True,
     reuse_prefix: bool = True,
     prefix_hooks: Callable[[], ContextManager] | None = None,
+    first_position: Callable[[Any], int] | None = None,
     desc: str = "ablation",
 ) -> SweepRun:
     """Baseline forward, then every ablation, `batch_size` per forward.
@@ -271,6 +342,10 @@ def run_batched_sweep(
         prefix_hooks: edits shared by every ablated run but absent from the baseline (component
             ablation's all-ones reconstruction): the layer inputs are then recorded from a
             forward under them. None = record them during the baseline forward.
+        first_position: the first position an ablation edits (None = 0 for all). With
+            `reuse_prefix`, a chunk runs only the positions from its smallest first position on,
+            attending to the baseline's keys/values before it (`PrefixKeyValues`): an ablation
+            at the last token costs one position per layer, not T.
     Returns:
         SweepRun.
     """
@@ -293,19 +368,26 @@ def run_batched_sweep(
     baseline_patterns = {L: a.float().cpu().numpy() for L, a in enumerate(base_attn)} if patterns else {}
     baseline = BaselineDistribution.of(base_logits)
     lm_head = ArchitectureAdapter.for_model(model).lm_head
+    position_of = first_position if (first_position is not None and reuse_prefix) else (lambda a: 0)
+    prefix = None
+    if any(position_of(a) > 0 for a in ablations):
+        with prefix_hooks() if prefix_hooks is not None else contextlib.nullcontext():
+            prefix = PrefixKeyValues.record(model, input_ids, attention_mask)
 
     A = len(ablations)
     metrics, kl_rows, ablated_patterns, predictions = [None] * A, [None] * A, [None] * A, [None] * A
     # by first layer, so that a chunk's rows join its forward in order (see the module docstring)
-    order = sorted(range(A), key=lambda j: first_layer(ablations[j])) if reuse_prefix else list(range(A))
+    order = sorted(range(A), key=lambda j: (-position_of(ablations[j]), first_layer(ablations[j]))) if reuse_prefix else list(range(A))
     bar = tqdm(total=A, desc=desc, unit="ablation", disable=not progress)
     for i in range(0, A, batch_size):
-        indices = order[i:i + batch_size]
+        indices = sorted(order[i:i + batch_size], key=lambda j: first_layer(ablations[j]))  # rows join in order
         chunk = [ablations[j] for j in indices]
         rows = [a for a in chunk for _ in range(N)]  # row a*N + n: ablation a on sequence n
+        offset = min(position_of(a) for a in chunk)  # positions before it are the baseline's
         with row_hooks(rows, T):
             if reuse_prefix:
-                final, attn = forward_from_layers(model, recorded, [first_layer(a) for a in chunk], patterns)  # (k*N, T, D)
+                final, attn = forward_from_layers(model, recorded, [first_layer(a) for a in chunk], patterns,
+                                                  offset, prefix)  # (k*N, T - offset, D)
             else:
                 mask = None if attention_mask is None else attention_mask.repeat(len(chunk), 1)
                 logits, attn_all = forward_logits(model, input_ids.repeat(len(chunk), 1), mask, patterns)  # (k*N, T, V)
@@ -314,17 +396,17 @@ def run_batched_sweep(
         for a, (j, ablation) in enumerate(zip(indices, chunk)):
             if reuse_prefix and a % per_slice == 0:
                 with torch.no_grad():
-                    logits = lm_head(final[a * N:(a + per_slice) * N]).float()  # (per_slice*N, T, V)
+                    logits = lm_head(final[a * N:(a + per_slice) * N]).float()  # (per_slice*N, T - offset, V)
             b = a % per_slice if reuse_prefix else a
-            ablated = logits[b * N:(b + 1) * N]  # (N, T, V)
-            m = baseline.compare(ablated, valid)
+            ablated = logits[b * N:(b + 1) * N]  # (N, T - offset, V); earlier positions: the baseline's
+            m = baseline.compare(ablated, valid, offset)
             kl_rows[j] = torch.where(valid, m["kl"], torch.nan).cpu().numpy()
             metrics[j] = {name: float(m[name]) for name in
                           ("kl_divergence", "kl_max", "frac_top1_changed", "delta_logprob_top1_mean", "n_positions")}
-            predictions[j] = prediction_table(base_logits, ablated, pred_pos, tokenizer, input_ids)
+            predictions[j] = prediction_table(base_logits, ablated, pred_pos, tokenizer, input_ids, offset=offset)
             if patterns:
                 # layers this ablation's rows did not run (before its start) keep the baseline's patterns
-                ablated_patterns[j] = {L: attn[L][a * N:(a + 1) * N].float().cpu().numpy()
+                ablated_patterns[j] = {L: _full_pattern(attn[L][a * N:(a + 1) * N], baseline_patterns[L])
                                        if L in attn and attn[L].shape[0] >= (a + 1) * N else baseline_patterns[L]
                                        for L in pattern_layers(ablation)}
         bar.update(len(chunk))

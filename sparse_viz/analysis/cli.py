@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -73,8 +74,13 @@ def resolve_prompt(args: argparse.Namespace) -> str:
     return read_prompt(getattr(args, "prompt", None), getattr(args, "prompt_file", None))
 
 
+_INDEX_ITEM = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")  # N or N-M, each possibly negative
+
+
 def parse_index_spec(spec: str | None, size: int, what: str = "layers") -> list[int] | None:
     """Parse "0,3,5-9" (inclusive ranges) into sorted unique indices below `size`.
+
+    Negative numbers count from the end, as in Python: "-1" is size - 1, "-4--1" the last four.
 
     Args:
         spec: the text; None or "all" means every index (returns None).
@@ -89,14 +95,12 @@ def parse_index_spec(spec: str | None, size: int, what: str = "layers") -> list[
     indices: set[int] = set()
     for item in spec.split(","):
         item = item.strip()
-        try:
-            if "-" in item:
-                start_text, end_text = item.split("-")
-                start, end = int(start_text), int(end_text)
-            else:
-                start = end = int(item)
-        except ValueError:
-            raise UserInputError(f"bad --{what} spec {spec!r}: {item!r} is not N or N-M") from None
+        match = _INDEX_ITEM.match(item)
+        if not match:
+            raise UserInputError(f"bad --{what} spec {spec!r}: {item!r} is not N or N-M")
+        start = int(match.group(1))
+        end = start if match.group(2) is None else int(match.group(2))
+        start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
         if start > end:
             raise UserInputError(f"bad --{what} spec {spec!r}: range {item!r} is reversed")
         if start < 0 or end >= size:

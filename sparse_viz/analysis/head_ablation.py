@@ -14,7 +14,10 @@ positions. (Restricting it to positions would mean something else, so it is not 
 
 Batched sweeps (`ablation_sweep.run_batched_sweep`). The prompt batch (N sequences) is
 replicated k times along the batch dim; batch row `a*N + n` carries ablation a on sequence n,
-and the hooks apply a per-row keep mask, so k ablations share one forward.
+and the hooks apply a per-row keep mask, so k ablations share one forward. Each ablation's rows
+start at its first layer, and an ablation confined to positions >= p runs only those positions
+(the earlier ones are the baseline's at every layer): ablating at the last token costs one
+position per layer.
 
 Metrics (over ALL positions of ALL sequences, never item 0 only), with p = baseline and
 q = ablated next-token distributions:
@@ -213,15 +216,16 @@ def head_ablation_hooks(model: nn.Module, rows: Sequence[HeadAblation], seq_len:
         def pre_hook(module, args):
             z = args[0]  # (B, T, H*hd), head-major
             B, T, D = z.shape
-            # a sweep's batch holds a prefix of the rows until every row has joined (ablation_sweep)
-            z = (z.view(B, T, D // hd, hd) * keep[:B, :T, :, None]).view(B, T, D)  # (B, T, H*hd)
+            # a sweep's batch may hold only the first B rows (rows join at their own layer) and
+            # only the last T positions (positions before an ablation are the baseline's): ablation_sweep
+            z = (z.view(B, T, D // hd, hd) * keep[:B, -T:, :, None]).view(B, T, D)  # (B, T, H*hd)
             return (z, *args[1:])
         return pre_hook
 
     def zero_values(keep: torch.Tensor):
         def hook(module, args, out):
             B, T, D = out.shape  # (B, T, Hkv*hd)
-            return (out.view(B, T, D // hd, hd) * keep[:B, :T, :, None]).view(B, T, D)
+            return (out.view(B, T, D // hd, hd) * keep[:B, -T:, :, None]).view(B, T, D)
         return hook
 
     try:
@@ -319,6 +323,7 @@ def head_ablation_study(
         model, input_ids, ablations,
         row_hooks=lambda rows, seq_len: head_ablation_hooks(model, rows, seq_len),
         first_layer=lambda a: min(a.layers),
+        first_position=lambda a: 0 if a.positions is None else min(p % T for p in a.positions),
         pattern_layers=lambda a: pattern_layers if pattern_layers is not None else [auto_pattern_layer(a, layout.n_layers)],
         attention_mask=attention_mask, batch_size=batch_size, patterns=patterns,
         prediction_positions=prediction_positions, tokenizer=tokenizer, progress=progress,
