@@ -19,6 +19,7 @@ per ablation; both ablation kinds test that the two agree.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
@@ -122,7 +123,8 @@ class PrefixKeyValues:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
-        model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 rename
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{name: cache})
         keys = {i: layer.keys for i, layer in enumerate(cache.layers)}
         values = {i: layer.values for i, layer in enumerate(cache.layers)}
         return cls(keys, values, 0)
@@ -155,7 +157,9 @@ def _suffix_kwargs(kwargs: dict, offset: int, T: int, prefix: PrefixKeyValues | 
     else:  # no padding: the model relied on is_causal, which cannot express a query offset
         query = torch.arange(offset, T, device=device)[:, None]
         out["attention_mask"] = (torch.arange(T, device=device)[None, :] <= query)[None, None]  # (1, 1, T', T) bool
-    out["past_key_values"] = prefix.at(offset)
+    # transformers 5.24 renamed the layers' `past_key_values` argument to `cache`: use the name the
+    # model itself passed to this layer
+    out["cache" if "cache" in kwargs else "past_key_values"] = prefix.at(offset)
     return out
 
 
