@@ -41,6 +41,19 @@ PROMPT = (
 )
 
 
+def random_smollm2(device: str, dtype: str):
+    """SmolLM2-135M's architecture (LlamaForCausalLM) with random weights: (model, None, name, device)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, attn_implementation="sdpa")
+    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model = LlamaForCausalLM(config).to(device=target, dtype=getattr(torch, dtype)).eval()
+    return model, None, "SmolLM2-135M architecture, random weights", target
+
+
 def forward_flops(model, T: int, first_layer: int = 0) -> float:
     """Matmul FLOPs of one T-token forward from `first_layer` on: projections, MLP, scores, LM head."""
     c = model.config
@@ -95,22 +108,30 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-naive", action="store_true", help="time only the two batched paths")
+    parser.add_argument("--random-init", action="store_true",
+                        help="SmolLM2-135M's architecture with random weights and random token ids: same FLOPs and "
+                             "timings, no checkpoint needed (for machines the checkpoint cannot reach, e.g. a GPU box)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--methods", default=None,
                         help='comma-separated subset of one_per_head,batched,batched+prefix (default: all)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loaded = load_model(args.model, device=args.device, dtype="float32")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, : args.tokens].to(loaded.device)  # (1, T)
+    if args.random_init:
+        model, tokenizer, name, device = random_smollm2(args.device, args.dtype)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    else:
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        model, tokenizer, name, device = loaded.model, loaded.tokenizer, loaded.name_or_path, loaded.device
+        ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, : args.tokens].to(device)  # (1, T)
     assert ids.shape[1] == args.tokens, f"prompt has only {ids.shape[1]} tokens"
     layout = AttentionLayout.of(model)
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
     positions = None if args.positions is None else [int(x) for x in args.positions.split(",")]
     ablations = single_head_ablations(layout, layers=layers, positions=positions)
-    print(f"{loaded.name_or_path}: {layout.n_layers} layers x {layout.n_heads} heads; sweeping {len(ablations)} heads "
-          f"on {ids.shape[1]} tokens; device {loaded.device}, torch threads {torch.get_num_threads()}")
+    print(f"{name}: {layout.n_layers} layers x {layout.n_heads} heads; sweeping {len(ablations)} heads "
+          f"on {ids.shape[1]} tokens; device {device} ({args.dtype}), torch threads {torch.get_num_threads()}")
 
     methods = {
         "one_per_head": dict(batch_size=1, reuse_prefix=False),
@@ -123,7 +144,7 @@ def main() -> None:
         methods = {name: methods[name] for name in args.methods.split(",")}
     times: dict[str, list[float]] = {name: [] for name in methods}
     tables = {}
-    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     head_ablation_study(model, ids, ablations[:2], batch_size=2, patterns=False, progress=False)  # warm-up
     for _ in range(args.repeats):
         for name, options in methods.items():  # interleaved: every repetition runs every method
@@ -153,7 +174,8 @@ def main() -> None:
     print("\nheads with the largest KL(baseline || ablated), mean over all positions:")
     top = reference.sort_values("kl_divergence", ascending=False).head(10)
     print(top[["ablation", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
-    print(f"\nprompt ({ids.shape[1]} tokens): {tokenizer.decode(ids[0])!r}")
+    if tokenizer is not None:
+        print(f"\nprompt ({ids.shape[1]} tokens): {tokenizer.decode(ids[0])!r}")
 
 
 if __name__ == "__main__":
