@@ -11,6 +11,11 @@ batch holds the rows of the ablations starting at or before i, always a prefix o
 (hence the hooks slice their per-row masks to the rows present). A chunk that mixes layers then
 does no more work than one forward per layer would.
 
+Position offsets (`first_position`): an ablation confined to positions >= p leaves every earlier
+position as the baseline had it, at every layer (attention is causal). Its chunk then runs only
+positions >= p, attending to the baseline's keys and values of the earlier ones
+(`PrefixKeyValues`); the hooks slice their per-position masks to the last positions.
+
 Every ablation is compared with the same baseline (`BaselineDistribution`) over ALL positions
 of ALL sequences. The reference path (`reuse_prefix=False`, `batch_size=1`) is one full forward
 per ablation; both ablation kinds test that the two agree.
