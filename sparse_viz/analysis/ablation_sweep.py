@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ContextManager
 
 import numpy as np
@@ -34,7 +35,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sparse_viz.analysis.ablation_metrics import BaselineDistribution, prediction_table, token_text
+from sparse_viz.analysis.ablation_metrics import (
+    BaselineDistribution,
+    prediction_table,
+    token_text,
+)
 from sparse_viz.analysis.loading import ArchitectureAdapter
 from sparse_viz.errors import UserInputError
 
@@ -206,7 +211,7 @@ def forward_from_layers(model: nn.Module, inputs: LayerInputs, starts: Sequence[
         raise ValueError(f"starts must be non-decreasing, got {list(starts)}")
     adapter = ArchitectureAdapter.for_model(model)
     N = inputs.hidden[starts[0]].shape[0]
-    joining = {layer: list(starts).count(layer) for layer in set(starts)}
+    joining = Counter(starts)  # layer -> copies that join there
     attn: dict[int, torch.Tensor] = {}
     handles = []
     if patterns:
@@ -229,7 +234,7 @@ def forward_from_layers(model: nn.Module, inputs: LayerInputs, starts: Sequence[
     finally:
         for handle in handles:
             handle.remove()
-    return adapter.final_norm(h), attn  # (k*N, T, D): the LM head's input
+    return adapter.final_norm(h), attn  # (k*N, T', D): the LM head's input
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,9 +291,7 @@ class SweepRun:
 
     def result_fields(self) -> dict[str, Any]:
         """The `SweepResult` fields this run fills (all but table and ablations)."""
-        return {"kl_per_position": self.kl_per_position, "input_ids": self.input_ids, "valid": self.valid,
-                "tokens": self.tokens, "baseline_patterns": self.baseline_patterns,
-                "ablated_patterns": self.ablated_patterns, "predictions": self.predictions}
+        return {f.name: getattr(self, f.name) for f in fields(SweepResult) if f.name not in ("table", "ablations")}
 
 
 def _full_pattern(ablated: torch.Tensor, baseline: np.ndarray) -> np.ndarray:
@@ -401,7 +404,7 @@ def run_batched_sweep(
                 mask = None if attention_mask is None else attention_mask.repeat(len(chunk), 1)
                 logits, attn_all = forward_logits(model, input_ids.repeat(len(chunk), 1), mask, patterns)  # (k*N, T, V)
                 attn = dict(enumerate(attn_all)) if patterns else {}
-        per_slice = max(1, LM_HEAD_ROWS // (N * T))  # ablations per LM-head call
+        per_slice = max(1, LM_HEAD_ROWS // (N * (T - offset)))  # ablations per LM-head call
         for a, (j, ablation) in enumerate(zip(indices, chunk)):
             if reuse_prefix and a % per_slice == 0:
                 with torch.no_grad():
