@@ -58,6 +58,23 @@ def naive_index_scores(indexer: LightningIndexer, x: torch.Tensor, rope_dim: int
     return torch.tensor(scores), torch.tensor(terms)
 
 
+# DeepSeek's reference builds the indexer key's LayerNorm with its default epsilon, not the
+# model's RMSNorm epsilon (REFERENCE §1).
+REFERENCE_KEY_NORM_EPS = 1e-6
+
+
+def test_key_layer_norm_uses_the_reference_epsilon_not_the_models():
+    """Keys of tiny variance make the epsilon decide the result: 1e-5 would be far off here."""
+    config = ModelConfig(d_model=12, n_heads=2, indexer_heads=3, indexer_dim=8, indexer_rope_dim=0, norm_eps=1e-5)
+    torch.manual_seed(0)
+    indexer = LightningIndexer(config)
+    x = torch.randn(1, 5, 12) * 1e-3  # W_k x has variance ~1e-7, comparable to the epsilon
+    cos, sin = rope_tables(0, 5, THETA)
+    scores, _ = indexer(x, cos, sin)
+    expected, _ = naive_index_scores(indexer, x[0], 0, REFERENCE_KEY_NORM_EPS)
+    torch.testing.assert_close(scores[0], expected, rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("rope_dim", [0, 4, 8])
 def test_index_scores_equal_a_naive_loop_of_eq1(rope_dim):
     config = ModelConfig(d_model=12, n_heads=2, indexer_heads=3, indexer_dim=8, indexer_rope_dim=rope_dim)
@@ -72,7 +89,7 @@ def test_index_scores_equal_a_naive_loop_of_eq1(rope_dim):
     fast_scores, no_terms = indexer(x, cos, sin)
     assert no_terms is None
     for b in range(2):
-        expected_scores, expected_terms = naive_index_scores(indexer, x[b], rope_dim, config.norm_eps)
+        expected_scores, expected_terms = naive_index_scores(indexer, x[b], rope_dim, REFERENCE_KEY_NORM_EPS)
         torch.testing.assert_close(scores[b], expected_scores, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast_scores[b], expected_scores, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(head_terms[b], expected_terms, rtol=1e-5, atol=1e-6)

@@ -38,6 +38,8 @@ class ModelConfig:
         indexer_heads: H_I, the indexer's query heads.
         indexer_dim: d_I, the size of each indexer query and of the one shared indexer key.
         indexer_rope_dim: leading dims of q_I / k_I that get (non-interleaved) RoPE.
+        indexer_norm_eps: epsilon of the indexer key's LayerNorm. DeepSeek's reference code
+            builds it with its LayerNorm default, 1e-6, not the model's RMSNorm epsilon.
         attention_path: `masked` (dense scores + -inf mask; the readable reference) or
             `gathered` (only the k selected keys/values per query; O(T*k) memory; sparse CSR
             kernels on CPU, gathered copies in query chunks elsewhere).
@@ -62,6 +64,7 @@ class ModelConfig:
     indexer_heads: int = 4
     indexer_dim: int = 32
     indexer_rope_dim: int = 16
+    indexer_norm_eps: float = 1e-6
     attention_path: str = "gathered"
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ class LightningIndexer(nn.Module):
         self.head_dim = config.indexer_dim
         self.wq = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.d_model, self.head_dim, bias=False)
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.indexer_norm_eps)
         self.ww = nn.Linear(config.d_model, self.n_heads, bias=False)
 
     def forward(

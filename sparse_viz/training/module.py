@@ -83,6 +83,7 @@ class DSALightningModule(L.LightningModule):
         indexer_heads: int = 4,
         indexer_dim: int = 32,
         indexer_rope_dim: int = 16,
+        indexer_norm_eps: float = 1e-6,
         attention_path: str = "gathered",
         stages: list[dict[str, Any]] | None = None,
         weight_decay: float = 0.1,
@@ -98,7 +99,8 @@ class DSALightningModule(L.LightningModule):
                 tie_embeddings=tie_embeddings, norm_eps=norm_eps, selector=selector, top_k=top_k,
                 sink_tokens=sink_tokens, selector_seed=selector_seed, use_indexer=use_indexer,
                 indexer_heads=indexer_heads, indexer_dim=indexer_dim,
-                indexer_rope_dim=indexer_rope_dim, attention_path=attention_path,
+                indexer_rope_dim=indexer_rope_dim,
+                indexer_norm_eps=indexer_norm_eps, attention_path=attention_path,
             )
             self.schedule = Schedule(stages_from_dicts(stages) if stages is not None else default_stages())
         except ValueError as error:
