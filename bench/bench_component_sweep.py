@@ -22,9 +22,12 @@ import torch
 from bench_head_sweep import PROMPT
 from timing import interleaved_medians
 
-from sparse_viz.analysis.component_ablation import component_sweep_study, sweep_ablations
-from sparse_viz.analysis.decomposition import svd_decomposition
-from sparse_viz.analysis.loading import load_model
+from sparse_viz.analysis.ablation.component_sweep import (
+    component_sweep_study,
+    sweep_ablations,
+)
+from sparse_viz.analysis.ablation.decomposition import svd_decomposition
+from sparse_viz.pretrained.loading import load_model
 
 
 def main() -> None:

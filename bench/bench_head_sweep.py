@@ -29,8 +29,12 @@ from pathlib import Path
 
 import torch
 
-from sparse_viz.analysis.head_ablation import AttentionLayout, head_ablation_study, single_head_ablations
-from sparse_viz.analysis.loading import load_model
+from sparse_viz.analysis.ablation.heads import (
+    AttentionLayout,
+    head_ablation_study,
+    single_head_ablations,
+)
+from sparse_viz.pretrained.loading import load_model
 
 PROMPT = (
     "The history of the city begins with a small fishing village on the northern bank of the river. "

@@ -11,7 +11,7 @@ run, repetitions interleaved, medians reported:
           one full layer pass per masked token (T+1 passes per layer);
 - plain:  one ordinary `model(input_ids)` forward (logits for every position, as HF returns
           by default), and the same with `logits_to_keep=1`.
-Goals (issue 4): seed / fast >= 34, fast / plain <= 2.5.
+Goals (set when the fast path was built): seed / fast >= 34, fast / plain <= 2.5.
 
 It also prints a finding: which masked token moves each layer's update the most.
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from sparse_viz.analysis.loading import load_model
-from sparse_viz.analysis.token_masking import analyse_sequence
+from sparse_viz.analysis.masking.experiment import analyse_sequence
+from sparse_viz.pretrained.loading import load_model
 
 TEXT = (
     "The old lighthouse keeper climbed the spiral stairs every evening, long after the ships had "
@@ -59,7 +59,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not Path(args.model).is_dir():
-        sys.exit(f"bench: {args.model} not found; run `python -m sparse_viz.analysis.smollm2` first")
+        sys.exit(f"bench: {args.model} not found; run `python -m sparse_viz.pretrained.smollm2` first")
 
     loaded = load_model(args.model, device=args.device, dtype="float32")
     model, adapter = loaded.model, loaded.adapter

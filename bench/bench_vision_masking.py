@@ -31,11 +31,16 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
-from sparse_viz.analysis.loading import ArchitectureAdapter
-from sparse_viz.analysis.token_masking import capture_layer_inputs, masked_final_position_updates
-from sparse_viz.analysis.token_masking_reference import reference_final_position_updates
+from sparse_viz.analysis.masking.final_position import masked_final_position_updates
+from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
+from sparse_viz.analysis.masking.reference import reference_final_position_updates
+from sparse_viz.pretrained.adapter import ArchitectureAdapter
 
 IMAGE_PX = 512  # 512 / 16-px patches = 32x32 patches, merged 2x2 -> 16x16 = 256 tokens
 N_TEXT = 20

@@ -41,6 +41,6 @@ if [ "$dev" = 1 ]; then
     fi
   fi
   # The GGUF checkpoint converted once to a Hugging Face directory (fast to load in tests).
-  python -m sparse_viz.analysis.smollm2 --output .cache/smollm2-135m
+  python -m sparse_viz.pretrained.smollm2 --output .cache/smollm2-135m
 fi
 echo "setup: done"

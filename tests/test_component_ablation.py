@@ -9,9 +9,16 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import tiny_llama, tiny_qwen3
 
-from sparse_viz.analysis.component_ablation import component_ablation_study, component_masks, run_component_ablation
-from sparse_viz.analysis.decomposition import load_factors, svd_decomposition
-from sparse_viz.analysis.ablation_metrics import kl_per_position
+from sparse_viz.analysis.ablation.components import (
+    component_ablation_study,
+    run_component_ablation,
+)
+from sparse_viz.analysis.ablation.decomposition import (
+    component_masks,
+    load_factors,
+    svd_decomposition,
+)
+from sparse_viz.analysis.ablation.metrics import kl_per_position
 from sparse_viz.errors import UserInputError
 
 PATHS = [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -234,7 +241,10 @@ def edited_model_logits(model, dec, path, component, x, mask=None):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_component_sweep_equals_editing_each_weight(model, padded):
-    from sparse_viz.analysis.component_ablation import component_sweep_study, sweep_ablations
+    from sparse_viz.analysis.ablation.component_sweep import (
+        component_sweep_study,
+        sweep_ablations,
+    )
 
     x, mask, _ = padded_batch() if padded else (ids(), None, None)
     dec = svd_decomposition(model, [PATHS[0], "model.layers.0.self_attn.o_proj"])
@@ -259,7 +269,10 @@ def test_component_sweep_equals_editing_each_weight(model, padded):
 
 
 def test_batched_component_sweep_equals_one_full_forward_per_component(model):
-    from sparse_viz.analysis.component_ablation import component_sweep_study, sweep_ablations
+    from sparse_viz.analysis.ablation.component_sweep import (
+        component_sweep_study,
+        sweep_ablations,
+    )
 
     x = ids()
     dec = svd_decomposition(model, [PATHS[2], PATHS[3]])
@@ -277,7 +290,7 @@ def test_batched_component_sweep_equals_one_full_forward_per_component(model):
     (["1.x_proj"], "no"),
 ])
 def test_bad_sweep_specs_are_one_clear_error(specs, message):
-    from sparse_viz.analysis.component_ablation import run_component_sweep
+    from sparse_viz.analysis.ablation.component_sweep import run_component_sweep
 
     model = tiny_qwen3()[0]
     with pytest.raises(UserInputError, match=message):

@@ -8,9 +8,16 @@ import pytest
 import torch
 from tiny_models import tiny_qwen3
 
-from sparse_viz.analysis.component_ablation import component_sweep_study, sweep_ablations
-from sparse_viz.analysis.decomposition import svd_decomposition
-from sparse_viz.analysis.head_ablation import AttentionLayout, build_ablations, head_ablation_study
+from sparse_viz.analysis.ablation.component_sweep import (
+    component_sweep_study,
+    sweep_ablations,
+)
+from sparse_viz.analysis.ablation.decomposition import svd_decomposition
+from sparse_viz.analysis.ablation.heads import (
+    AttentionLayout,
+    build_ablations,
+    head_ablation_study,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

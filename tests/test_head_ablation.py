@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from sparse_viz.analysis.ablation_metrics import kl_per_position, logit_change_metrics
-from sparse_viz.analysis.head_ablation import (
+from sparse_viz.analysis.ablation.heads import (
     AttentionLayout,
     HeadAblation,
     build_ablations,
@@ -18,6 +17,7 @@ from sparse_viz.analysis.head_ablation import (
     head_ablation_study,
     run_head_ablation,
 )
+from sparse_viz.analysis.ablation.metrics import kl_per_position, logit_change_metrics
 from sparse_viz.errors import UserInputError
 
 VOCAB = 97
@@ -153,7 +153,7 @@ def test_metrics_where_the_ablated_model_rules_a_token_out():
 def test_batched_sweep_equals_one_at_a_time(model, padded, monkeypatch):
     """Batched rows + prefix reuse == one full forward per ablation (the reference path)."""
     x = ids(n=2, t=7)
-    monkeypatch.setattr("sparse_viz.analysis.ablation_sweep.LM_HEAD_ROWS", 2 * 2 * 7)  # LM head 2 ablations at a time
+    monkeypatch.setattr("sparse_viz.analysis.ablation.sweep.LM_HEAD_ROWS", 2 * 2 * 7)  # LM head 2 ablations at a time
     mask = None
     if padded:
         mask = torch.ones_like(x)

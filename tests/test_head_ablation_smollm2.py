@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from sparse_viz.analysis.head_ablation import AttentionLayout, build_ablations, head_ablation_study
+from sparse_viz.analysis.ablation.heads import (
+    AttentionLayout,
+    build_ablations,
+    head_ablation_study,
+)
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -13,7 +17,7 @@ PROMPT = "The capital of France is Paris. The capital of Italy is Rome. The capi
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    from sparse_viz.analysis.loading import load_model
+    from sparse_viz.pretrained.loading import load_model
 
     return load_model(smollm2_dir, device="cpu", dtype="float32")
 
@@ -51,7 +55,7 @@ def test_kv_head_equals_its_three_query_heads_on_smollm2(smollm2):
 def test_component_sweep_largest_svd_direction_matters_more_than_the_smallest(smollm2):
     """Sanity on the SVD baseline: removing s_0 u_0 v_0^T of an o_proj moves the predictions more
     than removing the smallest-singular-value term, whose weight change is ~100x smaller."""
-    from sparse_viz.analysis.component_ablation import run_component_sweep
+    from sparse_viz.analysis.ablation.component_sweep import run_component_sweep
 
     table = run_component_sweep(smollm2, PROMPT, ["1.o_proj:0,575"], patterns=False, progress=False)
     largest, smallest = table.iloc[0], table.iloc[1]

@@ -18,10 +18,12 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from sparse_viz.analysis.cli import parse_index_spec, resolve_prompt
-from sparse_viz.analysis.loading import SUPPORTED_ARCHITECTURES, ArchitectureAdapter, load_model
-from sparse_viz.analysis.prompts import DEFAULT_PROMPT
+from sparse_viz.analysis.cli import resolve_prompt
+from sparse_viz.analysis.index_spec import parse_index_spec
 from sparse_viz.errors import UserInputError
+from sparse_viz.pretrained.adapter import SUPPORTED_ARCHITECTURES, ArchitectureAdapter
+from sparse_viz.pretrained.loading import load_model
+from sparse_viz.pretrained.prompts import DEFAULT_PROMPT
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -73,8 +75,9 @@ def test_adapter_points_at_the_models_own_modules(family):
 
 def test_qwen3_vl_text_masking_matches_brute_force():
     """The fast path on Qwen3-VL text (MRoPE position embeddings taken from the model's call)."""
-    from sparse_viz.analysis.token_masking import capture_layer_inputs, masked_final_position_updates
-    from sparse_viz.analysis.token_masking_reference import reference_final_position_updates
+    from sparse_viz.analysis.masking.final_position import masked_final_position_updates
+    from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
+    from sparse_viz.analysis.masking.reference import reference_final_position_updates
 
     torch.manual_seed(0)
     model = tiny_qwen3_vl()
@@ -155,8 +158,9 @@ def test_resolve_prompt_order(tmp_path, monkeypatch):
 
 def test_sliding_window_layers_mask_like_the_model():
     """Mistral with a window shorter than the sequence: the fast path hides the same keys."""
-    from sparse_viz.analysis.token_masking import capture_layer_inputs, masked_final_position_updates
-    from sparse_viz.analysis.token_masking_reference import reference_final_position_updates
+    from sparse_viz.analysis.masking.final_position import masked_final_position_updates
+    from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
+    from sparse_viz.analysis.masking.reference import reference_final_position_updates
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(**SMALL, head_dim=8, sliding_window=4, initializer_range=0.3,

@@ -18,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_llama, tiny_qwen3
 
-from sparse_viz.analysis.loading import ArchitectureAdapter, LoadedModel, load_model
-from sparse_viz.analysis.token_masking import (
-    RESULT_COLUMNS,
-    capture_layer_inputs,
-    masked_final_position_updates,
-    run_masking_experiment,
-    write_masking_outputs,
-)
+from sparse_viz.analysis.masking.experiment import run_masking_experiment
+from sparse_viz.analysis.masking.final_position import masked_final_position_updates
+from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
+from sparse_viz.analysis.masking.outputs import write_masking_outputs
 from sparse_viz.errors import UserInputError
+from sparse_viz.pretrained.adapter import ArchitectureAdapter
+from sparse_viz.pretrained.loading import LoadedModel, load_model
+from sparse_viz.report.masking import RESULT_COLUMNS
 
 PROMPT = "Masks, tea."
 
@@ -156,7 +155,7 @@ def test_identity_mask_through_the_masked_path_gives_exactly_zero(tiny):
     input_ids = tiny.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     n_tokens = input_ids.shape[1]
     inputs, _ = capture_layer_inputs(tiny.adapter, input_ids)
-    from sparse_viz.analysis.token_masking import update_distances
+    from sparse_viz.analysis.masking.final_position import update_distances
 
     for layer in range(tiny.adapter.n_layers):
         updates = masked_final_position_updates(tiny.adapter, layer, inputs[layer], range(n_tokens), mask_value=0.0)

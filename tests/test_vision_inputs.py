@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from test_vision_tiny_model import test_image, tiny_image_processor, tiny_qwen3_vl, tiny_vl_tokenizer
+from test_vision_tiny_model import (
+    test_image,
+    tiny_image_processor,
+    tiny_qwen3_vl,
+    tiny_vl_tokenizer,
+)
 
-from sparse_viz.analysis.vision import IMAGE_PAD, describe_token_map, encode_vision_prompt, load_image
 from sparse_viz.errors import UserInputError
+from sparse_viz.pretrained.vision import (
+    IMAGE_PAD,
+    describe_token_map,
+    encode_vision_prompt,
+    load_image,
+)
 
 
 def test_64px_image_with_merge_2_gives_the_processors_grid_and_token_count():

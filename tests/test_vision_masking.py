@@ -1,4 +1,4 @@
-"""Vision-language token masking (issue 5) on a tiny random Qwen3-VL, checked by brute force.
+"""Vision-language token masking (Qwen3-VL prompts with images) on a tiny random Qwen3-VL, checked by brute force.
 
 The reference is the whole model run once per masked key, with an explicit additive 4D causal
 mask and explicit MRoPE position ids; at the probed layer a pre-hook swaps in a mask that also
@@ -12,11 +12,13 @@ import pytest
 import torch
 from test_vision_tiny_model import test_image, tiny_qwen3_vl
 
-from sparse_viz.analysis.loading import ArchitectureAdapter, LoadedModel
-from sparse_viz.analysis.token_masking import capture_layer_inputs, masked_final_position_updates
-from sparse_viz.analysis.vision import encode_vision_prompt
-from sparse_viz.analysis.vision_masking import run_vision_masking_experiment
+from sparse_viz.analysis.masking.final_position import masked_final_position_updates
+from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
+from sparse_viz.analysis.masking.vision import run_vision_masking_experiment
 from sparse_viz.errors import UserInputError
+from sparse_viz.pretrained.adapter import ArchitectureAdapter
+from sparse_viz.pretrained.loading import LoadedModel
+from sparse_viz.pretrained.vision import encode_vision_prompt
 
 PROMPT = "What is in it?"
 

@@ -1,7 +1,16 @@
 """Probes of pretrained checkpoints: token masking, head and component ablation.
 
-`python -m sparse_viz.analysis <command>`; the same functions are importable from here.
-Heavy modules are imported on first use, so `import sparse_viz.analysis` stays cheap.
+    masking/      what each key token matters to each layer's update (exact fast path,
+                  brute-force reference, Qwen3-VL prompts with images)
+    ablation/     what each head or weight component matters to the output (hooks, modes,
+                  decompositions, the batched sweep engine, logit-change metrics)
+    batch.py      token masking for a YAML list of prompts, one model load
+    cli.py        `python -m sparse_viz.analysis <command>`: every subcommand's options
+    index_spec.py, output_dir.py   index specs ("0,3,5-9") and all-or-nothing output folders
+
+Loading a checkpoint and its inputs (adapter, prompts, images) is `sparse_viz.pretrained`.
+The functions below are importable from here; heavy modules load on first use, so
+`import sparse_viz.analysis` stays cheap.
 """
 
 from __future__ import annotations
@@ -10,16 +19,16 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "run_masking_experiment": "sparse_viz.analysis.token_masking",
-    "write_masking_outputs": "sparse_viz.analysis.token_masking",
-    "load_model": "sparse_viz.analysis.loading",
-    "LoadedModel": "sparse_viz.analysis.loading",
-    "ArchitectureAdapter": "sparse_viz.analysis.loading",
-    "SUPPORTED_ARCHITECTURES": "sparse_viz.analysis.loading",
-    "run_head_ablation": "sparse_viz.analysis.head_ablation",
-    "run_component_ablation": "sparse_viz.analysis.component_ablation",
-    "run_component_sweep": "sparse_viz.analysis.component_ablation",
-    "run_vision_masking_experiment": "sparse_viz.analysis.vision_masking",
+    "run_masking_experiment": "sparse_viz.analysis.masking.experiment",
+    "write_masking_outputs": "sparse_viz.analysis.masking.outputs",
+    "load_model": "sparse_viz.pretrained.loading",
+    "LoadedModel": "sparse_viz.pretrained.loading",
+    "ArchitectureAdapter": "sparse_viz.pretrained.adapter",
+    "SUPPORTED_ARCHITECTURES": "sparse_viz.pretrained.adapter",
+    "run_head_ablation": "sparse_viz.analysis.ablation.heads",
+    "run_component_ablation": "sparse_viz.analysis.ablation.components",
+    "run_component_sweep": "sparse_viz.analysis.ablation.component_sweep",
+    "run_vision_masking_experiment": "sparse_viz.analysis.masking.vision",
     "run_batch": "sparse_viz.analysis.batch",
 }
 

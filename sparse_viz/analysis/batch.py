@@ -22,7 +22,6 @@ and `index.json` list every entry with its status and a link to its report. The 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparse_viz.analysis.output_dir import check_output_dir
 from sparse_viz.errors import UserInputError
 
 TOP_LEVEL_KEYS = ("model", "output", "device", "dtype", "prompts")
@@ -74,7 +74,7 @@ def parse_entry(raw: Any) -> BatchEntry:
     Raises:
         UserInputError: not a mapping, unknown keys, missing/invalid fields.
     """
-    from sparse_viz.analysis.vision_masking import MASK_KINDS
+    from sparse_viz.analysis.masking.vision import MASK_KINDS
 
     if not isinstance(raw, dict):
         raise UserInputError(f"an entry must be a mapping, got {type(raw).__name__}")
@@ -162,13 +162,14 @@ def run_entry(entry: BatchEntry, model: Any, output: Path, report: bool = True) 
     Raises:
         UserInputError: the entry's bad input (missing image, image on a text-only model, ...).
     """
-    from sparse_viz.analysis.token_masking import run_masking_experiment, write_masking_outputs
-    from sparse_viz.analysis.vision import is_vision_model, load_image
+    from sparse_viz.analysis.masking.experiment import run_masking_experiment
+    from sparse_viz.analysis.masking.outputs import write_masking_outputs
+    from sparse_viz.pretrained.vision import is_vision_model, load_image
 
     images = [load_image(path) for path in entry.images]
     target = output / entry.name
     if is_vision_model(model.model):
-        from sparse_viz.analysis.vision_masking import run_vision_masking_experiment
+        from sparse_viz.analysis.masking.vision import run_vision_masking_experiment
         from sparse_viz.report.vision import write_vision_outputs
 
         results = run_vision_masking_experiment(
@@ -202,8 +203,7 @@ def run_batch(
     Raises:
         UserInputError: a bad file, or no model given (nothing runs then).
     """
-    from sparse_viz.analysis.cli import check_output_dir
-    from sparse_viz.analysis.loading import load_model
+    from sparse_viz.pretrained.loading import load_model
 
     stderr = stderr or sys.stderr
     config = load_batch_config(config_path)
@@ -239,28 +239,3 @@ def write_batch_index(out_dir: Path, statuses: list[dict], config_path: str, mod
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "index.json", json.dumps(data, indent=1))
     render_report("vision_batch.html.j2", out_dir / "index.html", title="Batch masking runs", data=data)
-
-
-# -- command ------------------------------------------------------------------------------------
-
-
-def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML list of {name, prompt, image(s)?, num_tokens, mask?}")
-    parser.add_argument("--model", default=None, help="model directory or hub id (overrides the config's 'model')")
-    parser.add_argument("--output", default=None, help=f"output directory (default: config 'output' or {DEFAULT_OUTPUT})")
-    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--no-report", action="store_true", help="skip the HTML reports of the entries")
-
-
-def run_batch_command(args: argparse.Namespace) -> list[dict]:
-    statuses = run_batch(args.config, args.model, args.output, args.device, args.dtype, report=not args.no_report)
-    failed = [s["name"] for s in statuses if s["status"] != "ok"]
-    if failed:
-        raise UserInputError(f"{len(failed)} of {len(statuses)} batch entries failed: {', '.join(failed)}")
-    return statuses
-
-
-from sparse_viz.analysis.cli import register_command  # noqa: E402  (cli imports this module lazily)
-
-register_command("batch", add_batch_arguments, run_batch_command, help="token masking for a YAML list of prompts")

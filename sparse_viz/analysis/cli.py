@@ -1,48 +1,36 @@
-"""`python -m sparse_viz.analysis <command> ...`: one parser, subcommands from a registry.
+"""`python -m sparse_viz.analysis <command> ...`: every subcommand's options, in one place.
 
-A command is a pair `(add_arguments(parser), run(args))` in `COMMANDS`. Modules listed in
-`COMMAND_MODULES` are imported when the parser is built and add their own commands with
-`register_command`; `mask` (token masking) is registered here. Every command gets the common
-options from `add_common_arguments` and turns bad input into `UserInputError` (one line on
-stderr, exit 2).
+Each subcommand is an `add_*_arguments(parser)` and a `run_*(args)` that checks what it can
+before a model loads, then calls the library (`masking/`, `ablation/`, `batch.py`), which never
+imports this module. Bad input becomes `UserInputError`: one line on stderr, exit status 2.
+
+    mask        token masking per layer (seed 000); Qwen3-VL prompts with --image (seed 001)
+    heads       head ablation
+    components  component ablation of q/k/v/o projections
+    batch       token masking for a YAML list of prompts
+
+Examples:
+    python -m sparse_viz.analysis mask --model .cache/smollm2-135m --prompt "The capital of France is"
+    python -m sparse_viz.analysis heads --model DIR --sweep --batch-size 32 --output results/heads
+    python -m sparse_viz.analysis components --model DIR --ablate 3.o_proj:0-3 --mode adversarial --ci-default 0.5
+    python -m sparse_viz.analysis components --model DIR --sweep 3.o_proj 3.q_proj:0-63 --output results/sweep
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import re
-import os
-import tempfile
+import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
+from sparse_viz.analysis.batch import DEFAULT_OUTPUT as DEFAULT_BATCH_OUTPUT
+from sparse_viz.analysis.index_spec import parse_index_spec
+from sparse_viz.analysis.output_dir import check_output_dir
 from sparse_viz.errors import UserInputError, exit_on_user_error
 
 PROG = "python -m sparse_viz.analysis"
 
-AddArguments = Callable[[argparse.ArgumentParser], None]
-Run = Callable[[argparse.Namespace], object]
 
-COMMANDS: dict[str, tuple[AddArguments, Run]] = {}
-COMMAND_HELP: dict[str, str] = {}
-
-# Modules that call `register_command` at import time; imported lazily by `build_parser` so
-# that `import sparse_viz.analysis.cli` stays cheap. Add new analyses here.
-COMMAND_MODULES: list[str] = [
-    "sparse_viz.analysis.ablation_cli",  # heads, components (issue 6)
-    "sparse_viz.analysis.vision_cli",  # mask with --image/--mask for Qwen3-VL (issue 5; replaces `mask`)
-    "sparse_viz.analysis.batch",  # batch --config prompts.yaml (issue 5)
-]
-
-
-def register_command(name: str, add_arguments: AddArguments, run: Run, help: str = "") -> None:
-    """Add (or replace) subcommand `name`."""
-    COMMANDS[name] = (add_arguments, run)
-    COMMAND_HELP[name] = help
-
-
-# -- shared options and their parsing ---------------------------------------------------------
+# -- options every command shares ---------------------------------------------------------------
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,68 +57,12 @@ def resolve_prompt(args: argparse.Namespace) -> str:
     Raises:
         UserInputError: unreadable prompt file or empty prompt.
     """
-    from sparse_viz.analysis.prompts import read_prompt
+    from sparse_viz.pretrained.prompts import read_prompt
 
     return read_prompt(getattr(args, "prompt", None), getattr(args, "prompt_file", None))
 
 
-_INDEX_ITEM = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")  # N or N-M, each possibly negative
-
-
-def parse_index_spec(spec: str | None, size: int, what: str = "layers") -> list[int] | None:
-    """Parse "0,3,5-9" (inclusive ranges) into sorted unique indices below `size`.
-
-    Negative numbers count from the end, as in Python: "-1" is size - 1, "-4--1" the last four.
-
-    Args:
-        spec: the text; None or "all" means every index (returns None).
-        size: number of valid indices (0..size-1).
-        what: name used in error messages ("layers", "positions").
-
-    Raises:
-        UserInputError: malformed item, reversed range, or index out of range.
-    """
-    if spec is None or spec.strip().lower() == "all":
-        return None
-    indices: set[int] = set()
-    for item in spec.split(","):
-        item = item.strip()
-        match = _INDEX_ITEM.match(item)
-        if not match:
-            raise UserInputError(f"bad --{what} spec {spec!r}: {item!r} is not N or N-M")
-        start = int(match.group(1))
-        end = start if match.group(2) is None else int(match.group(2))
-        start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
-        if start > end:
-            raise UserInputError(f"bad --{what} spec {spec!r}: range {item!r} is reversed")
-        if start < 0 or end >= size:
-            raise UserInputError(f"bad --{what} spec {spec!r}: {item!r} is outside 0-{size - 1}")
-        indices.update(range(start, end + 1))
-    return sorted(indices)
-
-
-def check_output_dir(output: str | os.PathLike) -> Path:
-    """Fail early (before any model loads) if `output` cannot be created or written.
-
-    Returns:
-        The output path (not created; results are written to a sibling temp dir and moved in).
-
-    Raises:
-        UserInputError: the path is a file, or its parent cannot be created or written.
-    """
-    path = Path(output)
-    if path.exists() and not path.is_dir():
-        raise UserInputError(f"output {str(path)!r} exists and is not a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}."):
-            pass
-    except OSError as error:
-        raise UserInputError(f"cannot write output directory {str(path)!r}: {error.strerror or error}") from error
-    return path
-
-
-# -- mask ------------------------------------------------------------------------------------
+# -- mask ---------------------------------------------------------------------------------------
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,16 +75,34 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
         "--method", default="fast", choices=("fast", "reference"), help="fast (default) or brute-force reference"
     )
     parser.add_argument("--no-report", action="store_true", help="skip report.html")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image for the prompt (repeat for several)"
+    )
+    parser.add_argument(
+        "--mask",
+        default="text",
+        help="which tokens to mask on VL prompts: text (default; every non-image token), vision, all",
+    )
+    parser.add_argument(
+        "--vision-attention",
+        default="causal",
+        help="causal (default: what Qwen3-VL does) or bidirectional (a labelled COUNTERFACTUAL: "
+        "tokens of one image see each other both ways, seed 001's assumption)",
+    )
+    parser.add_argument(
+        "--no-chat", action="store_true", help="VL models: don't apply the chat template (it is on by default)"
+    )
 
 
-def run_mask(args: argparse.Namespace) -> object:
+def run_text_mask(args: argparse.Namespace) -> object:
     # Cheap checks first: bad input is reported before torch and the model load.
     if args.num_tokens < 1:
         raise UserInputError(f"--num-tokens must be >= 1, got {args.num_tokens}")
     output = check_output_dir(args.output or "results/masking")
     prompt = resolve_prompt(args)
 
-    from sparse_viz.analysis.token_masking import run_masking_experiment, write_masking_outputs
+    from sparse_viz.analysis.masking.experiment import run_masking_experiment
+    from sparse_viz.analysis.masking.outputs import write_masking_outputs
 
     results = run_masking_experiment(
         prompt=prompt,
@@ -175,10 +125,253 @@ def run_mask(args: argparse.Namespace) -> object:
     return results
 
 
-register_command("mask", add_mask_arguments, run_mask, help="token masking impact per layer (seed 000)")
+def run_mask(args: argparse.Namespace) -> object:
+    """Text models go to the text experiment; Qwen3-VL checkpoints (or any run with an image)
+    to the vision one, chat template on by default."""
+    from sparse_viz.analysis.masking.vision import VISION_ATTENTION, check_mask_request
+    from sparse_viz.pretrained.loading import peek_model_type
+    from sparse_viz.pretrained.vision import VISION_MODEL_TYPES
+
+    check_mask_request(args.mask, len(args.image))
+
+    if args.vision_attention not in VISION_ATTENTION:
+        raise UserInputError(f"unknown --vision-attention {args.vision_attention!r}; use causal or bidirectional")
+    if args.vision_attention != "causal":
+        print("note: --vision-attention bidirectional is a COUNTERFACTUAL, not what Qwen3-VL computes", file=sys.stderr)
+    model_type = peek_model_type(args.model)
+    if model_type not in VISION_MODEL_TYPES:
+        if args.image and model_type is not None:
+            raise UserInputError(
+                f"model {args.model!r} is a text-only model ({model_type}); --image needs a Qwen3-VL checkpoint"
+            )
+        if not args.image:
+            # Text models, and models whose type cannot be read (run_text_mask reports why): the text
+            # command, unchanged (--mask text/all = every position).
+            return run_text_mask(args)
+    if args.num_tokens < 1:
+        raise UserInputError(f"--num-tokens must be >= 1, got {args.num_tokens}")
+    if args.positions is not None:
+        raise UserInputError("--positions is not supported on VL prompts; use --mask text|vision|all")
+    from sparse_viz.pretrained.vision import load_image
+
+    images = [load_image(path) for path in args.image]  # bad images fail before the model loads
+    output = check_output_dir(args.output or "results/masking")
+    prompt = resolve_prompt(args)
+
+    from sparse_viz.analysis.masking.outputs import write_masking_outputs
+    from sparse_viz.analysis.masking.vision import run_vision_masking_experiment
+    from sparse_viz.report.vision import write_vision_outputs
+
+    results = run_vision_masking_experiment(
+        prompt,
+        images,
+        model_name=args.model,
+        mask=args.mask,
+        device=args.device,
+        dtype=args.dtype,
+        num_tokens=args.num_tokens,
+        layers=args.layers,
+        exclude_first_token=args.exclude_first_token,
+        chat=not args.no_chat,
+        method=args.method,
+        trust_remote_code=args.trust_remote_code,
+        progress=True,
+        verbose=True,
+        vision_attention=args.vision_attention,
+    )
+    metadata = results.attrs["metadata"]
+    metadata["vision"]["images"] = list(args.image)
+    write_masking_outputs(
+        output,
+        results,
+        metadata,
+        report=not args.no_report,
+        extra_outputs=lambda staging: write_vision_outputs(staging, results, metadata, report=not args.no_report),
+    )
+    print(f"generated: {metadata['generated_text']!r}")
+    print(f"{len(results)} rows written to {output}")
+    return results
 
 
-# -- entry point -----------------------------------------------------------------------------
+# -- heads and components ---------------------------------------------------------------------
+
+
+def _add_shared(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--prompt-lines", default=None,
+                        help="file with one prompt per line: extra sequences of the batch (after --prompt)")
+    parser.add_argument("--prediction-positions", type=int, nargs="+", default=None,
+                        help="positions for the top-5 prediction table (negative = from the end; default: -1)")
+    parser.add_argument("--no-patterns", action="store_true", help="do not capture attention patterns (faster)")
+
+
+def _inputs(args: argparse.Namespace, loaded):
+    """(N, T) input ids and attention mask (None when nothing is padded) of every prompt."""
+    from sparse_viz.pretrained.prompts import encode_prompts
+
+    prompts = [resolve_prompt(args)]
+    if args.prompt_lines:
+        try:
+            with open(args.prompt_lines, encoding="utf-8") as handle:
+                prompts += [line.rstrip("\n") for line in handle if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserInputError(f"cannot read --prompt-lines file {args.prompt_lines!r}: {type(error).__name__}") from error
+    ids, mask = encode_prompts(loaded.tokenizer, prompts, loaded.device, chat=args.chat,
+                               max_positions=loaded.adapter.max_positions)
+    return ids, (None if bool(mask.all()) else mask)
+
+
+# -- heads ------------------------------------------------------------------------------------
+
+
+def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_shared(parser)
+    parser.add_argument("--ablate", nargs="+", default=[], metavar="L.H", help="heads zeroed together, e.g. 3.5 7.0")
+    parser.add_argument("--ablate-kv", nargs="+", default=[], metavar="L.G",
+                        help="KV heads whose values are zeroed (= their GQA query-head group)")
+    parser.add_argument("--sweep", action="store_true", help="every head alone (batched)")
+    parser.add_argument("--sweep-layers", action="store_true", help="all heads of each layer together")
+    parser.add_argument("--positions", default=None,
+                        help='query positions where heads are zeroed, e.g. "0-4,7" or "-1" (the last; negative = from the end). '
+                             'Only those positions and later ones are recomputed (default: all)')
+    parser.add_argument("--batch-size", type=int, default=16, help="ablations per forward (default 16)")
+    parser.add_argument("--pattern-layers", default=None,
+                        help='layers whose ablated patterns are kept, e.g. "0-3" or "all" (default: the layer after each ablation)')
+
+
+def run_heads(args: argparse.Namespace):
+    from sparse_viz.analysis.ablation.heads import (
+        AttentionLayout,
+        build_ablations,
+        head_ablation_study,
+    )
+    from sparse_viz.pretrained.loading import load_model
+    from sparse_viz.report.ablation import (
+        check_replaceable,
+        write_head_ablation_outputs,
+    )
+
+    output = check_output_dir(args.output or "results/head_ablation")
+    check_replaceable(output)
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    layout = AttentionLayout.of(loaded.model)
+    input_ids, attention_mask = _inputs(args, loaded)
+    T = input_ids.shape[1]
+    positions = parse_index_spec(args.positions, T, what="positions")
+    pattern_layers = None
+    if args.pattern_layers is not None:
+        pattern_layers = parse_index_spec(args.pattern_layers, layout.n_layers, what="pattern-layers")
+        pattern_layers = list(range(layout.n_layers)) if pattern_layers is None else pattern_layers
+    ablations = build_ablations(layout, ablate=args.ablate, ablate_kv=args.ablate_kv, sweep=args.sweep,
+                                sweep_layers=args.sweep_layers, positions=positions)
+    result = head_ablation_study(loaded.model, input_ids, ablations, attention_mask=attention_mask,
+                                 batch_size=args.batch_size, patterns=not args.no_patterns,
+                                 pattern_layers=pattern_layers, prediction_positions=args.prediction_positions,
+                                 tokenizer=loaded.tokenizer, progress=True)
+    write_head_ablation_outputs(result, output, title=f"Head ablation: {loaded.name_or_path}")
+    top = result.table.sort_values("kl_divergence", ascending=False).head(10)
+    print(top[["ablation", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
+    print(f"{len(result.table)} ablation(s) written to {output}")
+    return result.table
+
+
+# -- components -------------------------------------------------------------------------------
+
+
+def add_components_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_shared(parser)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ablate", nargs="+", default=[], metavar="L.PROJ:IDX",
+                      help='components ablated together, e.g. 3.o_proj:0,2,5-7 2.q_proj:all (or MODULE_PATH:IDX)')
+    what.add_argument("--sweep", nargs="+", default=[], metavar="L.PROJ[:IDX]",
+                      help="every component of these modules alone, batched (deterministic mode), e.g. 3.o_proj 2.q_proj:0-31")
+    parser.add_argument("--batch-size", type=int, default=16, help="--sweep: components per forward (default 16)")
+    parser.add_argument("--decomposition", default=None,
+                        help="SPD-style factors (.safetensors/.pt with <module>.V, .U, optional .ci); default: SVD baseline")
+    parser.add_argument("--mode", default="deterministic", choices=("deterministic", "stochastic", "adversarial"))
+    parser.add_argument("--samples", type=int, default=10, help="stochastic mode: mask samples (default 10)")
+    parser.add_argument("--ci-default", type=float, default=1.0,
+                        help="causal importance of components without one, in [0, 1] (default 1)")
+    parser.add_argument("--pgd-steps", type=int, default=20, help="adversarial mode: PGD steps (default 20)")
+    parser.add_argument("--pgd-step-size", type=float, default=0.1, help="adversarial mode: PGD step (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_components(args: argparse.Namespace):
+    from sparse_viz.analysis.ablation.component_sweep import run_component_sweep
+    from sparse_viz.analysis.ablation.components import run_component_ablation
+    from sparse_viz.pretrained.loading import load_model
+    from sparse_viz.report.ablation import check_replaceable
+
+    output = check_output_dir(args.output or ("results/component_sweep" if args.sweep else "results/component_ablation"))
+    check_replaceable(output)
+    if args.sweep and args.mode != "deterministic":
+        raise UserInputError(f"--sweep runs deterministic ablations only (got --mode {args.mode}); "
+                             "use --ablate for stochastic or adversarial runs")
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    input_ids, attention_mask = _inputs(args, loaded)
+    if args.sweep:
+        table = run_component_sweep(
+            loaded.model, input_ids, args.sweep, tokenizer=loaded.tokenizer, attention_mask=attention_mask,
+            decomposition=args.decomposition, batch_size=args.batch_size, patterns=not args.no_patterns,
+            prediction_positions=args.prediction_positions, output_dir=output,
+            title=f"Component sweep: {loaded.name_or_path}")
+        top = table.sort_values("kl_divergence", ascending=False).head(10)
+        print(top[["ablation", "component_norm", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
+        print(f"{len(table)} component(s) written to {output}")
+        return table
+    table = run_component_ablation(
+        loaded.model, input_ids, args.ablate, tokenizer=loaded.tokenizer, attention_mask=attention_mask,
+        decomposition=args.decomposition,
+        mode=args.mode, n_samples=args.samples, ci_default=args.ci_default, pgd_steps=args.pgd_steps,
+        pgd_step_size=args.pgd_step_size, seed=args.seed, patterns=not args.no_patterns,
+        prediction_positions=args.prediction_positions, output_dir=output,
+        title=f"Component ablation ({args.mode}): {loaded.name_or_path}")
+    print(table.T.to_string(header=False))
+    print(f"written to {output}")
+    return table
+
+
+# -- batch --------------------------------------------------------------------------------------
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML list of {name, prompt, image(s)?, num_tokens, mask?}")
+    parser.add_argument("--model", default=None, help="model directory or hub id (overrides the config's 'model')")
+    parser.add_argument("--output", default=None, help=f"output directory (default: config 'output' or {DEFAULT_BATCH_OUTPUT})")
+    parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--no-report", action="store_true", help="skip the HTML reports of the entries")
+
+
+def run_batch_command(args: argparse.Namespace) -> list[dict]:
+    from sparse_viz.analysis.batch import run_batch
+
+    statuses = run_batch(args.config, args.model, args.output, args.device, args.dtype, report=not args.no_report)
+    failed = [s["name"] for s in statuses if s["status"] != "ok"]
+    if failed:
+        raise UserInputError(f"{len(failed)} of {len(statuses)} batch entries failed: {', '.join(failed)}")
+    return statuses
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], object]
+
+# name -> (help, options, run)
+COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
+    "mask": ("token masking impact per layer (seed 000); Qwen3-VL prompts with --image (seed 001)",
+             add_mask_arguments, run_mask),
+    "heads": ("head ablation: zero heads' outputs, KL / top-1 effects", add_heads_arguments, run_heads),
+    "components": ("component ablation of q/k/v/o projections (SVD baseline or SPD factors)",
+                   add_components_arguments, run_components),
+    "batch": ("token masking for a YAML list of prompts", add_batch_arguments, run_batch_command),
+}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -189,13 +382,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
     parser = OneLineErrorParser(prog=PROG, description="Probe pretrained checkpoints.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add_arguments, _) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=COMMAND_HELP.get(name, ""))
-        add_arguments(sub)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(subparsers.add_parser(name, help=help_text))
     return parser
 
 
@@ -205,6 +395,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def run() -> object:
         args = parser.parse_args(argv)
-        return COMMANDS[args.command][1](args)
+        return COMMANDS[args.command][2](args)
 
     exit_on_user_error(run, PROG)

@@ -373,7 +373,6 @@ def encode_vision_prompt(
     text = render_vl_prompt(tokenizer, prompt, len(images), chat=chat)
 
     pixel_values = image_grid_thw = None
-    resized = []
     if images:
         processed = image_processor(images=images, return_tensors="pt")
         pixel_values = processed["pixel_values"]  # (sum of patches, C*t*p*p)
@@ -405,9 +404,36 @@ def encode_vision_prompt(
         "image" if image else ("special" if token in special_ids else "text")
         for token, image in zip(input_ids[0].tolist(), is_image.tolist())
     ]
-    # Image i's tokens are the i-th run of consecutive pads.
+    token_images = image_token_spans(is_image, images, counts, image_grid_thw, merge, patch)
+    resized = [image.resize(span.resized_size) for image, span in zip(images, token_images)]
+
+    return VisionInputs(
+        input_ids=input_ids,
+        mm_token_type_ids=is_image.to(torch.int32)[None],  # (1, T)
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        token_map=VisionTokenMap(token_kinds=kinds, images=token_images),
+        images=resized,
+    )
+
+
+def image_token_spans(
+    is_image: torch.Tensor, images: Sequence[Any], counts: Sequence[int], image_grid_thw: torch.Tensor | None,
+    merge: int, patch: int,
+) -> list[ImageTokens]:
+    """Where each image's tokens sit: image i's are the i-th run of `counts[i]` consecutive pads.
+
+    Args:
+        is_image: (T,) bool, True at `<|image_pad|>` tokens.
+        images: the PIL images (for their original sizes).
+        counts: tokens per image; image_grid_thw: (n_images, 3) in patches.
+        merge, patch: the image processor's spatial merge and patch size.
+
+    Raises:
+        UserInputError: an image's tokens are not contiguous, or the text has pads of its own.
+    """
     image_positions = is_image.nonzero().flatten().tolist()
-    token_images = []
+    spans = []
     cursor = 0
     for index, (image, count) in enumerate(zip(images, counts)):
         start = image_positions[cursor]
@@ -415,7 +441,7 @@ def encode_vision_prompt(
         if image_positions[cursor : cursor + count] != list(range(start, stop)):
             raise UserInputError(f"image {index}'s {count} tokens are not contiguous after tokenisation")
         _, grid_h, grid_w = (int(v) for v in image_grid_thw[index])
-        token_images.append(
+        spans.append(
             ImageTokens(
                 image_index=index,
                 start=start,
@@ -427,19 +453,10 @@ def encode_vision_prompt(
                 original_size=tuple(image.size),
             )
         )
-        resized.append(image.resize((grid_w * patch, grid_h * patch)))
         cursor += count
     if cursor != len(image_positions):
         raise UserInputError(f"the prompt text contains {IMAGE_PAD} tokens of its own")
-
-    return VisionInputs(
-        input_ids=input_ids,
-        mm_token_type_ids=is_image.to(torch.int32)[None],  # (1, T)
-        pixel_values=pixel_values,
-        image_grid_thw=image_grid_thw,
-        token_map=VisionTokenMap(token_kinds=kinds, images=token_images),
-        images=resized,
-    )
+    return spans
 
 
 def describe_token_map(token_map: VisionTokenMap) -> str:

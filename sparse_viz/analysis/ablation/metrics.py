@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 
 
-
-
 def kl_per_position(base_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) at every position, p = softmax(base), q = softmax(ablated).
 

@@ -15,18 +15,24 @@ decomposition is faithful. Optionally each component has a causal importance ci 
   `<module path>.V`, `<module path>.U` and optionally `<module path>.ci`, where the module path
   is a `named_modules()` name (`model.layers.3.self_attn.q_proj`) or SPD's form with dashes
   (`components.model-layers-3-self_attn-q_proj.V`). Every shape is checked against the model.
+- `parse_component_spec` names components ("3.o_proj:0,2"); `component_masks` runs the model
+  with chosen modules replaced by their masked component forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sparse_viz.analysis.index_spec import parse_index_spec
 from sparse_viz.errors import UserInputError
+from sparse_viz.pretrained.adapter import ArchitectureAdapter
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -103,8 +109,6 @@ def projection_path(model: nn.Module, layer: int, projection: str) -> str:
     Raises:
         UserInputError: unknown projection or layer out of range.
     """
-    from sparse_viz.analysis.loading import ArchitectureAdapter
-
     if projection not in PROJECTIONS:
         raise UserInputError(f"unknown projection {projection!r}: expected one of {', '.join(PROJECTIONS)}")
     adapter = ArchitectureAdapter.for_model(model)
@@ -115,6 +119,39 @@ def projection_path(model: nn.Module, layer: int, projection: str) -> str:
         if module is target:
             return name
     raise AssertionError("projection not found among named_modules")  # pragma: no cover
+
+
+_SHORT = re.compile(r"^(\d+)\.([qkvo]_proj)$")
+
+
+def parse_component_spec(spec: str, model: nn.Module, decomposition: Decomposition | None = None,
+                         n_components: Mapping[str, int] | None = None) -> tuple[str, list[int]]:
+    """Parse "LAYER.PROJ:IDX" (e.g. "3.o_proj:0,2,5-7", "0.q_proj:all") or "MODULE_PATH:IDX".
+
+    Args:
+        n_components: C per module path (to check indices); taken from `decomposition` if given,
+            else min(d_in, d_out) (the SVD rank).
+    Returns:
+        (module path, sorted component indices).
+    Raises:
+        UserInputError: malformed spec, unknown module, component index >= C.
+    """
+    if ":" not in spec:
+        raise UserInputError(f"malformed component spec {spec!r}: expected LAYER.PROJ:INDICES, e.g. 3.o_proj:0,2,5-7")
+    module, _, indices = spec.rpartition(":")
+    short = _SHORT.match(module.strip())
+    path = projection_path(model, int(short.group(1)), short.group(2)) if short else module.strip()
+    linear = linear_at(model, path)
+    if decomposition is not None:
+        if path not in decomposition.factors:
+            raise UserInputError(f"component spec {spec!r}: the decomposition has no factors for {path!r}")
+        C = decomposition[path].n_components
+    elif n_components is not None and path in n_components:
+        C = n_components[path]
+    else:
+        C = min(linear.weight.shape)
+    chosen = parse_index_spec(indices, C, what=f"components of {path} (C={C})")
+    return path, list(range(C)) if chosen is None else chosen
 
 
 def _relative_error(W: torch.Tensor, factors: ComponentFactors) -> float:
@@ -239,3 +276,31 @@ def save_factors(decomposition: Decomposition, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return path
+
+
+@contextlib.contextmanager
+def component_masks(model: nn.Module, decomposition: Decomposition, masks: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Replace each listed module's output by its masked component forward while open.
+
+    Args:
+        decomposition: factors per module path.
+        masks: module path -> mask broadcastable to (B, T, C): (C,), (B, 1, C) or (B, T, C).
+    """
+    handles = []
+
+    def replace(path: str, mask: torch.Tensor):
+        factors = decomposition[path]
+
+        def hook(module, args, out):
+            x = args[0]  # (B, T, d_in); a sweep's batch may hold only the first B rows (sweep.py)
+            y = factors.apply(x, mask[: x.shape[0]] if mask.dim() == 3 else mask)  # (B, T, d_out)
+            return y if module.bias is None else y + module.bias
+        return hook
+
+    try:
+        for path, mask in masks.items():
+            handles.append(linear_at(model, path).register_forward_hook(replace(path, mask)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

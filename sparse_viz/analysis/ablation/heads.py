@@ -12,7 +12,7 @@ channels `[g*hd, (g+1)*hd)`) at every key position. With GQA every query head h 
 them, so its z becomes exactly 0: KV-head ablation == ablating that query-head group at all
 positions. (Restricting it to positions would mean something else, so it is not offered.)
 
-Batched sweeps (`ablation_sweep.run_batched_sweep`). The prompt batch (N sequences) is
+Batched sweeps (`sweep.run_batched_sweep`). The prompt batch (N sequences) is
 replicated k times along the batch dim; batch row `a*N + n` carries ablation a on sequence n,
 and the hooks apply a per-row keep mask, so k ablations share one forward. Each ablation's rows
 start at its first layer, and an ablation confined to positions >= p runs only those positions
@@ -37,16 +37,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sparse_viz.analysis.ablation_metrics import (  # noqa: F401  (re-exported: the metrics of head ablation)
-    BaselineDistribution,
-    kl_per_position,
-    logit_change_metrics,
-    prediction_table,
-    summary_columns,
-    token_text,
-)
-from sparse_viz.analysis.ablation_sweep import SweepResult, eager_attention, forward_logits, run_batched_sweep  # noqa: F401
+from sparse_viz.analysis.ablation.inputs import ablation_inputs
+from sparse_viz.analysis.ablation.metrics import summary_columns
+from sparse_viz.analysis.ablation.sweep import SweepResult, run_batched_sweep
 from sparse_viz.errors import UserInputError
+from sparse_viz.pretrained.adapter import ArchitectureAdapter
 
 # --------------------------------------------------------------------------------------------
 # Model access (the few module objects the ablations need).
@@ -78,8 +73,6 @@ class AttentionLayout:
         Raises:
             UserInputError: unsupported architecture.
         """
-        from sparse_viz.analysis.loading import ArchitectureAdapter
-
         adapter = ArchitectureAdapter.for_model(model)
         attentions = tuple(adapter.attention(i) for i in range(adapter.n_layers))
         return cls(attentions, adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
@@ -264,21 +257,6 @@ def auto_pattern_layer(ablation: HeadAblation, n_layers: int) -> int:
     return min(max(ablation.layers) + 1, n_layers - 1)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise prompts, right-padded; returns input_ids (N, T) and attention_mask (N, T)."""
-    if not prompts or any(not p for p in prompts):
-        raise UserInputError("empty prompt: give at least one non-empty prompt")
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    T = max(len(e) for e in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(encoded), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), T), dtype=torch.long)
-    for n, e in enumerate(encoded):
-        ids[n, : len(e)] = torch.tensor(e)
-        mask[n, : len(e)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def head_ablation_study(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -413,20 +391,7 @@ def run_head_ablation(
         n_heads_ablated, positions, kl_divergence, kl_max_position, frac_top1_changed,
         delta_logprob_top1, n_positions.
     """
-    if hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, nn.Module):
-        tokenizer = tokenizer or model.tokenizer
-        model = model.model
-    device = next(model.parameters()).device
-    if isinstance(prompts, torch.Tensor):
-        input_ids, attention_mask = prompts.to(device), None
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-    else:
-        if tokenizer is None:
-            raise UserInputError("text prompts need a tokenizer")
-        input_ids, attention_mask = encode_prompts(tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), device)
-        if bool(attention_mask.all()):
-            attention_mask = None
+    model, tokenizer, input_ids, attention_mask = ablation_inputs(model, prompts, tokenizer)
     layout = AttentionLayout.of(model)
     ablations = build_ablations(layout, ablate=ablate, ablate_kv=ablate_kv, sweep=sweep,
                                 sweep_layers=sweep_layers, positions=positions)

@@ -1,6 +1,6 @@
 """Token masking on Qwen3-VL prompts (text and images): seed 001 on the exact fast path.
 
-The masking itself is `token_masking.analyse_sequence`, unchanged: the baseline forward gets the
+The masking itself is `experiment.analyse_sequence`, unchanged: the baseline forward gets the
 images, `mm_token_type_ids` and the MRoPE position ids (computed once per step with the model's
 own `get_rope_index`), and the layer inputs are captured with pre-hooks, so the DeepStack
 features added after the first text layers are part of what later layers see. The model's own
@@ -23,18 +23,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sparse_viz.analysis.loading import LoadedModel, load_model
-from sparse_viz.analysis.token_masking import (
+from sparse_viz.analysis.index_spec import as_indices
+from sparse_viz.analysis.masking.experiment import (
     METHODS,
     SequenceMasking,
-    _as_indices,
-    _rows,
     analyse_sequence,
     greedy_masking_steps,
     masking_metadata,
+    masking_rows,
     step_record,
 )
-from sparse_viz.analysis.vision import (
+from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
+from sparse_viz.errors import UserInputError
+from sparse_viz.pretrained.loading import LoadedModel, load_model
+from sparse_viz.pretrained.vision import (
     VisionInputs,
     build_image_processor,
     describe_token_map,
@@ -42,7 +44,6 @@ from sparse_viz.analysis.vision import (
     is_vision_model,
     load_image,
 )
-from sparse_viz.errors import UserInputError
 
 MASK_KINDS = ("text", "vision", "all")
 VISION_ATTENTION = {
@@ -87,6 +88,42 @@ def add_token_map_columns(rows: pd.DataFrame, inputs: VisionInputs) -> pd.DataFr
     )
 
 
+def check_vision_request(num_tokens: int, method: str, mask: str, n_images: int, vision_attention: str) -> None:
+    """Every check that needs no model, so bad input fails before one loads.
+
+    Raises:
+        UserInputError: num_tokens < 1, unknown method, mask kind or vision attention, or
+            `vision` without an image.
+    """
+    if num_tokens < 1:
+        raise UserInputError(f"num_tokens must be >= 1, got {num_tokens}")
+    if method not in METHODS:
+        raise UserInputError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
+    check_mask_request(mask, n_images)
+    if vision_attention not in VISION_ATTENTION:
+        raise UserInputError(f"unknown --vision-attention {vision_attention!r}; use one of: {', '.join(VISION_ATTENTION)}")
+
+
+def require_vision_model(
+    model: LoadedModel | None, model_name: str | os.PathLike | None, device: str, dtype: str, trust_remote_code: bool
+) -> LoadedModel:
+    """`model`, or the checkpoint `model_name` loaded; either must be a Qwen3-VL model.
+
+    Raises:
+        UserInputError: no model, a checkpoint that cannot load, or a text-only model.
+    """
+    if model is None:
+        if model_name is None:
+            raise UserInputError("no model given (model_name or model)")
+        model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not is_vision_model(model.model):
+        raise UserInputError(
+            f"model {str(model.name_or_path)!r} is a text-only model ({model.adapter.model_type}); "
+            "images need a Qwen3-VL checkpoint"
+        )
+    return model
+
+
 def run_vision_masking_experiment(
     prompt: str,
     images: Sequence[str | os.PathLike] = (),
@@ -114,7 +151,7 @@ def run_vision_masking_experiment(
         model_name: Qwen3-VL model directory or hub id (ignored when `model` is given).
         mask: "text" (every non-image position), "vision" (image tokens) or "all".
         device, dtype, num_tokens, layers, exclude_first_token, method, trust_remote_code,
-            progress: as in `token_masking.run_masking_experiment`.
+            progress: as in `experiment.run_masking_experiment`.
         chat: render with the chat template (default for VL models).
         model: an already loaded model to reuse.
         image_processor: reuse one (default: the checkpoint's, see `build_image_processor`).
@@ -124,53 +161,24 @@ def run_vision_masking_experiment(
             layer (seed 001's assumption; not what Qwen3-VL does), labelled so in the metadata.
 
     Returns:
-        DataFrame with token_masking's RESULT_COLUMNS plus token_kind, image_index, grid_row,
-        grid_col; `attrs["metadata"]` as token_masking's plus `vision` (token map, mask kind),
+        DataFrame with the masking RESULT_COLUMNS plus token_kind, image_index, grid_row,
+        grid_col; `attrs["metadata"]` as the text experiment's plus `vision` (token map, mask kind),
         and `attrs["images"]` the resized PIL images (for heatmaps).
 
     Raises:
         UserInputError: bad image, image given to a text-only model, `--mask vision` without
-            an image, and token_masking's bad inputs.
+            an image, and the text experiment's bad inputs.
     """
     started = time.perf_counter()
-    if num_tokens < 1:
-        raise UserInputError(f"num_tokens must be >= 1, got {num_tokens}")
-    if method not in METHODS:
-        raise UserInputError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
-    check_mask_request(mask, len(images))
-    if vision_attention not in VISION_ATTENTION:
-        raise UserInputError(f"unknown --vision-attention {vision_attention!r}; use one of: {', '.join(VISION_ATTENTION)}")
+    check_vision_request(num_tokens, method, mask, len(images), vision_attention)
     pictures = [image if hasattr(image, "convert") else load_image(image) for image in images]
-    if model is None:
-        if model_name is None:
-            raise UserInputError("no model given (model_name or model)")
-        model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    if not is_vision_model(model.model):
-        raise UserInputError(
-            f"model {str(model.name_or_path)!r} is a text-only model ({model.adapter.model_type}); "
-            "images need a Qwen3-VL checkpoint"
-        )
+    model = require_vision_model(model, model_name, device, dtype, trust_remote_code)
     load_seconds = time.perf_counter() - started
     adapter, tokenizer = model.adapter, model.tokenizer
     image_processor = image_processor or build_image_processor(model.model, model.name_or_path)
 
-    layer_list = _as_indices(layers, adapter.n_layers, "layers") or list(range(adapter.n_layers))
-    inputs = encode_vision_prompt(
-        tokenizer,
-        image_processor,
-        prompt,
-        pictures,
-        chat=chat,
-        max_positions=adapter.max_positions,
-        reserve=num_tokens - 1,
-    ).to(model.device, model.dtype)
-    if inputs.input_ids.shape[1] < 2:
-        raise UserInputError("the prompt has fewer than 2 tokens")
-    if verbose:
-        print(describe_token_map(inputs.token_map))
-        n_tokens = inputs.input_ids.shape[1]
-        print(f"Tokenized ({n_tokens} tokens), {len(pictures)} image(s); masking {mask} tokens: "
-              f"{len(inputs.token_map.positions(mask))} position(s)")
+    layer_list = as_indices(layers, adapter.n_layers, "layers") or list(range(adapter.n_layers))
+    inputs = encode_for_masking(model, image_processor, prompt, pictures, chat, num_tokens, mask, verbose)
 
     def analyse_step(step: int, step_inputs: VisionInputs, bar: Any) -> tuple[SequenceMasking, pd.DataFrame, dict]:
         positions = step_inputs.token_map.positions(mask)
@@ -189,7 +197,7 @@ def run_vision_masking_experiment(
         )
         ids = step_inputs.input_ids[0].tolist()
         record = step_record(tokenizer, step, ids, result.next_token, token_kinds=step_inputs.token_map.token_kinds)
-        return result, add_token_map_columns(_rows(step, result, record["tokens"], adapter.n_heads), step_inputs), record
+        return result, add_token_map_columns(masking_rows(step, result, record["tokens"], adapter.n_heads), step_inputs), record
 
     run = greedy_masking_steps(
         model, inputs, num_tokens, len(layer_list), progress, analyse_step, lambda sequence, token: sequence.appended(token)
@@ -206,22 +214,52 @@ def run_vision_masking_experiment(
         exclude_first_token=exclude_first_token,
         started=started,
         load_seconds=load_seconds,
-        extra={
-            "vision": {
-                "mask": mask,
-                "images": [str(image) if not hasattr(image, "convert") else "<PIL image>" for image in images],
-                "vision_attention": vision_attention,
-                "attention": VISION_ATTENTION[vision_attention],
-                "token_map": inputs.token_map.to_json(),
-            }
-        },
+        extra={"vision": vision_metadata(mask, images, vision_attention, inputs)},
     )
     return results
 
 
+def encode_for_masking(
+    model: LoadedModel, image_processor: Any, prompt: str, pictures: list[Any], chat: bool, num_tokens: int,
+    mask: str, verbose: bool,
+) -> VisionInputs:
+    """The prompt and images as model inputs on the model's device, with room for the generated
+    tokens; `verbose` prints seed 001's token-range lines and how many positions get masked.
+
+    Raises:
+        UserInputError: the prompt is too long for the context, or shorter than 2 tokens.
+    """
+    inputs = encode_vision_prompt(
+        model.tokenizer,
+        image_processor,
+        prompt,
+        pictures,
+        chat=chat,
+        max_positions=model.adapter.max_positions,
+        reserve=num_tokens - 1,
+    ).to(model.device, model.dtype)
+    if inputs.input_ids.shape[1] < 2:
+        raise UserInputError("the prompt has fewer than 2 tokens")
+    if verbose:
+        print(describe_token_map(inputs.token_map))
+        n_tokens = inputs.input_ids.shape[1]
+        print(f"Tokenized ({n_tokens} tokens), {len(pictures)} image(s); masking {mask} tokens: "
+              f"{len(inputs.token_map.positions(mask))} position(s)")
+    return inputs
+
+
+def vision_metadata(mask: str, images: Sequence[Any], vision_attention: str, inputs: VisionInputs) -> dict[str, Any]:
+    """metadata["vision"]: what was masked, which images, which attention, the token map."""
+    return {
+        "mask": mask,
+        "images": [str(image) if not hasattr(image, "convert") else "<PIL image>" for image in images],
+        "vision_attention": vision_attention,
+        "attention": VISION_ATTENTION[vision_attention],
+        "token_map": inputs.token_map.to_json(),
+    }
+
+
 def vision_baseline_logits(model: LoadedModel, inputs: VisionInputs) -> torch.Tensor:
     """Final-position logits (V,) of the forward the masking analysis uses (explicit MRoPE ids)."""
-    from sparse_viz.analysis.token_masking import capture_layer_inputs
-
     _, logits = capture_layer_inputs(model.adapter, inputs.input_ids, [0], inputs.model_inputs(model.model))
     return logits
