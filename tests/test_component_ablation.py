@@ -165,6 +165,44 @@ def test_loaded_spd_style_factors(tmp_path, model):
         run_component_ablation(model, ids(), ["1.q_proj:40"], decomposition=str(tmp_path / "f.safetensors"), progress=False)
 
 
+def test_stochastic_baseline_and_ablated_runs_share_each_samples_noise():
+    """Paired sampling, by a case computable by hand: with nothing ablated, the ablated run's mask
+    ci + (1 - ci) u equals the baseline's whenever both use the same u, so every sample's KL is
+    exactly 0. A run that drew its own u for the ablated side would show a KL of the noise."""
+    model = tiny_qwen3()[0]
+    dec = svd_decomposition(model, PATHS)
+    result = component_ablation_study(model, ids(), dec, {PATHS[3]: []}, mode="stochastic", n_samples=3,
+                                      ci_default=0.3, patterns=False, progress=False)
+    assert result.table.loc[0, "kl_divergence"] == 0.0
+    assert result.table.loc[0, "kl_std_over_samples"] == 0.0
+    assert result.table.loc[0, "frac_top1_changed"] == 0.0
+    # ... while the noise itself is real: the stochastic baseline is away from the original model
+    assert result.table.loc[0, "reconstruction_kl"] > 1e-4
+
+
+def test_causal_importances_in_a_factor_file_are_read_and_bound_the_adversarial_masks(tmp_path):
+    """ci values written to the file come back from `load_factors`, and the adversarial masks obey
+    ci <= mask <= 1 per component with them (ci_default = 1 would pin every mask at 1)."""
+    model = tiny_qwen3()[0]
+    path = PATHS[3]
+    f_svd = svd_decomposition(model, [path])[path]
+    C = f_svd.n_components
+    ci = torch.linspace(0.0, 1.0, C)
+    dashed = "components." + path.replace(".", "-")
+    save_file({f"{dashed}.V": f_svd.V.contiguous(), f"{dashed}.U": f_svd.U.contiguous(), f"{dashed}.ci": ci},
+              tmp_path / "f.safetensors")
+    dec = load_factors(tmp_path / "f.safetensors", model)
+    torch.testing.assert_close(dec[path].ci.float(), ci)
+    result = component_ablation_study(model, ids(), dec, {path: [0]}, mode="adversarial", ci_default=1.0,
+                                      pgd_steps=4, pgd_step_size=0.5, patterns=False, progress=False)
+    mask = torch.from_numpy(result.masks[path])
+    assert mask[0] == 0  # the ablated component
+    kept = torch.arange(1, C)
+    assert (mask[kept] >= ci[kept] - 1e-6).all() and (mask[kept] <= 1).all()
+    assert mask[-1] == 1.0  # ci = 1: nothing to vary
+    assert (mask[kept] < 1 - 1e-3).any()  # PGD used the room the file's ci values give
+
+
 @pytest.mark.parametrize("tensors, message", [
     ({"model.layers.0.self_attn.q_proj.V": torch.zeros(31, 4), "model.layers.0.self_attn.q_proj.U": torch.zeros(4, 32)}, r"V has shape \(31, 4\), expected \(32, C\)"),
     ({"model.layers.0.self_attn.q_proj.V": torch.zeros(32, 4), "model.layers.0.self_attn.q_proj.U": torch.zeros(4, 30)}, r"U has shape \(4, 30\), expected \(C, 32\)"),
