@@ -131,4 +131,30 @@ def test_entry_validation_rules(tmp_path):
 
 def test_the_example_config_parses():
     parsed = load_batch_config(REPO_ROOT / "configs" / "analysis" / "prompts.yaml")
-    assert parsed.invalid == [] and len(parsed.entries) == 4 and parsed.model
+    assert parsed.invalid == [] and len(parsed.entries) == 3 and parsed.model == ".cache/smollm2-135m"
+    vl = load_batch_config(REPO_ROOT / "configs" / "analysis" / "prompts_vl.yaml")
+    assert vl.invalid == [] and len(vl.entries) == 4 and vl.model is None  # needs --model: no VL ships
+    assert all((REPO_ROOT / image).is_file() for entry in vl.entries for image in entry.images)
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_the_shipped_text_config_runs_offline_as_shipped(smollm2_dir, tmp_path, capsys, monkeypatch):
+    """The README's batch command with nothing added: the model path in the YAML is the one
+    `scripts/setup.sh --dev` converts, relative to the repository root."""
+    monkeypatch.chdir(REPO_ROOT)
+    result = run_batch_cli(["--config", "configs/analysis/prompts.yaml", "--output", str(tmp_path / "out"),
+                            "--no-report"], capsys)
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [e["status"] for e in index["entries"]] == ["ok", "ok", "ok"]
+
+
+def test_the_shipped_vision_config_runs_on_a_qwen3_vl_checkpoint(files, tmp_path, capsys, monkeypatch):
+    """prompts_vl.yaml as shipped (its image included), on the tiny Qwen3-VL the tests build."""
+    monkeypatch.chdir(REPO_ROOT)
+    result = run_batch_cli(["--config", "configs/analysis/prompts_vl.yaml", "--model", str(files / "vl"),
+                            "--output", str(tmp_path / "out"), "--no-report"], capsys)
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [e["status"] for e in index["entries"]] == ["ok"] * 4

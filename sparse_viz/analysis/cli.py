@@ -52,14 +52,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_prompt(args: argparse.Namespace) -> str:
-    """The prompt text from --prompt, --prompt-file, ./prompt.txt or the built-in default.
+    """The prompt text from --prompt, --prompt-file, ./prompt.txt or the built-in default; the
+    built-in default is announced on stderr, so a run without --prompt is never silent about it.
 
     Raises:
         UserInputError: unreadable prompt file or empty prompt.
     """
-    from sparse_viz.pretrained.prompts import read_prompt
+    from sparse_viz.pretrained.prompts import DEFAULT_PROMPT, DEFAULT_PROMPT_FILE, read_prompt
 
-    return read_prompt(getattr(args, "prompt", None), getattr(args, "prompt_file", None))
+    prompt, prompt_file = getattr(args, "prompt", None), getattr(args, "prompt_file", None)
+    if prompt is None and prompt_file is None and not DEFAULT_PROMPT_FILE.is_file():
+        print(f"note: no --prompt, --prompt-file or ./{DEFAULT_PROMPT_FILE}: using the built-in prompt "
+              f"{DEFAULT_PROMPT!r}", file=sys.stderr)
+    return read_prompt(prompt, prompt_file)
 
 
 # -- mask ---------------------------------------------------------------------------------------
@@ -312,6 +317,12 @@ def run_components(args: argparse.Namespace):
                              "use --ablate for stochastic or adversarial runs")
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.mode == "adversarial" and args.decomposition is None and args.ci_default >= 1:
+        # SVD components carry no causal importance, so every ci is --ci-default: at 1 the PGD
+        # constraint mask = ci + (1 - ci) s pins every mask, and the run IS the deterministic one.
+        print("warning: --mode adversarial with SVD components and --ci-default 1 leaves PGD nothing to vary: "
+              "the result equals --mode deterministic. Give --ci-default < 1 or --decomposition with ci values.",
+              file=sys.stderr)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     input_ids, attention_mask = _inputs(args, loaded)
     if args.sweep:
@@ -382,10 +393,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog=PROG, description="Probe pretrained checkpoints.")
+    # No abbreviations: `--num-tok 3` is an error, not silently `--num-tokens 3`.
+    parser = OneLineErrorParser(prog=PROG, description="Probe pretrained checkpoints.", allow_abbrev=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(subparsers.add_parser(name, help=help_text))
+        add_arguments(subparsers.add_parser(name, help=help_text, allow_abbrev=False))
     return parser
 
 
