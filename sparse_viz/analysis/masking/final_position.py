@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparse_viz.analysis.masking.layer_attention import layer_attention
 from sparse_viz.analysis.masking.layer_inputs import LayerInput
 from sparse_viz.pretrained.adapter import ArchitectureAdapter
 
@@ -48,26 +49,6 @@ class FinalPositionUpdates:
     full: torch.Tensor
     attn: torch.Tensor
     heads: torch.Tensor
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split (non-interleaved) RoPE, as in Llama/Qwen: x (B, H, T, hd), cos/sin (B, T, hd)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
-    return x * cos + _rotate_half(x) * sin
-
-
-def visible_keys(n_keys: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """Keys the final query may attend to under the model's own mask: (T,) bool."""
-    positions = torch.arange(n_keys, device=device)
-    if window is None:
-        return torch.ones(n_keys, dtype=torch.bool, device=device)
-    # Same rule as transformers' sliding window: q - k < window.
-    return (n_keys - 1) - positions < window
 
 
 @torch.no_grad()
@@ -93,29 +74,10 @@ def masked_final_position_updates(
     """
     attention = adapter.attention(layer)
     hidden = layer_input.hidden  # (1, T, D)
-    _, n_tokens, _ = hidden.shape
-    n_heads, n_kv, head_dim = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
-    group = n_heads // n_kv
-    cos, sin = layer_input.position_embeddings  # (1, T, hd) each
-
-    x = adapter.input_norm(layer)(hidden)  # (1, T, D)
-    q = attention.q_proj(x[:, -1:]).view(1, 1, n_heads, head_dim)  # (1, 1, H, hd)
-    k = attention.k_proj(x).view(1, n_tokens, n_kv, head_dim)  # (1, T, Hkv, hd)
-    v = attention.v_proj(x).view(1, n_tokens, n_kv, head_dim)  # (1, T, Hkv, hd)
-    q_norm, k_norm = adapter.q_norm(layer), adapter.k_norm(layer)
-    if q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    q = apply_rope(q.transpose(1, 2), cos[:, -1:], sin[:, -1:])  # (1, H, 1, hd)
-    k = apply_rope(k.transpose(1, 2), cos, sin)  # (1, Hkv, T, hd)
-    v = v.transpose(1, 2)  # (1, Hkv, T, hd)
-
-    # GQA: query head h reads KV head h // group.
-    q = q.view(n_kv, group, head_dim)  # (Hkv, G, hd)
-    scores = torch.einsum("kgd,ktd->kgt", q, k[0]) * adapter.attention_scaling  # (Hkv, G, T)
-    visible = visible_keys(n_tokens, adapter.sliding_window(layer), hidden.device)  # (T,)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    n_heads, head_dim = adapter.n_heads, adapter.head_dim
+    last = layer_attention(adapter, layer, layer_input, queries=slice(-1, None))  # the final query only
+    scores = last.scores()[:, :, 0]  # (Hkv, G, T)
+    v = last.v[None]  # (1, Hkv, T, hd)
 
     n_rows = 1 + len(positions)
     rows = scores.unsqueeze(2).repeat(1, 1, n_rows, 1)  # (Hkv, G, 1+P, T)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sparse_viz.analysis.masking.all_pairs import AllPairsImpact
 from sparse_viz.analysis.masking.final_position import FinalPositionUpdates
 from sparse_viz.analysis.masking.layer_inputs import LayerInput
 from sparse_viz.pretrained.adapter import ArchitectureAdapter
@@ -26,8 +27,9 @@ def additive_mask(
     dtype: torch.dtype,
     device: torch.device,
     mask_value: float | None = None,
+    masked_query: int = -1,
 ) -> torch.Tensor:
-    """Causal additive attention mask, with one key hidden from the final query.
+    """Causal additive attention mask, with one key hidden from one query (the final one by default).
 
     Args:
         n_tokens: sequence length T.
@@ -36,6 +38,7 @@ def additive_mask(
         dtype, device: of the mask (the model's dtype: eager attention adds it to the scores).
         mask_value: value at hidden entries (default: the dtype's most negative number, like
             transformers' own masks).
+        masked_query: the query `masked_key` is hidden from.
 
     Returns:
         (1, 1, T, T) float mask: 0 where visible, `mask_value` where hidden.
@@ -47,7 +50,7 @@ def additive_mask(
     if window is not None:
         hidden |= (query - key) >= window
     if masked_key is not None:
-        hidden[-1, masked_key] = True
+        hidden[masked_query, masked_key] = True
     mask = torch.zeros(n_tokens, n_tokens, dtype=dtype, device=device)
     mask.masked_fill_(hidden, hidden_value)
     return mask[None, None]  # (1, 1, T, T)
@@ -60,7 +63,7 @@ def reference_final_position_updates(
     layer_input: LayerInput,
     positions: Sequence[int],
 ) -> FinalPositionUpdates:
-    """Same contract as `token_masking.masked_final_position_updates`, by brute force.
+    """Same contract as `final_position.masked_final_position_updates`, by brute force.
 
     Args:
         adapter: the model's adapter.
@@ -103,3 +106,38 @@ def reference_final_position_updates(
         for hook in hooks:
             hook.remove()
     return FinalPositionUpdates(full=torch.stack(full), attn=torch.stack(attn), heads=torch.stack(heads))
+
+
+@torch.no_grad()
+def reference_all_pairs_impact(adapter: ArchitectureAdapter, layer: int, layer_input: LayerInput) -> AllPairsImpact:
+    """Same contract as `all_pairs.all_pairs_attention_impact`, by brute force: for every query t
+    and key s <= t, the whole layer is called again with an additive mask that also hides s from
+    t, and the attention block's output at t (after o_proj) is compared with the unmasked one.
+
+    Returns:
+        AllPairsImpact; distances in float64 of the float32 outputs, NaN for s > t and t = s = 0.
+    """
+    decoder_layer = adapter.layers[layer]
+    hidden = layer_input.hidden  # (1, T, D)
+    n_tokens = hidden.shape[1]
+    window = adapter.sliding_window(layer)
+    seen: dict[str, torch.Tensor] = {}
+    hook = adapter.attention(layer).register_forward_hook(lambda m, args, out: seen.__setitem__("attn", out[0][0]))
+
+    def attention_output(query: int, masked_key: int | None) -> torch.Tensor:
+        mask = additive_mask(n_tokens, masked_key, window, hidden.dtype, hidden.device, masked_query=query)
+        decoder_layer(hidden, **{**layer_input.kwargs, "attention_mask": mask})
+        return seen["attn"][query].double()  # (D,)
+
+    l2 = torch.full((n_tokens, n_tokens), float("nan"), dtype=torch.float64)
+    cosine = torch.full((n_tokens, n_tokens), float("nan"), dtype=torch.float64)
+    try:
+        for t in range(1, n_tokens):  # query 0 has one key: hiding it leaves nothing to attend to
+            base = attention_output(t, None)
+            for s in range(t + 1):
+                masked = attention_output(t, s)
+                l2[t, s] = (masked - base).norm()
+                cosine[t, s] = 1 - (masked @ base) / (masked.norm() * base.norm())
+    finally:
+        hook.remove()
+    return AllPairsImpact(l2=l2, cosine=cosine)
