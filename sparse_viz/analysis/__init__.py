@@ -1,9 +1,10 @@
 """Probes of pretrained checkpoints: token masking, head and component ablation.
 
-    masking/      what each key token matters to each layer's update (exact fast path,
-                  brute-force reference, Qwen3-VL prompts with images)
+    masking/      what each key token matters to each layer's update (exact fast path at the final
+                  query, all pairs of queries and keys, brute-force references, Qwen3-VL prompts)
     ablation/     what each head or weight component matters to the output (hooks, modes,
                   decompositions, the batched sweep engine, logit-change metrics)
+    impact/       all-pairs impact scored against selections of keys (indexer, oracle, baselines)
     batch.py      token masking for a YAML list of prompts, one model load
     cli.py        `python -m sparse_viz.analysis <command>`: every subcommand's options
     index_spec.py, output_dir.py   index specs ("0,3,5-9") and all-or-nothing output folders
@@ -30,6 +31,8 @@ _LAZY = {
     "run_component_sweep": "sparse_viz.analysis.ablation.component_sweep",
     "run_vision_masking_experiment": "sparse_viz.analysis.masking.vision",
     "run_batch": "sparse_viz.analysis.batch",
+    "run_impact_analysis": "sparse_viz.analysis.impact.experiment",
+    "write_impact_outputs": "sparse_viz.analysis.impact.outputs",
 }
 
 __all__ = sorted(_LAZY)

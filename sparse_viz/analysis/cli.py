@@ -7,6 +7,7 @@ imports this module. Bad input becomes `UserInputError`: one line on stderr, exi
     mask        token masking per layer (seed 000); Qwen3-VL prompts with --image (seed 001)
     heads       head ablation
     components  component ablation of q/k/v/o projections
+    impact      all-pairs attention impact and its agreement with selections of keys
     batch       token masking for a YAML list of prompts
 
 Examples:
@@ -347,6 +348,47 @@ def run_components(args: argparse.Namespace):
     return table
 
 
+# -- impact -------------------------------------------------------------------------------------
+
+
+def add_impact_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--layers", default=None, help='layers to analyse, e.g. "0,3,5-9" (default: all)')
+    parser.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64],
+                        help="selection sizes to score against impact (default: 8 16 32 64)")
+    parser.add_argument("--sink-tokens", type=int, default=4, help="sinks of the sink_local selection (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random selection")
+    parser.add_argument("--block-size", type=int, default=64, help="queries per block (memory ~ block * T * H^2)")
+    parser.add_argument("--report-layers", default=None,
+                        help='layers embedded in report.html, e.g. "0,15" (default: up to six spread out)')
+    parser.add_argument("--no-report", action="store_true", help="skip report.html")
+
+
+def run_impact(args: argparse.Namespace) -> object:
+    """All-pairs impact of every key on every query, and how selections agree with it."""
+    if any(k < 1 for k in args.k):
+        raise UserInputError(f"--k values must be >= 1, got {args.k}")
+    if args.block_size < 1:
+        raise UserInputError(f"--block-size must be >= 1, got {args.block_size}")
+    if args.sink_tokens < 0:
+        raise UserInputError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
+    output = check_output_dir(args.output or "results/impact")
+    prompt = resolve_prompt(args)
+
+    from sparse_viz.analysis.impact.experiment import run_impact_analysis
+    from sparse_viz.analysis.impact.outputs import write_impact_outputs
+
+    result = run_impact_analysis(prompt, args.model, device=args.device, dtype=args.dtype, layers=args.layers,
+                                 k=args.k, sink_tokens=args.sink_tokens, seed=args.seed, block_size=args.block_size,
+                                 chat=args.chat, trust_remote_code=args.trust_remote_code, progress=True)
+    report_layers = parse_index_spec(args.report_layers, max(result.layers) + 1, what="report-layers")
+    write_impact_outputs(output, result, report=not args.no_report, report_layers=report_layers)
+    summary = result.agreement.groupby(["k", "selector"])[["impact_recall_at_k", "impact_share"]].mean()
+    print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"{len(result.layers)} layer(s) x {len(result.tokens)} tokens written to {output}")
+    return result
+
+
 # -- batch --------------------------------------------------------------------------------------
 
 
@@ -381,6 +423,8 @@ COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "heads": ("head ablation: zero heads' outputs, KL / top-1 effects", add_heads_arguments, run_heads),
     "components": ("component ablation of q/k/v/o projections (SVD baseline or SPD factors)",
                    add_components_arguments, run_components),
+    "impact": ("all-pairs attention impact (every query and key) and its agreement with key selections",
+               add_impact_arguments, run_impact),
     "batch": ("token masking for a YAML list of prompts", add_batch_arguments, run_batch_command),
 }
 

@@ -1,0 +1,1 @@
+"""Impact: which keys matter to each query, and whether a selection of keys keeps them."""
