@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sparse_viz.data import TextDataModule
+from sparse_viz.data.tokenizer import save_tokenizer_atomic
 from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig
 from sparse_viz.training import DSALightningModule, Schedule
@@ -141,6 +142,10 @@ def run_training(args: list[str] | None = None) -> SparseVizCLI:
         },
         args=args,
     )
+    if cli.trainer.is_global_zero:
+        # The run directory is self-contained: analyses of its checkpoints read their tokenizer here.
+        cli.run_dir.mkdir(parents=True, exist_ok=True)
+        save_tokenizer_atomic(cli.datamodule.tokenizer, cli.run_dir / "tokenizer.json")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     print(f"run directory: {cli.run_dir}")
     return cli

@@ -50,6 +50,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
     parser.add_argument("--output", default=None, help="output directory (replaced atomically)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    parser.add_argument("--attention", default="own", choices=("own", "dense"),
+                        help="a DSA training checkpoint (.ckpt) runs its own selector (default) or dense attention")
 
 
 def resolve_prompt(args: argparse.Namespace) -> str:
@@ -123,6 +125,7 @@ def run_text_mask(args: argparse.Namespace) -> object:
         method=args.method,
         trust_remote_code=args.trust_remote_code,
         progress=True,
+        attention=args.attention,
     )
     metadata = results.attrs["metadata"]
     write_masking_outputs(output, results, metadata, report=not args.no_report)
@@ -261,7 +264,8 @@ def run_heads(args: argparse.Namespace):
     check_replaceable(output)
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        attention=args.attention)
     layout = AttentionLayout.of(loaded.model)
     input_ids, attention_mask = _inputs(args, loaded)
     T = input_ids.shape[1]
@@ -324,7 +328,8 @@ def run_components(args: argparse.Namespace):
         print("warning: --mode adversarial with SVD components and --ci-default 1 leaves PGD nothing to vary: "
               "the result equals --mode deterministic. Give --ci-default < 1 or --decomposition with ci values.",
               file=sys.stderr)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        attention=args.attention)
     input_ids, attention_mask = _inputs(args, loaded)
     if args.sweep:
         table = run_component_sweep(
@@ -380,7 +385,8 @@ def run_impact(args: argparse.Namespace) -> object:
 
     result = run_impact_analysis(prompt, args.model, device=args.device, dtype=args.dtype, layers=args.layers,
                                  k=args.k, sink_tokens=args.sink_tokens, seed=args.seed, block_size=args.block_size,
-                                 chat=args.chat, trust_remote_code=args.trust_remote_code, progress=True)
+                                 chat=args.chat, trust_remote_code=args.trust_remote_code, progress=True,
+                                 attention=args.attention)
     report_layers = parse_index_spec(args.report_layers, max(result.layers) + 1, what="report-layers")
     write_impact_outputs(output, result, report=not args.no_report, report_layers=report_layers)
     summary = result.agreement.groupby(["k", "selector"])[["impact_recall_at_k", "impact_share"]].mean()

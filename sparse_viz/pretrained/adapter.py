@@ -96,6 +96,12 @@ class ArchitectureAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
+    @property
+    def selection(self) -> Any:
+        """The `KeySelection` installed on the model (`selected_attention.install_selection`), or
+        None when the model attends densely as it was trained."""
+        return getattr(self.model, "_sparse_viz_selection", None)
+
     # -- sizes --------------------------------------------------------------------------------
 
     @property

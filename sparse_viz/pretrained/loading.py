@@ -84,8 +84,10 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     attn_implementation: str = "eager",
+    attention: str = "own",
 ) -> LoadedModel:
-    """Load a causal LM directory (or hub id) with its tokenizer and adapter.
+    """Load a causal LM directory (or hub id), or this project's DSA training checkpoint
+    (`results/<run>/checkpoints/*.ckpt`, see `dsa_checkpoint.py`), with its tokenizer and adapter.
 
     Args:
         name_or_path: a local model directory, or a hub id (only works when online).
@@ -93,6 +95,8 @@ def load_model(
         dtype: "float32", "bfloat16" or "float16".
         trust_remote_code: passed to transformers; off by default.
         attn_implementation: "eager" (default; honours additive 4D masks exactly) or "sdpa".
+        attention: for a DSA checkpoint, "own" (its selector) or "dense"; a Hugging Face model
+            always attends as it was trained ("own").
 
     Returns:
         LoadedModel with the model in eval mode.
@@ -113,6 +117,12 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".ckpt":
+        from sparse_viz.pretrained.dsa_checkpoint import load_dsa_checkpoint
+
+        return load_dsa_checkpoint(path, torch_device, torch_dtype, attention)
+    if attention not in ("own", "dense"):
+        raise UserInputError(f"unknown attention {attention!r}; use own or dense")
     if path.exists():
         if not path.is_dir():
             raise UserInputError(f"model path {name!r} is not a directory")

@@ -203,8 +203,10 @@ def install_selection(model: nn.Module, selection: KeySelection):
         if selection.selector == "topk":
             handles.append(attention.register_forward_pre_hook(remember_normed_input(i), with_kwargs=True))
     model.set_attn_implementation(ATTENTION_NAME)
+    model._sparse_viz_selection = selection  # read by ArchitectureAdapter.selection
 
     def undo() -> None:
+        model.__dict__.pop("_sparse_viz_selection", None)
         for handle in handles:
             handle.remove()
         for i in range(adapter.n_layers):

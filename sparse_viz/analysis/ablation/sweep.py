@@ -59,9 +59,12 @@ RowHooks = Callable[[Sequence[Any], int], ContextManager]
 
 @contextlib.contextmanager
 def eager_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Switch a HF model to eager attention (the only one that returns probabilities) and back."""
+    """Switch a HF model to eager attention (the only one that returns probabilities) and back.
+
+    A model whose attention is restricted to a key selection keeps it: that attention is eager too.
+    """
     previous = getattr(model.config, "_attn_implementation", None)
-    if not enabled or previous == "eager":
+    if not enabled or previous in ("eager", "sparse_viz_selected"):
         yield
         return
     model.set_attn_implementation("eager")

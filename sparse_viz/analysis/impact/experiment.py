@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from sparse_viz.analysis.impact.agreement import impact_recall_at_k, impact_share, scored_rows, spearman_by_row
 from sparse_viz.analysis.index_spec import as_indices
 from sparse_viz.analysis.masking.all_pairs import all_pairs_attention_impact
+from sparse_viz.analysis.masking.experiment import attention_label
 from sparse_viz.analysis.masking.layer_attention import layer_attention
 from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
 from sparse_viz.errors import UserInputError
@@ -120,6 +121,7 @@ def run_impact_analysis(
     chat: bool = False,
     trust_remote_code: bool = False,
     progress: bool = False,
+    attention: str = "own",
 ) -> ImpactResult:
     """All-pairs impact of a prompt's keys in every analysed layer, and its agreement with selectors.
 
@@ -135,6 +137,7 @@ def run_impact_analysis(
         block_size: queries per block of the impact computation (memory ~ block * T * H^2 doubles).
         chat: wrap the prompt with the tokenizer's chat template.
         progress: a tqdm bar over layers.
+        attention: for a DSA training checkpoint, "own" (its selector) or "dense".
 
     Returns:
         ImpactResult.
@@ -154,7 +157,8 @@ def run_impact_analysis(
     if model is None:
         if model_name is None:
             raise UserInputError("no model given (model_name or model)")
-        model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           attention=attention)
     adapter = model.adapter
     layer_list = as_indices(layers, adapter.n_layers, "layers") or list(range(adapter.n_layers))
     input_ids = encode_prompt(model.tokenizer, prompt, chat=chat, max_positions=adapter.max_positions,
@@ -174,7 +178,7 @@ def run_impact_analysis(
         "model": str(model.name_or_path), "model_type": adapter.model_type, "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."), "prompt": prompt, "chat": chat, "tokens": tokens,
         "token_ids": ids, "layers": layer_list, "k": ks, "sink_tokens": sink_tokens, "seed": seed,
-        "selection_source": "the model's own attention (no indexer)", "definitions": DEFINITIONS,
+        "attention": attention_label(adapter), "definitions": DEFINITIONS,
         "timings": {"total_seconds": round(time.perf_counter() - started, 3)},
     }
     return ImpactResult(layers=layer_list, tokens=tokens, l2=np.stack(l2s), cosine=np.stack(cosines),

@@ -121,6 +121,7 @@ def run_masking_experiment(
     trust_remote_code: bool = False,
     progress: bool = False,
     model: LoadedModel | None = None,
+    attention: str = "own",
 ) -> pd.DataFrame:
     """Token masking impact per generation step, layer, masked position and variant.
 
@@ -140,6 +141,7 @@ def run_masking_experiment(
         trust_remote_code: passed to transformers.
         progress: show a tqdm bar over layers x steps.
         model: an already loaded model to reuse.
+        attention: for a DSA training checkpoint, "own" (its selector) or "dense".
 
     Returns:
         DataFrame with the columns of RESULT_COLUMNS; `df.attrs["metadata"]` holds the run's
@@ -157,7 +159,8 @@ def run_masking_experiment(
     if model is None:
         if model_name is None:
             raise UserInputError("no model given (model_name or model)")
-        model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           attention=attention)
     load_seconds = time.perf_counter() - started
     adapter, tokenizer = model.adapter, model.tokenizer
 
@@ -309,6 +312,7 @@ def masking_metadata(
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "method": method,
+        "attention": attention_label(adapter),
         "prompt": prompt,
         "chat": chat,
         "tokens": steps[-1]["tokens"],
@@ -332,6 +336,12 @@ def masking_metadata(
             "total_seconds": round(time.perf_counter() - started, 4),
         },
     }
+
+
+def attention_label(adapter: ArchitectureAdapter) -> str:
+    """Which attention ran: the installed key selection (a DSA checkpoint's selector), or dense."""
+    selection = adapter.selection
+    return "dense (as trained)" if selection is None else selection.label
 
 
 def _eos_ids(model: LoadedModel) -> set[int]:

@@ -93,10 +93,9 @@ def layer_attention(
     _, n_tokens, _ = hidden.shape
     n_heads, n_kv, head_dim = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
     cos, sin = layer_input.position_embeddings  # (1, T, hd) each
-    query_positions = torch.arange(n_tokens, device=hidden.device)[queries]  # (Tq,)
 
     x = adapter.input_norm(layer)(hidden)  # (1, T, D)
-    q = attention.q_proj(x[:, queries]).view(1, len(query_positions), n_heads, head_dim)  # (1, Tq, H, hd)
+    q = attention.q_proj(x).view(1, n_tokens, n_heads, head_dim)  # (1, T, H, hd)
     k = attention.k_proj(x).view(1, n_tokens, n_kv, head_dim)  # (1, T, Hkv, hd)
     v = attention.v_proj(x).view(1, n_tokens, n_kv, head_dim)  # (1, T, Hkv, hd)
     q_norm, k_norm = adapter.q_norm(layer), adapter.k_norm(layer)
@@ -104,13 +103,22 @@ def layer_attention(
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
-    q = apply_rope(q.transpose(1, 2), cos[:, queries], sin[:, queries])  # (1, H, Tq, hd)
+    q = apply_rope(q.transpose(1, 2), cos, sin)  # (1, H, T, hd)
     k = apply_rope(k.transpose(1, 2), cos, sin)  # (1, Hkv, T, hd)
     group = n_heads // n_kv
-    return LayerAttention(
-        q=q[0].view(n_kv, group, len(query_positions), head_dim),  # GQA: head h reads KV head h // group
+    full = LayerAttention(
+        q=q[0].view(n_kv, group, n_tokens, head_dim),  # GQA: head h reads KV head h // group
         k=k[0],
         v=v.transpose(1, 2)[0],  # (Hkv, T, hd)
-        visible=visible_keys(query_positions, n_tokens, adapter.sliding_window(layer)),
+        visible=visible_keys(torch.arange(n_tokens, device=hidden.device), n_tokens, adapter.sliding_window(layer)),
         scaling=adapter.attention_scaling,
     )
+    selection = adapter.selection
+    if selection is not None and not selection.is_dense(layer):
+        # The model attends only to its selected keys (a DSA model, or a selector installed on a
+        # pretrained one): the same selection the model's attention function computes.
+        dense_probs = torch.softmax(full.scores().float(), dim=-1).reshape(1, n_heads, n_tokens, n_tokens)
+        keep = selection.keep(layer, 1, n_tokens, hidden.device, x, dense_probs)[0]  # (T, T)
+        full.visible = full.visible & keep
+    start, stop, _ = queries.indices(n_tokens)
+    return full.queries(start, stop)
