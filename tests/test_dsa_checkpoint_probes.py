@@ -134,3 +134,30 @@ def test_a_real_training_run_is_probed_from_its_checkpoint(tmp_path, capsys):
     result = run_analysis_cli(["impact", "--model", str(checkpoint), "--prompt", PROMPT, "--k", "8",
                                "--output", str(tmp_path / "impact")], capsys)
     assert result.returncode == 0, result.stderr
+
+
+@torch.no_grad()
+def test_impact_agreement_of_a_dsa_checkpoint_scores_its_indexer(topk_run):
+    """Dense attention (so that every key can matter): the indexer's row is the top-k of the DSA
+    model's own indexer scores, and its Spearman is scipy's against brute-force impact."""
+    from scipy.stats import spearmanr
+
+    from sparse_viz.analysis.impact.experiment import run_impact_analysis
+
+    dsa, checkpoint = topk_run
+    loaded = load_model(checkpoint, device="cpu", attention="dense")
+    result = run_impact_analysis(PROMPT, model=loaded, layers=[1], k=[4])
+    row = result.agreement.set_index("selector").loc["indexer"]
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    trace = dsa(ids, attention="dense", trace="select").traces[1]  # the DSA model's own index scores
+    inputs, _ = capture_layer_inputs(loaded.adapter, ids, [1])
+    impact = reference_all_pairs_impact(loaded.adapter, 1, inputs[1]).l2
+    T = ids.shape[1]
+    expected = np.mean([spearmanr(trace.index_scores[0, t, : t + 1], impact[t, : t + 1]).statistic for t in range(4, T)])
+    assert row["spearman"] == pytest.approx(expected, rel=1e-6)
+    hits = []
+    for t in range(4, T):
+        top_impact = set(np.argsort(-impact[t, : t + 1].numpy(), kind="stable")[:4].tolist())
+        top_index = set(np.argsort(-trace.index_scores[0, t, : t + 1].numpy(), kind="stable")[:4].tolist())
+        hits.append(len(top_impact & top_index) / 4)
+    assert row["impact_recall_at_k"] == pytest.approx(np.mean(hits))

@@ -5,6 +5,8 @@ attention mass (probabilities summed over heads), and, for each k, how well each
 agrees with the impact (`agreement.py`):
 
     attention_mass   top-k of the attention mass (the oracle of DSA's recipe); Spearman of the mass
+    indexer          top-k of the Lightning Indexer's scores (DSA checkpoints, or a model with
+                     indexers attached); Spearman of the scores
     local            the last k keys
     sink_local       the first `sink_tokens` keys and the last k - sink_tokens
     random           k random past keys (seeded)
@@ -35,6 +37,8 @@ from sparse_viz.pretrained.loading import LoadedModel, load_model
 from sparse_viz.pretrained.prompts import encode_prompt, read_prompt
 
 DEFAULT_K = (8, 16, 32, 64)
+# Ask "does the indexer pick the keys that matter?" of a DSA checkpoint with --attention dense: under
+# its own selection only the selected keys can have any impact, which makes the indexer's score trivial.
 AGREEMENT_COLUMNS = ["layer", "selector", "k", "impact_recall_at_k", "impact_share", "spearman", "n_queries"]
 DEFINITIONS = {
     "impact": "l2 distance of the attention block's output at query t (after o_proj) when key s alone "
@@ -74,10 +78,23 @@ def attention_mass(model: LoadedModel, layer: int, layer_input: Any) -> torch.Te
     return F.softmax(scores.float(), dim=-1).sum((0, 1))
 
 
-def selections(n_tokens: int, k: int, mass: torch.Tensor, sink_tokens: int, seed: int) -> dict[str, torch.Tensor]:
-    """Each compared selector's keys, (T, k) long; sink_local only where sink_tokens < k."""
+@torch.no_grad()
+def indexer_scores(model: LoadedModel, layer: int, layer_input: Any) -> torch.Tensor | None:
+    """(T, T) the layer's Lightning Indexer scores of its normed input, or None without indexers."""
+    selection = model.adapter.selection
+    if selection is None or selection.indexers is None:
+        return None
+    normed = model.adapter.input_norm(layer)(layer_input.hidden)  # (1, T, D)
+    return selection.index_scores(layer, normed)[0].float().cpu()
+
+
+def selections(n_tokens: int, k: int, mass: torch.Tensor, sink_tokens: int, seed: int,
+               index_scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Each compared selector's keys, (T, k) long; sink_local only where sink_tokens < k, indexer
+    only with index scores."""
     chosen = {
         "attention_mass": topk_causal(mass[None], k)[0],
+        **({"indexer": topk_causal(index_scores[None], k)[0]} if index_scores is not None else {}),
         "local": local_window(1, n_tokens, k)[0],
         "random": random_past(1, n_tokens, k, seed)[0],
     }
@@ -87,20 +104,21 @@ def selections(n_tokens: int, k: int, mass: torch.Tensor, sink_tokens: int, seed
 
 
 def agreement_rows(layer: int, impact: torch.Tensor, mass: torch.Tensor, ks: Sequence[int], sink_tokens: int,
-                   seed: int) -> list[dict[str, Any]]:
+                   seed: int, index_scores: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """AGREEMENT_COLUMNS rows of one layer, for every k shorter than the sequence."""
     n_tokens = impact.shape[0]
+    scores = {"attention_mass": mass, "indexer": index_scores}
     rows = []
     for k in ks:
         if k >= n_tokens:
             continue
-        spearman = float(np.nanmean(spearman_by_row(mass, impact, k)))
-        for name, selected in selections(n_tokens, k, mass, sink_tokens, seed).items():
+        for name, selected in selections(n_tokens, k, mass, sink_tokens, seed, index_scores).items():
+            scored = scores.get(name)
             rows.append({
                 "layer": layer, "selector": name, "k": k,
                 "impact_recall_at_k": float(np.mean(impact_recall_at_k(selected, impact, k))),
                 "impact_share": float(np.nanmean(impact_share(selected, impact, k))),
-                "spearman": spearman if name == "attention_mass" else float("nan"),
+                "spearman": float(np.nanmean(spearman_by_row(scored, impact, k))) if scored is not None else float("nan"),
                 "n_queries": len(scored_rows(n_tokens, k)),
             })
     return rows
@@ -168,7 +186,8 @@ def run_impact_analysis(
     for layer in tqdm(layer_list, desc="impact", unit="layer", disable=not progress):
         impact = all_pairs_attention_impact(adapter, layer, inputs[layer], block_size=block_size)
         mass = attention_mass(model, layer, inputs[layer]).cpu()
-        rows += agreement_rows(layer, impact.l2, mass, ks, sink_tokens, seed)
+        index_scores = indexer_scores(model, layer, inputs[layer])
+        rows += agreement_rows(layer, impact.l2, mass, ks, sink_tokens, seed, index_scores)
         l2s.append(impact.l2.numpy())
         cosines.append(impact.cosine.numpy())
         masses.append(mass.numpy())
