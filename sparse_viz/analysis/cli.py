@@ -8,6 +8,7 @@ imports this module. Bad input becomes `UserInputError`: one line on stderr, exi
     heads       head ablation
     components  component ablation of q/k/v/o projections
     impact      all-pairs attention impact and its agreement with selections of keys
+    sparse-eval perplexity of a model whose layers attend to k selected keys, per selector and k
     batch       token masking for a YAML list of prompts
 
 Examples:
@@ -395,6 +396,61 @@ def run_impact(args: argparse.Namespace) -> object:
     return result
 
 
+# -- sparse-eval ----------------------------------------------------------------------------------
+
+
+def add_sparse_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local model directory (or hub id when online)")
+    parser.add_argument("--corpus", default="shakespeare",
+                        help="held-out text: shakespeare (its validation plays, default) or a folder/file of .txt/.md")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
+    parser.add_argument("--windows", type=int, default=4, help="windows of held-out text (default 4)")
+    parser.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="keys per query (default 16 32 64 128)")
+    parser.add_argument("--selectors", nargs="+", default=["dense", "local", "sink_local", "random", "oracle"],
+                        help="which selectors (default: dense local sink_local random oracle)")
+    parser.add_argument("--sink-tokens", type=int, default=4, help="sinks of sink_local (default 4)")
+    parser.add_argument("--dense-layers", type=int, default=0, help="keep the first N layers dense (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--output", default=None, help="output directory (replaced atomically)")
+    parser.add_argument("--no-report", action="store_true", help="skip report.html")
+
+
+def run_sparse_eval(args: argparse.Namespace) -> object:
+    """Held-out perplexity of the model with each layer attending to k selected keys, per selector."""
+    from sparse_viz.model.config import SELECTORS
+
+    unknown = sorted(set(args.selectors) - set(SELECTORS))
+    if unknown:
+        raise UserInputError(f"unknown selector(s) {', '.join(unknown)}; choose from {', '.join(SELECTORS)}")
+    if "topk" in args.selectors:
+        raise UserInputError("selector topk needs trained indexers, which this command cannot load yet")
+    if any(k < 1 for k in args.k):
+        raise UserInputError(f"--k values must be >= 1, got {args.k}")
+    if args.seq_len < 2 or args.windows < 1 or args.dense_layers < 0:
+        raise UserInputError("--seq-len must be >= 2, --windows >= 1 and --dense-layers >= 0")
+    output = check_output_dir(args.output or "results/sparse_eval")
+
+    from sparse_viz.analysis.sparse_eval.evaluation import evaluate_selectors
+    from sparse_viz.analysis.sparse_eval.outputs import write_sparse_eval_outputs
+    from sparse_viz.analysis.sparse_eval.windows import held_out_windows
+    from sparse_viz.pretrained.loading import load_model
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if loaded.adapter.max_positions is not None and args.seq_len > loaded.adapter.max_positions:
+        raise UserInputError(f"--seq-len {args.seq_len} is longer than the model's context of {loaded.adapter.max_positions}")
+    windows, documents = held_out_windows(loaded.tokenizer, args.corpus, args.windows, args.seq_len)
+    result = evaluate_selectors(loaded, windows.to(loaded.device), k=args.k, selectors=args.selectors,
+                                sink_tokens=args.sink_tokens, seed=args.seed, dense_layers=args.dense_layers,
+                                progress=True)
+    result.metadata.update({"corpus": args.corpus, "documents": documents})
+    write_sparse_eval_outputs(output, result, report=not args.no_report)
+    print(result.table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"written to {output}")
+    return result
+
+
 # -- batch --------------------------------------------------------------------------------------
 
 
@@ -431,6 +487,8 @@ COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
                    add_components_arguments, run_components),
     "impact": ("all-pairs attention impact (every query and key) and its agreement with key selections",
                add_impact_arguments, run_impact),
+    "sparse-eval": ("held-out perplexity with each layer attending to k selected keys, per selector",
+                    add_sparse_eval_arguments, run_sparse_eval),
     "batch": ("token masking for a YAML list of prompts", add_batch_arguments, run_batch_command),
 }
 

@@ -55,6 +55,7 @@ class KeySelection:
     indexer_rope_dim: int = 0
     indexer_rope_theta: float = 10000.0
     _normed: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    last_selected: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:
@@ -113,6 +114,7 @@ class KeySelection:
         selected = self.selected(layer, batch_size, seq_len, device, normed, dense_probs)
         if selected is None:
             return None
+        self.last_selected[layer] = selected  # what the layer attended to in the latest forward
         T = selected.shape[1]
         allowed = torch.zeros(*selected.shape[:2], T + 1, dtype=torch.bool, device=selected.device)
         allowed.scatter_(-1, selected.masked_fill(selected < 0, T), True)  # unfilled slots -> spare column

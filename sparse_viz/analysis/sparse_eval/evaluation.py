@@ -1,0 +1,169 @@
+"""How much of a pretrained model's quality survives when each layer attends to k selected keys.
+
+For each selector (`dense`, `topk` with trained indexers, `local`, `sink_local`, `random`,
+`oracle`) and each k, on windows of held-out text:
+
+    perplexity   exp(mean next-token NLL over every position of every window), the model
+                 attending only to each layer's selected keys (`pretrained/selected_attention.py`)
+    mass@k       per layer, the share of the model's own dense attention (summed over heads,
+                 L1-normalised per query) that the selection keeps, mean over queries with t + 1 > k
+    recall@k     per layer, the share of the dense top-k keys (by that mass) that the selection holds
+
+mass@k and recall@k compare the selection with the DENSE model's attention on the same windows
+(the selections of `topk`, `local`, `sink_local` and `random` do not depend on the attention; the
+oracle's is the dense top-k by construction, so its coverage is the ceiling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from sparse_viz.errors import UserInputError
+from sparse_viz.model.selectors import topk_causal
+from sparse_viz.pretrained.loading import LoadedModel
+from sparse_viz.pretrained.selected_attention import KeySelection, selection_installed
+
+DEFAULT_K = (16, 32, 64, 128)
+DEFAULT_SELECTORS = ("dense", "local", "sink_local", "random", "oracle")
+DEFINITIONS = {
+    "perplexity": "exp(mean next-token NLL over every position of every window), each layer attending only to its "
+                  "selected keys (rows with t + 1 <= k dense)",
+    "mass_at_k": "share of the dense model's attention (summed over heads, per query) on the keys the selection kept, "
+                 "per layer, mean over queries with t + 1 > k",
+    "recall_at_k": "share of the dense top-k keys (by that attention) the selection kept",
+    "oracle": "top-k of the layer's own attention summed over heads, computed in the sparse forward itself",
+}
+TABLE_COLUMNS = ["selector", "k", "perplexity", "nll", "n_tokens", "relative_to_dense"]
+LAYER_COLUMNS = ["selector", "k", "layer", "mass_at_k", "recall_at_k"]
+
+
+@dataclass
+class SparseEvaluation:
+    """Perplexity per (selector, k) and per-layer coverage of the dense attention.
+
+    Attributes:
+        table: TABLE_COLUMNS, one row per (selector, k) (dense once, k = the full context).
+        layers: LAYER_COLUMNS, one row per (selector, k, layer).
+        metadata: model, windows, settings.
+    """
+
+    table: pd.DataFrame
+    layers: pd.DataFrame
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over every position of every window, and the number of predictions.
+
+    Args:
+        windows: (N, T) token ids.
+    """
+    total, count = 0.0, 0
+    for window in windows:
+        logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()  # (T-1, V)
+        total += float(F.cross_entropy(logits, window[1:], reduction="sum"))
+        count += window.shape[0] - 1
+    return total, count
+
+
+@torch.no_grad()
+def dense_attention_by_layer(model: torch.nn.Module, window: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's dense attention, summed over heads and L1-normalised per query: (T, T) each."""
+    out = model(input_ids=window[None], use_cache=False, output_attentions=True)
+    return [a[0].float().sum(0) / a.shape[1] for a in out.attentions]
+
+
+def coverage(selected: torch.Tensor, mass: torch.Tensor, k: int) -> tuple[float, float]:
+    """(mass@k, recall@k) of a selection (T, k') against a dense attention row mass (T, T),
+    averaged over queries with t + 1 > k."""
+    T = mass.shape[0]
+    if k >= T:
+        return 1.0, 1.0
+    keep = torch.zeros(T, T + 1, dtype=torch.bool)
+    keep.scatter_(-1, selected.masked_fill(selected < 0, T), True)
+    keep = keep[:, :T]
+    top = torch.zeros(T, T, dtype=torch.bool).scatter_(-1, topk_causal(mass[None], k)[0].clamp_min(0), True)
+    rows = torch.arange(k, T)
+    kept_mass = (mass * keep).sum(-1)[rows]
+    recall = (top & keep).sum(-1)[rows].float() / k
+    return float(kept_mass.mean()), float(recall.mean())
+
+
+def evaluate_selectors(
+    model: LoadedModel,
+    windows: torch.Tensor,
+    *,
+    k: Sequence[int] = DEFAULT_K,
+    selectors: Sequence[str] = DEFAULT_SELECTORS,
+    sink_tokens: int = 4,
+    seed: int = 0,
+    dense_layers: int = 0,
+    indexers: torch.nn.ModuleList | None = None,
+    indexer_rope_dim: int = 0,
+    indexer_rope_theta: float = 10000.0,
+    progress: bool = False,
+) -> SparseEvaluation:
+    """Perplexity and coverage of every (selector, k) on `windows` (N, T) of held-out text.
+
+    Raises:
+        UserInputError: an unknown selector, k < 1, `topk` without indexers.
+    """
+    from tqdm.auto import tqdm
+
+    ks = sorted({int(value) for value in k})
+    if not ks or ks[0] < 1:
+        raise UserInputError(f"every k must be >= 1, got {list(k)}")
+    dense_total, n_tokens = window_nll(model.model, windows)
+    dense_nll = dense_total / n_tokens
+    rows = [{"selector": "dense", "k": windows.shape[1], "perplexity": math.exp(dense_nll), "nll": dense_nll,
+             "n_tokens": n_tokens, "relative_to_dense": 1.0}]
+    masses = [dense_attention_by_layer(model.model, window) for window in windows]  # [N][L] (T, T)
+    layer_rows = []
+    runs = [(name, value) for name in selectors if name != "dense" for value in ks]
+    for name, value in tqdm(runs, desc="selectors", disable=not progress):
+        if name == "sink_local" and value <= sink_tokens:
+            continue
+        selection = KeySelection(name, top_k=value, sink_tokens=sink_tokens, seed=seed, dense_layers=dense_layers,
+                                 indexers=indexers, indexer_rope_dim=indexer_rope_dim,
+                                 indexer_rope_theta=indexer_rope_theta)
+        with selection_installed(model.model, selection):
+            total, _ = window_nll(model.model, windows)
+            nll = total / n_tokens
+            rows.append({"selector": name, "k": value, "perplexity": math.exp(nll), "nll": nll,
+                         "n_tokens": n_tokens, "relative_to_dense": math.exp(nll - dense_nll)})
+            layer_rows += coverage_rows(model, selection, windows, masses, value)
+    metadata = {"model": str(model.name_or_path), "n_windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                "k": ks, "selectors": list(selectors), "sink_tokens": sink_tokens, "seed": seed,
+                "dense_layers": dense_layers, "definitions": DEFINITIONS}
+    return SparseEvaluation(table=pd.DataFrame.from_records(rows, columns=TABLE_COLUMNS),
+                            layers=pd.DataFrame.from_records(layer_rows, columns=LAYER_COLUMNS), metadata=metadata)
+
+
+@torch.no_grad()
+def coverage_rows(model: LoadedModel, selection: KeySelection, windows: torch.Tensor,
+                  masses: list[list[torch.Tensor]], k: int) -> list[dict[str, Any]]:
+    """mass@k and recall@k per layer of the selections that ran (`KeySelection.last_selected`, from
+    the selection-restricted forward), against the dense model's attention, averaged over windows."""
+    n_layers = model.adapter.n_layers
+    per_layer = [[0.0, 0.0] for _ in range(n_layers)]
+    for window, mass in zip(windows, masses):
+        selection.last_selected.clear()
+        model.model(input_ids=window[None], use_cache=False)
+        for layer in range(n_layers):
+            selected = selection.last_selected.get(layer)
+            if selected is None:  # a dense layer keeps every causal key
+                m, r = 1.0, 1.0
+            else:
+                m, r = coverage(selected[0].cpu(), mass[layer].cpu(), k)
+            per_layer[layer][0] += m / len(windows)
+            per_layer[layer][1] += r / len(windows)
+    return [{"selector": selection.selector, "k": k, "layer": layer, "mass_at_k": m, "recall_at_k": r}
+            for layer, (m, r) in enumerate(per_layer)]
