@@ -35,9 +35,11 @@ def baselines_for(traces, cfg: ModelConfig, k: int, T: int, P: int) -> dict[str,
 
 
 def write_synthetic_run(run_dir: Path, *, n_snapshots: int = 4, seq_len: int = 24, probe_rows: int = 2,
-                        tokens: list[str] | None = None, every: int = 10, n_layers: int = 2) -> Path:
+                        tokens: list[str] | None = None, every: int = 10, n_layers: int = 2,
+                        stages: list[str] | None = None) -> Path:
     """A run directory written the way the callback writes it, from a tiny random model whose
-    weights drift between snapshots (dense stage first, sparse stage after)."""
+    weights drift between snapshots (dense stage first, sparse stage after). `stages` names the
+    stage of each snapshot instead (dense attention in every stage but `sparse`)."""
     torch.manual_seed(0)
     cfg = tiny_config(n_layers=n_layers)
     model = SparseTransformer(cfg).eval()
@@ -56,7 +58,12 @@ def write_synthetic_run(run_dir: Path, *, n_snapshots: int = 4, seq_len: int = 2
                        "run_name": Path(run_dir).name})
     previous = None
     for i in range(n_snapshots):
-        attention = "dense" if i < n_snapshots // 2 else "sparse"
+        if stages is None:
+            attention = "dense" if i < n_snapshots // 2 else "sparse"
+            stage = attention
+        else:
+            stage = stages[i]
+            attention = "sparse" if stage == "sparse" else "dense"
         with torch.no_grad():
             traces = model(ids, attention=attention, trace="full").traces
             scalars, arrays, selected = analyse_probe(
@@ -65,7 +72,7 @@ def write_synthetic_run(run_dir: Path, *, n_snapshots: int = 4, seq_len: int = 2
             for p in model.parameters():  # drift, so that snapshots differ
                 p.add_(0.05 * torch.randn_like(p))
         previous = selected
-        record = snapshot_record(i * every, scalars, arrays, stage="dense" if attention == "dense" else "sparse",
+        record = snapshot_record(i * every, scalars, arrays, stage=stage,
                                  attention=attention, selected_by_attention=attention == "sparse",
                                  token_lookup=lookup, val_loss=4.0 - 0.3 * i, tokens_per_s=1000.0 + i)
         store.append(record, arrays)
