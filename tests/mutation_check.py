@@ -53,6 +53,10 @@ METRICS = "sparse_viz/tracking/metrics.py"
 CALLBACK = "sparse_viz/tracking/callback.py"
 TRACKING_METRICS_TESTS = "tests/test_tracking_metrics.py"
 ANALYSE_TESTS = "tests/test_tracking_analyse.py"
+PLOTS = "sparse_viz/report/plots.py"
+PLOTS_TESTS = "tests/test_plots.py"
+TRAINING_REPORT = "sparse_viz/report/training.py"
+TRAINING_REPORT_TESTS = "tests/test_training_report.py"
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ training: resume (issue 16)
@@ -187,6 +191,95 @@ MUTATIONS: list[Mutation] = [
         (f"{ANALYSE_TESTS}::test_probe_row_zero_views_match_the_traces",),
         "the report's attention-used view shows the dense attention",
     ),
+    # ------------------------------------------------------------------ tracking: token_types.py, store.py
+    Mutation(
+        "frequent_ids_off_by_one", "sparse_viz/tracking/token_types.py",
+        "frequent[order[before < frequent_mass]] = True",
+        "frequent[order[cumulative < frequent_mass]] = True",
+        (f"{TRACKING_METRICS_TESTS}::test_frequency_classes_by_corpus_mass",),
+        "the id that crosses the frequent mass is left out of 'frequent'",
+    ),
+    Mutation(
+        "store_appends_a_step_twice", "sparse_viz/tracking/store.py",
+        'if any(int(r["step"]) == step for r in history):',
+        'if any(int(r["step"]) == step for r in history[:-1]):',
+        ("tests/test_tracking_store.py::test_a_step_already_in_the_history_is_never_written_again",),
+        "a resumed run rewrites the last snapshot it already has",
+    ),
+    # ------------------------------------------------------------------ report: training.py (payload)
+    Mutation(
+        "payload_attention_used_from_dense", TRAINING_REPORT,
+        'attn_q.append(_sqrt_uint8(arrays["show_attn"]))',
+        'attn_q.append(_sqrt_uint8(arrays["show_dense"]))',
+        (f"{TRAINING_REPORT_TESTS}::test_payload_views_of_attention_used_dense_top_k_and_score_range_match_the_snapshot",),
+        "the report's attention-used view carries the dense attention",
+    ),
+    Mutation(
+        "payload_dense_top_from_selection", TRAINING_REPORT,
+        'top = arrays["show_dense_top"].astype(np.int64)',
+        'top = arrays["show_selected"].astype(np.int64)',
+        (f"{TRAINING_REPORT_TESTS}::test_payload_views_of_attention_used_dense_top_k_and_score_range_match_the_snapshot",),
+        "the report's dense top-k keys are the selection itself",
+    ),
+    Mutation(
+        "payload_score_range_over_pads", TRAINING_REPORT,
+        "lo = np.where(finite.any(-1), np.nanmin(np.where(finite, scores, np.inf), axis=-1), 0.0)",
+        "lo = np.where(finite.any(-1), np.nanmin(np.where(finite, scores, 0.0), axis=-1), 0.0)",
+        (f"{TRAINING_REPORT_TESTS}::test_payload_views_of_attention_used_dense_top_k_and_score_range_match_the_snapshot",),
+        "the score range counts empty slots as score 0",
+    ),
+    Mutation(
+        "payload_stages_from_attention", TRAINING_REPORT,
+        '"stages": [str(r.get("stage", "")) for r in history],',
+        '"stages": [str(r.get("attention", "")) for r in history],',
+        (f"{TRAINING_REPORT_TESTS}::test_payload_history_columns_and_labels_follow_the_history_lines",),
+        "the report labels stages by their attention (warmup shows as dense)",
+    ),
+    Mutation(
+        "payload_columns_rounded_coarsely", TRAINING_REPORT,
+        "else round(float(value), 6))",
+        "else round(float(value), 3))",
+        (f"{TRAINING_REPORT_TESTS}::test_payload_history_columns_and_labels_follow_the_history_lines",),
+        "history columns rounded to 3 decimals (mass@k differences of 1e-4 vanish)",
+    ),
+    # ------------------------------------------------------------------ report: plots.py
+    Mutation(
+        "layer_mean_counts_nan_layers", PLOTS,
+        "count = np.sum(np.isfinite(array), axis=0)",
+        "count = np.full(array.shape[1:], array.shape[0])",
+        (f"{PLOTS_TESTS}::test_attention_patterns_panels_show_the_stored_values",
+         f"{PLOTS_TESTS}::test_indexer_behavior_panels_show_the_stored_values"),
+        "a layer without a value counts as 0 in the layer means of the plots",
+    ),
+    Mutation(
+        "entropy_lines_swapped", PLOTS,
+        'ax.plot(steps, _series(history, "entropy_sparse"), "o-", label="attention used (sparse)", ms=3)',
+        'ax.plot(steps, _series(history, "entropy_dense"), "o-", label="attention used (sparse)", ms=3)',
+        (f"{PLOTS_TESTS}::test_attention_patterns_panels_show_the_stored_values",),
+        "the sparse-entropy line plots the dense entropy",
+    ),
+    Mutation(
+        "score_distribution_unnormalised", PLOTS,
+        "ax.stairs(counts / max(counts.sum(), 1), common,",
+        "ax.stairs(counts, common,",
+        (f"{PLOTS_TESTS}::test_attention_patterns_panels_show_the_stored_values",),
+        "the score distribution shows counts under a 'share of pairs' axis",
+    ),
+    Mutation(
+        "token_type_bars_swapped", PLOTS,
+        'share, base = _layer_mean(last["type_share"]), _layer_mean(last["type_base"])',
+        'base, share = _layer_mean(last["type_share"]), _layer_mean(last["type_base"])',
+        (f"{PLOTS_TESTS}::test_indexer_behavior_panels_show_the_stored_values",),
+        "selected and base-rate token-type bars swapped",
+    ),
+    Mutation(
+        "heatmap_colour_without_sqrt", PLOTS,
+        "image[rows, selected[rows, slots]] = np.nan_to_num(np.sqrt(np.clip(dense[rows, slots], 0, 1)))",
+        "image[rows, selected[rows, slots]] = np.nan_to_num(np.clip(dense[rows, slots], 0, 1))",
+        (f"{PLOTS_TESTS}::test_selection_heatmap_colours_exactly_the_selected_cells_by_dense_attention",),
+        "heatmap colours p under a colour bar labelled sqrt(p)",
+    ),
+    # ------------------------------------------------------------------ analysis (component ablation etc.): append here
 ]
 
 
