@@ -336,3 +336,36 @@ def test_head_distance_profile_entropy_feature_is_normalised_by_log_t():
     uniform = uniform / uniform.sum(-1, keepdim=True)
     features = M.head_distance_profile(uniform[None, None])
     assert features[0, -1] == pytest.approx((math.log(2) + math.log(3) + math.log(4)) / 4 / math.log(4))
+
+
+def test_frequency_classes_match_a_loop_over_ids_sorted_by_count():
+    """frequent: walking the ids from the most common down, an id is frequent while the ids
+    before it cover less than frequent_mass; rare: walking up from the least common, ids are
+    rare while the running share stays <= rare_mass (frequent ids never count as rare)."""
+    rng = random.Random(15)
+    counts = [v ** 2 for v in rng.sample(range(40), 30)]  # distinct: the order of ties is not specified
+    total = sum(counts)
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])
+    expected_frequent, covered = set(), 0
+    for i in order:
+        if covered / total < 0.5:
+            expected_frequent.add(i)
+        covered += counts[i]
+    expected_rare, running = set(), 0
+    for i in reversed(order):
+        running += counts[i]
+        if running / total <= 0.1:
+            expected_rare.add(i)
+    expected_rare -= expected_frequent
+    frequent, rare = frequency_classes(np.array(counts))
+    assert set(np.flatnonzero(frequent).tolist()) == expected_frequent
+    assert set(np.flatnonzero(rare).tolist()) == expected_rare
+    assert expected_frequent and expected_rare
+
+
+def test_token_type_matrix_marks_ids_the_counts_do_not_cover_as_rare():
+    frequent, rare = frequency_classes(np.array([50, 30, 10, 6, 4, 0]))
+    matrix = token_type_matrix(["a", "b"], np.array([0, 9]), frequent, rare)  # id 9 was never counted
+    assert matrix[1].tolist() == [False, False, False, False, False, True]
+    # without corpus counts, neither frequency column is set
+    assert not token_type_matrix(["a"], np.array([0]), None, None)[:, 4:].any()
