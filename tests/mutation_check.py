@@ -191,6 +191,13 @@ MUTATIONS: list[Mutation] = [
         (f"{ANALYSE_TESTS}::test_probe_row_zero_views_match_the_traces",),
         "the report's attention-used view shows the dense attention",
     ),
+    Mutation(
+        "jaccard_previous_is_the_first_snapshot", CALLBACK,
+        'selected = self.store.load_snapshot(max(earlier))["selected"].astype(np.int64)',
+        'selected = self.store.load_snapshot(min(earlier))["selected"].astype(np.int64)',
+        ("tests/test_tracking_resume.py::test_kill_and_resume_has_exactly_one_line_per_snapshot_step",),
+        "Jaccard compares with the first stored snapshot instead of the previous one (slow: ~1 min)",
+    ),
     # ------------------------------------------------------------------ tracking: token_types.py, store.py
     Mutation(
         "frequent_ids_off_by_one", "sparse_viz/tracking/token_types.py",
@@ -198,6 +205,20 @@ MUTATIONS: list[Mutation] = [
         "frequent[order[cumulative < frequent_mass]] = True",
         (f"{TRACKING_METRICS_TESTS}::test_frequency_classes_by_corpus_mass",),
         "the id that crosses the frequent mass is left out of 'frequent'",
+    ),
+    Mutation(
+        "uncounted_ids_frequent", "sparse_viz/tracking/token_types.py",
+        "out[~inside, 5] = True",
+        "out[~inside, 4] = True",
+        (f"{TRACKING_METRICS_TESTS}::test_token_type_matrix_marks_ids_the_counts_do_not_cover_as_rare",),
+        "an id the corpus counts do not cover is marked frequent instead of rare",
+    ),
+    Mutation(
+        "history_not_sorted", "sparse_viz/tracking/store.py",
+        'history.sort(key=lambda r: int(r["step"]))',
+        "history.sort(key=lambda r: 0)",
+        ("tests/test_tracking_store.py::test_history_stays_ordered_by_step_when_an_earlier_step_arrives_late",),
+        "the history is kept in arrival order, not step order",
     ),
     Mutation(
         "store_appends_a_step_twice", "sparse_viz/tracking/store.py",
