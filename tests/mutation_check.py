@@ -192,6 +192,13 @@ MUTATIONS: list[Mutation] = [
         "the report's attention-used view shows the dense attention",
     ),
     Mutation(
+        "oracle_baseline_from_attention_used", CALLBACK,
+        "dense_probs=trace.dense_attn_probs, sink_tokens=cfg.sink_tokens,",
+        "dense_probs=trace.attn_probs, sink_tokens=cfg.sink_tokens,",
+        (f"{ANALYSE_TESTS}::test_callback_baselines_are_the_selectors_they_are_named_after",),
+        "the oracle baseline takes the top-k of the sparse attention (its own selection) in a sparse stage",
+    ),
+    Mutation(
         "jaccard_previous_is_the_first_snapshot", CALLBACK,
         'selected = self.store.load_snapshot(max(earlier))["selected"].astype(np.int64)',
         'selected = self.store.load_snapshot(min(earlier))["selected"].astype(np.int64)',

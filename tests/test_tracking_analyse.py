@@ -3,6 +3,7 @@ that the plot and report tests render (imported by them from this module)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 from sparse_viz.model import ModelConfig, SparseTransformer
 from sparse_viz.model.selectors import select_keys
 from sparse_viz.tracking import metrics as M
-from sparse_viz.tracking.callback import BASELINES, SCORE_BINS, TOP_TOKENS, analyse_probe, snapshot_record
+from sparse_viz.tracking.callback import (BASELINES, SCORE_BINS, TOP_TOKENS, SelectionAnalysisCallback, analyse_probe,
+                                         snapshot_record)
 from sparse_viz.tracking.store import RunStore
 from sparse_viz.tracking.token_types import TOKEN_TYPES, frequency_classes, token_type_matrix
 
@@ -322,3 +324,30 @@ def test_snapshot_record_lists_the_most_selected_tokens_by_text(probe_analysis):
     for layer, listed in enumerate(record["top_tokens"]):
         kept = [(int(i), int(c)) for i, c in zip(arrays["top_token_ids"][layer], arrays["top_token_counts"][layer]) if i >= 0]
         assert listed == [[f"tok{i}", c] for i, c in kept]
+
+
+def test_callback_baselines_are_the_selectors_they_are_named_after(tiny_traces):
+    """The selections whose mass@k the callback records as baselines, key set by key set:
+    oracle = the dense top-k keys, local = the last k visible keys, sink_local = the first
+    sink_tokens keys + the most recent ones, random = k distinct visible keys; sink_local is left
+    out when sink_tokens does not fit in k."""
+    cfg, ids, traces = tiny_traces
+    P, T = ids.shape
+    k = cfg.top_k
+    baselines = SelectionAnalysisCallback()._baselines(traces, cfg, k, T, P, "cpu")
+    assert set(baselines) == set(BASELINES)
+    sink = cfg.sink_tokens
+    assert 0 < sink < k
+    for layer, trace in enumerate(traces):
+        probs = trace.dense_attn_probs.tolist()
+        for b in range(P):
+            for t in range(T):
+                n = min(k, t + 1)
+                chosen = {name: ref.keys_of(per_layer[layer][b, t].tolist()) for name, per_layer in baselines.items()}
+                assert chosen["oracle"] == ref.dense_top_keys(probs, b, t, k)
+                assert chosen["local"] == set(range(t + 1 - n, t + 1))
+                expected = set(range(t + 1)) if t + 1 <= k else set(range(sink)) | set(range(t + 1 - (k - sink), t + 1))
+                assert chosen["sink_local"] == expected
+                assert len(chosen["random"]) == n and max(chosen["random"]) <= t
+    too_many_sinks = SelectionAnalysisCallback()._baselines(traces, dataclasses.replace(cfg, sink_tokens=k), k, T, P, "cpu")
+    assert "sink_local" not in too_many_sinks and set(too_many_sinks) == set(BASELINES) - {"sink_local"}
