@@ -280,6 +280,13 @@ MUTATIONS: list[Mutation] = [
         "a layer without a value counts as 0 in the layer means of the plots",
     ),
     Mutation(
+        "stage_band_ends_at_its_last_snapshot", PLOTS,
+        "end = steps[i] if i < len(history) else steps[-1]",
+        "end = steps[i - 1]",
+        (f"{PLOTS_TESTS}::test_stage_bands_span_each_stage_from_its_first_snapshot_to_the_next_stages",),
+        "stage bands leave a gap between a stage's last snapshot and the next stage",
+    ),
+    Mutation(
         "entropy_lines_swapped", PLOTS,
         'ax.plot(steps, _series(history, "entropy_sparse"), "o-", label="attention used (sparse)", ms=3)',
         'ax.plot(steps, _series(history, "entropy_dense"), "o-", label="attention used (sparse)", ms=3)',

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 from PIL import Image
 from test_tracking_analyse import write_synthetic_run
 
-from sparse_viz.report.plots import (attention_patterns_figure, indexer_behavior_figure, render_plots,
+from sparse_viz.report.plots import (STAGE_COLOURS, attention_patterns_figure, indexer_behavior_figure, render_plots,
                                      selection_heatmap_figure)
 from sparse_viz.tracking.store import RunStore
 from sparse_viz.tracking.token_types import TOKEN_TYPES
@@ -193,3 +194,13 @@ def test_selection_heatmap_colours_exactly_the_selected_cells_by_dense_attention
                 assert coloured.get_array()[t, s] == pytest.approx(np.sqrt(dense[t, chosen[s]]), rel=1e-6)
             else:  # grey where visible, nothing in the future
                 assert colour_blank[t, s] and grey_blank[t, s] == (s > t)
+
+
+def test_stage_bands_span_each_stage_from_its_first_snapshot_to_the_next_stages():
+    history = [{"step": s, "stage": stage, "entropy_dense": 1.0, "entropy_sparse": 1.0}
+               for s, stage in ((0, "dense"), (10, "dense"), (20, "warmup"), (30, "sparse"), (40, "sparse"))]
+    fig = attention_patterns_figure(history, {})
+    entropy = fig.axes[1]
+    bands = [(p.get_x(), p.get_x() + p.get_width(), to_hex(p.get_facecolor())) for p in entropy.patches]
+    assert bands == [(0, 20, STAGE_COLOURS["dense"]), (20, 30, STAGE_COLOURS["warmup"]),
+                     (30, 40, STAGE_COLOURS["sparse"])]
