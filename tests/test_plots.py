@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 from PIL import Image
 from test_tracking_analyse import write_synthetic_run
 
-from sparse_viz.report.plots import render_plots
+from sparse_viz.report.plots import (STAGE_COLOURS, attention_patterns_figure, indexer_behavior_figure, render_plots,
+                                     selection_heatmap_figure)
 from sparse_viz.tracking.store import RunStore
+from sparse_viz.tracking.token_types import TOKEN_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +60,147 @@ def test_heatmap_pixels_follow_the_stored_selection(tmp_path):
     assert first.shape == empty.shape
     # dark pixels: selected cells + axis text before; axis text only after
     assert (first < 100).sum() > (empty < 100).sum() + 200
+
+
+# ---------------------------------------------------------------------------- what the panels show
+# The figures are inspected as data (lines, bars, step patches, images), not pixels: each panel
+# must show the stored history / snapshot arrays, recomputed here with plain loops.
+def layer_mean(array: np.ndarray) -> list[float]:
+    """Mean over the layer axis of a (L, N) array, NaN entries left out (all NaN -> NaN)."""
+    out = []
+    for column in np.asarray(array, dtype=np.float64).T:
+        finite = [float(v) for v in column if np.isfinite(v)]
+        out.append(sum(finite) / len(finite) if finite else float("nan"))
+    return out
+
+
+def lines_by_label(ax) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {line.get_label(): (np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float))
+            for line in ax.get_lines()}
+
+
+def history_series(history: list[dict], name: str) -> list[float]:
+    return [float("nan") if r.get(name) is None else float(r[name]) for r in history]
+
+
+@pytest.fixture(scope="module")
+def figures_input(run_dir):
+    """(history, snapshots) of the synthetic run, with one layer's value removed (NaN) in a few
+    places of the last snapshot: a layer without a value must be left out of a layer mean."""
+    store = RunStore(run_dir)
+    history = store.read_history()
+    snapshots = {int(r["step"]): store.load_snapshot(r["step"]) for r in history}
+    last = snapshots[max(snapshots)]
+    for name in ("pos_freq", "type_share", "head_spec"):
+        last[name] = last[name].copy()
+        last[name][0, 1] = np.nan  # layer 0 only; layer 1 keeps its value
+    return history, snapshots
+
+
+def test_attention_patterns_panels_show_the_stored_values(figures_input):
+    history, snapshots = figures_input
+    steps = [int(r["step"]) for r in history]
+    fig = attention_patterns_figure(history, snapshots)
+    position, entropy, scores, quality, _, versus_loss = fig.axes[:6]
+
+    shown = lines_by_label(position)
+    assert sorted(shown) == sorted(f"step {s}" for s in steps)  # 4 snapshots: all drawn
+    for step in steps:
+        _, y = shown[f"step {step}"]
+        np.testing.assert_allclose(y, layer_mean(snapshots[step]["pos_freq"]), rtol=1e-6, equal_nan=True)
+    assert np.isfinite(shown[f"step {steps[-1]}"][1][1])  # the NaN of layer 0 did not blank it
+
+    shown = lines_by_label(entropy)
+    for label, name in (("attention used (sparse)", "entropy_sparse"), ("dense attention", "entropy_dense")):
+        x, y = shown[label]
+        assert x.tolist() == steps
+        np.testing.assert_allclose(y, history_series(history, name), rtol=1e-9)
+
+    shown = lines_by_label(quality)
+    for label, name in (("mass@k indexer", "mass_at_k"), ("mass@k oracle", "mass_at_k_oracle"),
+                        ("mass@k random", "mass_at_k_random"), ("mass@k local", "mass_at_k_local"),
+                        ("mass@k sink+local", "mass_at_k_sink_local"), ("recall@k indexer", "recall_at_k"),
+                        ("keys attended / visible", "keys_share")):
+        np.testing.assert_allclose(shown[label][1], history_series(history, name), rtol=1e-9, equal_nan=True)
+
+    # score distribution: every layer's histogram, pooled into 40 common bins by bin centre, as shares
+    patches = {p.get_label(): p.get_data() for p in scores.patches}
+    for i in (0, len(steps) // 2 if len(steps) > 2 else 1, len(steps) - 1):
+        arrays = snapshots[steps[i]]
+        edges, hist = arrays["score_edges"], arrays["score_hist"]
+        lo, hi = float(np.nanmin(edges)), float(np.nanmax(edges))
+        pooled = [0.0] * 40
+        for layer in range(edges.shape[0]):
+            for j in range(hist.shape[1]):
+                centre = (float(edges[layer, j]) + float(edges[layer, j + 1])) / 2
+                pooled[min(int((centre - lo) / (hi - lo) * 40), 39)] += float(hist[layer, j])
+        values, common, _ = patches[f"step {steps[i]}"]
+        assert common[0] == pytest.approx(lo) and common[-1] == pytest.approx(hi)
+        np.testing.assert_allclose(values, np.array(pooled) / sum(pooled), atol=1e-9)
+
+    # selection quality vs validation loss: one point per snapshot, (mass@k, val_loss)
+    (points,) = versus_loss.collections
+    expected = [(m, v) for m, v in zip(history_series(history, "mass_at_k"), history_series(history, "val_loss"))]
+    np.testing.assert_allclose(points.get_offsets(), np.array(expected), rtol=1e-9)
+
+
+def test_indexer_behavior_panels_show_the_stored_values(figures_input):
+    history, snapshots = figures_input
+    steps = [int(r["step"]) for r in history]
+    fig = indexer_behavior_figure(history, snapshots)
+    specialisation, score, biases, types = fig.axes[:4]
+
+    shown = lines_by_label(specialisation)
+    n_heads = snapshots[steps[0]]["head_spec"].shape[1]
+    for head in range(n_heads):
+        expected = [layer_mean(snapshots[s]["head_spec"])[head] for s in steps]
+        np.testing.assert_allclose(shown[f"head {head}"][1], expected, rtol=1e-6)
+
+    shown = lines_by_label(score)
+    np.testing.assert_allclose(shown["mean"][1], history_series(history, "score_mean"), rtol=1e-9)
+    np.testing.assert_allclose(shown["min / max"][1], history_series(history, "score_min"), rtol=1e-9)
+    (band,) = score.collections  # mean ± std
+    upper = [m + s for m, s in zip(history_series(history, "score_mean"), history_series(history, "score_std"))]
+    assert np.max(band.get_paths()[0].vertices[:, 1]) == pytest.approx(max(upper))
+
+    shown = lines_by_label(biases)
+    for label, name in (("sink share (key 0)", "sink_share"), ("local-window share (t - s < k)", "local_share"),
+                        ("Jaccard with previous snapshot", "jaccard_prev")):
+        np.testing.assert_allclose(shown[label][1], history_series(history, name), rtol=1e-9, equal_nan=True)
+
+    # token types at the last snapshot: selected share next to the base rate, per type
+    last = snapshots[steps[-1]]
+    selected_bars, base_bars = types.containers
+    assert selected_bars.get_label() == f"selected keys (step {steps[-1]})"
+    np.testing.assert_allclose([b.get_height() for b in selected_bars], layer_mean(last["type_share"]), rtol=1e-6)
+    np.testing.assert_allclose([b.get_height() for b in base_bars], layer_mean(last["type_base"]), rtol=1e-6)
+    assert [t.get_text() for t in types.get_xticklabels()] == list(TOKEN_TYPES)
+
+
+def test_selection_heatmap_colours_exactly_the_selected_cells_by_dense_attention(run_dir):
+    store = RunStore(run_dir)
+    step = store.steps()[-1]
+    arrays = store.load_snapshot(step)
+    fig = selection_heatmap_figure(arrays, [1], step)
+    grey, coloured = fig.axes[0].get_images()  # visible unselected cells, then the selected ones
+    grey_blank, colour_blank = np.ma.getmaskarray(grey.get_array()), np.ma.getmaskarray(coloured.get_array())
+    selected, dense = arrays["show_selected"][1], arrays["show_dense"][1]
+    T = selected.shape[0]
+    for t in range(T):
+        chosen = {int(s): slot for slot, s in enumerate(selected[t]) if s >= 0}
+        for s in range(T):
+            if s in chosen:
+                assert grey_blank[t, s] and not colour_blank[t, s]
+                assert coloured.get_array()[t, s] == pytest.approx(np.sqrt(dense[t, chosen[s]]), rel=1e-6)
+            else:  # grey where visible, nothing in the future
+                assert colour_blank[t, s] and grey_blank[t, s] == (s > t)
+
+
+def test_stage_bands_span_each_stage_from_its_first_snapshot_to_the_next_stages():
+    history = [{"step": s, "stage": stage, "entropy_dense": 1.0, "entropy_sparse": 1.0}
+               for s, stage in ((0, "dense"), (10, "dense"), (20, "warmup"), (30, "sparse"), (40, "sparse"))]
+    fig = attention_patterns_figure(history, {})
+    entropy = fig.axes[1]
+    bands = [(p.get_x(), p.get_x() + p.get_width(), to_hex(p.get_facecolor())) for p in entropy.patches]
+    assert bands == [(0, 20, STAGE_COLOURS["dense"]), (20, 30, STAGE_COLOURS["warmup"]),
+                     (30, 40, STAGE_COLOURS["sparse"])]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 
+import selection_reference as ref
 from sparse_viz.tracking import metrics as M
 from sparse_viz.tracking.token_types import TOKEN_TYPES, frequency_classes, surface_types, token_type_matrix
 
@@ -180,3 +182,190 @@ def test_token_type_matrix_columns():
         "punctuation": False, "whitespace": False, "digits": False, "capitalised": True,
         "frequent": True, "rare": False}
     assert matrix[1].tolist() == [True, False, False, False, False, True]
+
+
+# ---------------------------------------------------------------------------- against brute-force loops
+# Random inputs (no ties, several probe rows and heads, T not a power of two), compared with the
+# loops of `selection_reference.py`, which share no code with the library. The hand-computed
+# cases above use one probe row and one head: a metric that confuses the batch or head axis, or
+# sums over the wrong one, passes them and fails here.
+B, H, T_RANDOM, K_RANDOM = 2, 3, 11, 4
+
+
+def random_dense(seed: int, batch: int = B, heads: int = H, seq_len: int = T_RANDOM) -> torch.Tensor:
+    """(B, H, T, T) causal attention probabilities, rows of distinct values."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, heads, seq_len, seq_len, generator=generator) * 2
+    return logits.masked_fill(~torch.ones(seq_len, seq_len, dtype=torch.bool).tril(), -math.inf).softmax(-1)
+
+
+def random_selection(seed: int, k: int = K_RANDOM, batch: int = B, seq_len: int = T_RANDOM,
+                     fewer: bool = False) -> torch.Tensor:
+    """(B, T, k) random distinct visible keys per query, -1 pads; `fewer` leaves some slots of
+    informative rows empty too (a selector may use fewer than k keys)."""
+    rng = random.Random(seed)
+    out = torch.full((batch, seq_len, k), -1, dtype=torch.long)
+    for b in range(batch):
+        for t in range(seq_len):
+            n = min(k, t + 1)
+            if fewer and t + 1 > k:
+                n = rng.randint(1, k)
+            keys = rng.sample(range(t + 1), n)
+            out[b, t, : len(keys)] = torch.tensor(keys)
+    return out
+
+
+def test_selection_mask_marks_exactly_the_selected_keys():
+    sel = random_selection(1, fewer=True)
+    mask = M.selection_mask(sel, T_RANDOM)
+    for b in range(B):
+        for t in range(T_RANDOM):
+            expected = ref.keys_of(sel[b, t].tolist())
+            assert {s for s in range(T_RANDOM) if mask[b, t, s]} == expected
+
+
+def test_topk_selection_is_the_k_largest_visible_scores():
+    scores = torch.randn(B, T_RANDOM, T_RANDOM, generator=torch.Generator().manual_seed(2))
+    sel = M.topk_selection(scores, K_RANDOM)
+    for b in range(B):
+        for t in range(T_RANDOM):
+            ranked = sorted(range(t + 1), key=lambda s: -float(scores[b, t, s]))
+            assert ref.keys_of(sel[b, t].tolist()) == set(ranked[:K_RANDOM])
+            assert (sel[b, t] < 0).sum() == max(K_RANDOM - (t + 1), 0)
+
+
+def test_mass_and_recall_at_k_match_loops_over_queries_heads_and_probe_rows():
+    dense, sel = random_dense(3), random_selection(4, fewer=True)
+    probs, rows = dense.tolist(), sel.tolist()
+    mass = M.attention_mass_at_k(dense, sel)
+    recall = M.recall_at_k(dense, sel, K_RANDOM)
+    for b in range(B):
+        for t in range(T_RANDOM):
+            assert float(mass[b, t]) == pytest.approx(ref.mass_at_k(probs, rows, b, t), abs=1e-6)
+            assert float(recall[b, t]) == pytest.approx(ref.recall_at_k(probs, rows, b, t, K_RANDOM))
+
+
+def test_jaccard_matches_set_arithmetic_for_selections_of_different_sizes():
+    a, c = random_selection(5, fewer=True), random_selection(6, k=6)
+    jac = M.jaccard(a, c, T_RANDOM)
+    for b in range(B):
+        for t in range(T_RANDOM):
+            assert float(jac[b, t]) == pytest.approx(ref.jaccard(a.tolist(), c.tolist(), b, t))
+    empty = torch.full((1, 3, 2), -1)
+    assert M.jaccard(empty, empty, 3).tolist() == [[1.0, 1.0, 1.0]]  # both empty: nothing changed
+
+
+def test_selection_frequencies_match_counting_loops_over_probe_rows():
+    sel = random_selection(7, fewer=True)
+    for got, expected in ((M.selection_frequency_by_position(sel, K_RANDOM), ref.frequency_by_position(sel.tolist(), K_RANDOM)),
+                          (M.selection_frequency_by_distance(sel, K_RANDOM), ref.frequency_by_distance(sel.tolist(), K_RANDOM))):
+        assert got.shape == (T_RANDOM,)
+        assert got.tolist() == pytest.approx(expected, nan_ok=True)
+
+
+def test_sink_and_local_window_shares_match_counting_loops():
+    sel = random_selection(8, fewer=True)
+    rows = sel.tolist()
+    assert M.sink_share(sel, K_RANDOM) == pytest.approx(ref.sink_share(rows, K_RANDOM))
+    for window in (None, 1, 2, 3, 6):
+        expected = ref.local_share(rows, K_RANDOM, K_RANDOM if window is None else window)
+        assert M.local_window_share(sel, K_RANDOM, window) == pytest.approx(expected)
+
+
+def test_indexer_kl_matches_a_loop_and_ignores_future_scores():
+    dense = random_dense(9)
+    # finite, large scores in the future: only s <= t may enter the softmax
+    scores = torch.randn(B, T_RANDOM, T_RANDOM, generator=torch.Generator().manual_seed(10)) * 3
+    scores = scores + 20 * torch.ones(T_RANDOM, T_RANDOM).triu(1)
+    kl = M.indexer_kl(dense, scores)
+    for b in range(B):
+        for t in range(T_RANDOM):
+            assert float(kl[b, t]) == pytest.approx(ref.indexer_kl(dense.tolist(), scores.tolist(), b, t), abs=1e-5)
+
+
+def test_attention_entropy_matches_a_loop_over_rows():
+    dense = random_dense(11)
+    entropy = M.attention_entropy(dense)
+    assert entropy.shape == (B, H, T_RANDOM)
+    probs = dense.tolist()
+    for b in range(B):
+        for h in range(H):
+            for t in range(T_RANDOM):
+                assert float(entropy[b, h, t]) == pytest.approx(ref.entropy(probs[b][h][t]), abs=1e-5)
+
+
+def test_index_score_statistics_match_a_loop_including_every_histogram_bin():
+    scores = torch.randn(B, T_RANDOM, T_RANDOM, generator=torch.Generator().manual_seed(12))
+    scores = scores.masked_fill(~M.causal_mask(T_RANDOM), -math.inf)
+    stats = M.index_score_statistics(scores, bins=7)
+    expected = ref.score_statistics(scores.tolist(), bins=7)
+    for key in ("mean", "std", "min", "max"):
+        assert stats[key] == pytest.approx(expected[key], rel=1e-6)
+    assert stats["hist"].tolist() == expected["hist"]
+    assert stats["edges"].tolist() == pytest.approx(expected["edges"], rel=1e-6)
+
+
+def test_indexer_head_specialisation_matches_a_loop_with_signed_terms():
+    # Signed terms (the weights w[t, j] may be negative): shares use magnitudes, the
+    # correlation the signed values; some rows of head 2 are all zero (it contributes nothing).
+    terms = torch.randn(B, 3, T_RANDOM, T_RANDOM, generator=torch.Generator().manual_seed(13))
+    terms[:, 2, 3:6] = 0.0
+    out = M.indexer_head_specialisation(terms)
+    expected = ref.head_specialisation(terms.tolist())
+    assert out["weight_share"].tolist() == pytest.approx(expected["weight_share"], rel=1e-5)
+    assert out["specialisation"].tolist() == pytest.approx(expected["specialisation"], rel=1e-4)
+    assert out["redundancy"] == pytest.approx(expected["redundancy"], abs=1e-5)
+
+
+@pytest.mark.parametrize("n_buckets", [None, 2])
+def test_head_distance_profile_matches_a_loop_in_every_feature(n_buckets):
+    dense = random_dense(14)
+    features = M.head_distance_profile(dense, n_buckets)
+    buckets = n_buckets or int(math.log2(T_RANDOM)) + 1  # the default: floor(log2 T) + 1
+    expected = ref.head_distance_profile(dense.tolist(), buckets)
+    assert features.shape == (H, buckets + 2)
+    np.testing.assert_allclose(features.numpy(), np.array(expected), atol=1e-6)
+    # every row of probabilities sums to 1, and so does the mass over the distance buckets
+    assert features[:, 1:-1].sum(-1).tolist() == pytest.approx([1.0] * H, abs=1e-5)
+
+
+def test_head_distance_profile_entropy_feature_is_normalised_by_log_t():
+    """A uniform causal head: mean_t log(t + 1) / log T, hand-computed for T = 4."""
+    T = 4
+    uniform = M.causal_mask(T).float()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    features = M.head_distance_profile(uniform[None, None])
+    assert features[0, -1] == pytest.approx((math.log(2) + math.log(3) + math.log(4)) / 4 / math.log(4))
+
+
+def test_frequency_classes_match_a_loop_over_ids_sorted_by_count():
+    """frequent: walking the ids from the most common down, an id is frequent while the ids
+    before it cover less than frequent_mass; rare: walking up from the least common, ids are
+    rare while the running share stays <= rare_mass (frequent ids never count as rare)."""
+    rng = random.Random(15)
+    counts = [v ** 2 for v in rng.sample(range(40), 30)]  # distinct: the order of ties is not specified
+    total = sum(counts)
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])
+    expected_frequent, covered = set(), 0
+    for i in order:
+        if covered / total < 0.5:
+            expected_frequent.add(i)
+        covered += counts[i]
+    expected_rare, running = set(), 0
+    for i in reversed(order):
+        running += counts[i]
+        if running / total <= 0.1:
+            expected_rare.add(i)
+    expected_rare -= expected_frequent
+    frequent, rare = frequency_classes(np.array(counts))
+    assert set(np.flatnonzero(frequent).tolist()) == expected_frequent
+    assert set(np.flatnonzero(rare).tolist()) == expected_rare
+    assert expected_frequent and expected_rare
+
+
+def test_token_type_matrix_marks_ids_the_counts_do_not_cover_as_rare():
+    frequent, rare = frequency_classes(np.array([50, 30, 10, 6, 4, 0]))
+    matrix = token_type_matrix(["a", "b"], np.array([0, 9]), frequent, rare)  # id 9 was never counted
+    assert matrix[1].tolist() == [False, False, False, False, False, True]
+    # without corpus counts, neither frequency column is set
+    assert not token_type_matrix(["a"], np.array([0]), None, None)[:, 4:].any()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import selection_reference as ref
 
 from sparse_viz.tracking.store import RunStore
 
@@ -68,6 +69,19 @@ def test_kill_and_resume_has_exactly_one_line_per_snapshot_step(tmp_path):
     for record in history:
         assert record["mass_at_k_oracle"] >= record["mass_at_k_random"] - 1e-6
         assert record["mass_at_k_oracle"] >= record["mass_at_k"] - 1e-6
+    # Jaccard with the previous snapshot, recomputed from the stored selections: the first
+    # snapshot has none, and the first one after the resume (20) compares with the last one the
+    # killed process stored (15), which the resumed callback reads back from disk.
+    k = store.read_probe()["top_k"]
+    assert history[0].get("L0/jaccard_prev") is None
+    for before, after in zip(history, history[1:]):
+        old_sel = store.load_snapshot(before["step"])["selected"].tolist()  # (L, P, T, k)
+        new_sel = store.load_snapshot(after["step"])["selected"].tolist()
+        for layer in range(len(new_sel)):
+            P, T = len(new_sel[layer]), len(new_sel[layer][0])
+            expected = ref.mean_over_informative(
+                lambda b, t: ref.jaccard(new_sel[layer], old_sel[layer], b, t), P, T, k)
+            assert after.get(f"L{layer}/jaccard_prev") == pytest.approx(expected, rel=1e-6), (after["step"], layer, sorted(after))
     # the end of fit rendered the report and the plots from what was recorded
     for name in ("report.html", "plots/attention_patterns.png", "plots/indexer_behavior.png",
                  "plots/selection/step_0000025.png"):

@@ -61,3 +61,12 @@ def test_a_corrupt_history_line_names_the_file_and_line(tmp_path):
         handle.write("{not json\n")
     with pytest.raises(ValueError, match=r"history.jsonl:2"):
         store.read_history()
+
+
+def test_history_stays_ordered_by_step_when_an_earlier_step_arrives_late(tmp_path):
+    """A resumed run with a different snapshot period can fill in a step below the last one."""
+    store = RunStore(tmp_path)
+    for step in (0, 20, 10):
+        assert store.append({"step": step})
+    lines = store.history_path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 10, 20]

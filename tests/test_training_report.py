@@ -34,7 +34,7 @@ NO_TORCH = (
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return write_synthetic_run(tmp_path_factory.mktemp("report") / "run", n_snapshots=3,
-                               tokens=["A", " b", XSS_TOKEN, "\n"])
+                               tokens=["A", " b", XSS_TOKEN, "\n"], stages=["dense", "warmup", "sparse"])
 
 
 def _decode(text: str, dtype: str, shape) -> np.ndarray:
@@ -107,3 +107,63 @@ def test_untrusted_tokens_cannot_close_the_script_element(run_dir):
 def test_build_payload_errors_name_the_problem(tmp_path):
     with pytest.raises(UserInputError, match="no selection history"):
         build_payload(tmp_path)
+
+
+def test_payload_views_of_attention_used_dense_top_k_and_score_range_match_the_snapshot(run_dir):
+    """Per query of probe row 0: the attention used (sqrt-quantised like the dense one), the dense
+    top-k keys, and the min / max of the selected keys' indexer scores (the range the uint8
+    scores are quantised in), recomputed slot by slot."""
+    payload = build_payload(run_dir)
+    views = payload["views"]
+    store = RunStore(run_dir)
+    S, L, T, k = views["S"], views["L"], views["T"], views["k"]
+    attn = _decode(views["attn"], "u1", (S, L, T, k))
+    dense_top = _decode(views["dense_top"], "u2", (S, L, T, k))
+    lo, hi = _decode(views["score_lo"], "f4", (S, L, T)), _decode(views["score_hi"], "f4", (S, L, T))
+    for i, step in enumerate(views["steps"]):
+        arrays = store.load_snapshot(step)
+        for layer in range(L):
+            for t in range(T):
+                real = [slot for slot in range(k) if arrays["show_selected"][layer, t, slot] >= 0]
+                for slot in real:
+                    used = float(arrays["show_attn"][layer, t, slot])
+                    assert attn[i, layer, t, slot] == round(255 * used ** 0.5)
+                scores = [float(arrays["show_score"][layer, t, slot]) for slot in real]
+                assert lo[i, layer, t] == pytest.approx(min(scores), rel=1e-6)
+                assert hi[i, layer, t] == pytest.approx(max(scores), rel=1e-6)
+                top = [int(s) for s in arrays["show_dense_top"][layer, t]]
+                assert [PAD_INDEX if s < 0 else s for s in top] == dense_top[i, layer, t].tolist()
+
+
+def test_payload_history_columns_and_labels_follow_the_history_lines(run_dir):
+    """Every numeric field of the history becomes one column (None where a line lacks it or
+    holds NaN / null), rounded to 6 decimals; per-snapshot labels are copied in step order."""
+    payload = build_payload(run_dir)
+    history = RunStore(run_dir).read_history()
+    numeric = {name for r in history for name, v in r.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert set(payload["history"]) >= numeric
+    assert not {"stage", "attention", "selection_source", "top_tokens"} & set(payload["history"])
+    for name, column in payload["history"].items():
+        for record, value in zip(history, column, strict=True):
+            raw = record.get(name)
+            if raw is None or raw != raw:
+                assert value is None, name
+            else:
+                assert value == pytest.approx(raw, abs=5e-7), name
+    assert payload["steps"] == [r["step"] for r in history]
+    assert payload["stages"] == [r["stage"] for r in history]
+    assert payload["attention"] == [r["attention"] for r in history]
+    assert payload["source"] == [r["selection_source"] for r in history]
+    assert payload["top_tokens"] == [r["top_tokens"] for r in history]
+    probe = RunStore(run_dir).read_probe()
+    assert payload["tokens"] == probe["tokens"]
+    assert payload["run"]["top_k"] == probe["top_k"] and payload["run"]["n_layers"] == probe["n_layers"]
+
+
+def test_payload_views_leave_out_snapshots_without_arrays(tmp_path):
+    run = write_synthetic_run(tmp_path / "run", n_snapshots=3)
+    RunStore(run).snapshot_path(10).unlink()
+    payload = build_payload(run)
+    assert payload["steps"] == [0, 10, 20]  # the history still has every snapshot
+    assert payload["views"]["steps"] == [0, 20] and payload["views"]["S"] == 2

@@ -258,7 +258,6 @@ class SelectionAnalysisCallback(L.Callback):
         self.store: RunStore | None = None
         self._probe: torch.Tensor | None = None
         self._types: torch.Tensor | None = None
-        self._previous: torch.Tensor | None = None
         self._written = 0
         self._train_seconds = 0.0
         self._tokens = 0
@@ -282,11 +281,6 @@ class SelectionAnalysisCallback(L.Callback):
             frequent, rare = frequency_classes(np.asarray(counts))
         types = [token_type_matrix(s, row.numpy(), frequent, rare) for s, row in zip(strings, self._probe)]
         self._types = torch.as_tensor(np.stack(types))  # (P, T, n_types)
-        history = self.store.read_history()
-        if history:  # resumed run: Jaccard continues from the last stored selection
-            last = self.store.snapshot_path(history[-1]["step"])
-            if last.is_file():
-                self._previous = torch.as_tensor(self.store.load_snapshot(history[-1]["step"])["selected"].astype(np.int64))
         cfg = pl_module.model_config
         self.store.write_probe({
             "token_ids": self._probe[0].tolist(),
@@ -354,7 +348,8 @@ class SelectionAnalysisCallback(L.Callback):
                 baselines = self._baselines(traces, cfg, k, T, inputs.shape[0], inputs.device)
                 scalars, arrays, selected = analyse_probe(
                     traces, k, token_types=self._types, token_ids=self._probe,
-                    previous_selected=self._previous, baselines=baselines, attention=attention)
+                    previous_selected=self._previous_selection(step), baselines=baselines,
+                    attention=attention)
         finally:
             model.train(was_training)
         stage = pl_module.current_stage
@@ -369,8 +364,6 @@ class SelectionAnalysisCallback(L.Callback):
         self._tokens, self._train_seconds = 0, 0.0
         if not written:
             return False
-        if selected is not None:
-            self._previous = selected
         metrics = {f"selection/{name}": value for name, value in scalars.items()
                    if value is not None and math.isfinite(value)}
         for logger in trainer.loggers:
@@ -379,6 +372,21 @@ class SelectionAnalysisCallback(L.Callback):
         if self.render_every_n_snapshots and self._written % self.render_every_n_snapshots == 0:
             self.render(trainer)
         return True
+
+    def _previous_selection(self, step: int) -> torch.Tensor | None:
+        """(L, P, T, k) the selection of the snapshot before `step` in the run store, or None.
+
+        Read from disk, not kept from this callback's last snapshot: the history is the source
+        of truth, and the snapshot before may have been written by another process (the run
+        before a resume) or another callback instance on the same run directory (the default
+        config's and one added with `--trainer.callbacks+=`). A stored selection with no key at
+        all is a snapshot without one (a model without indexer in a dense stage): None.
+        """
+        earlier = [s for s in self.store.steps() if s < step]
+        if not earlier or not self.store.snapshot_path(max(earlier)).is_file():
+            return None
+        selected = self.store.load_snapshot(max(earlier))["selected"].astype(np.int64)
+        return torch.as_tensor(selected) if (selected >= 0).any() else None
 
     def _baselines(self, traces, cfg, k, T, batch, device) -> dict[str, list[torch.Tensor]]:
         from sparse_viz.model.selectors import select_keys

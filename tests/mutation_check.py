@@ -1,0 +1,410 @@
+"""Mutation check: plausible one-line bugs, each of which some named test must catch.
+
+    python tests/mutation_check.py                 # every mutation
+    python tests/mutation_check.py --only kl_future_scores type_share_summed_axis
+    python tests/mutation_check.py --list
+
+A maintainer script, not a test (pytest collects only `test_*.py`, and no test imports this).
+It copies the repository to a temporary folder, and for each entry of `MUTATIONS` alone: replaces
+the exact `original` snippet of `path` (which must occur exactly once) with `mutated`, runs the
+named pytest node ids on the copy, and restores the file. It prints one line per mutation,
+
+    caught      <name>   (the named tests failed)
+    NOT caught  <name>   (they passed: the suite lets this bug through)
+    ERROR       <name>   (the snippet is not in the file once, or pytest could not run the tests)
+
+and exits 1 if any mutation is not caught or errs. Before the mutations the named tests are run
+once on the unmodified copy: they must pass there, or a "caught" would mean nothing.
+
+Adding an entry: append a `Mutation` to `MUTATIONS` (any section; names must be unique). Keep
+`original` short but unique in its file, copy it byte for byte (indentation included), and name
+the fastest tests that should catch the bug. The repository's working tree is copied as it is,
+uncommitted changes included, so a new entry can be checked before it is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One plausible bug: `original` -> `mutated` in `path`; some test of `tests` must fail."""
+
+    name: str
+    path: str  # relative to the repository root
+    original: str
+    mutated: str
+    tests: tuple[str, ...]  # pytest node ids, relative to the repository root
+    why: str = ""  # the bug it stands for, in words
+
+
+METRICS = "sparse_viz/tracking/metrics.py"
+CALLBACK = "sparse_viz/tracking/callback.py"
+TRACKING_METRICS_TESTS = "tests/test_tracking_metrics.py"
+ANALYSE_TESTS = "tests/test_tracking_analyse.py"
+PLOTS = "sparse_viz/report/plots.py"
+PLOTS_TESTS = "tests/test_plots.py"
+TRAINING_REPORT = "sparse_viz/report/training.py"
+TRAINING_REPORT_TESTS = "tests/test_training_report.py"
+
+MUTATIONS: list[Mutation] = [
+    # ------------------------------------------------------------------ training: resume (issue 16)
+    Mutation(
+        "resume_ignores_ckpt_path", "sparse_viz/train.py",
+        'cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))',
+        "cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=None)",
+        ("tests/test_train_resume.py::test_resumed_run_starts_from_the_checkpointed_weights_and_optimizer_state",),
+        "training silently ignores --ckpt_path and starts over (the run store hid it)",
+    ),
+    # ------------------------------------------------------------------ tracking: metrics.py
+    Mutation(
+        "distance_profile_entropy_unnormalised", METRICS,
+        "entropy = attention_entropy(probs).mean(dim=(0, 2)) / max(math.log(T), 1e-30)  # (H,)",
+        "entropy = attention_entropy(probs).mean(dim=(0, 2))  # (H,)",
+        (f"{TRACKING_METRICS_TESTS}::test_head_distance_profile_entropy_feature_is_normalised_by_log_t",
+         f"{TRACKING_METRICS_TESTS}::test_head_distance_profile_matches_a_loop_in_every_feature",
+         f"{ANALYSE_TESTS}::test_head_features_are_each_heads_distance_profile"),
+        "a head's distance profile keeps its mean entropy unnormalised (issue 16)",
+    ),
+    Mutation(
+        "distance_bucket_ceil", METRICS,
+        "bucket = torch.floor(torch.log2(distance.float() + 1))",
+        "bucket = torch.ceil(torch.log2(distance.float() + 1))",
+        (f"{TRACKING_METRICS_TESTS}::test_head_distance_profile_matches_a_loop_in_every_feature",),
+        "distance buckets rounded up: distance 2 lands with distances 3-6",
+    ),
+    Mutation(
+        "recall_top_k_of_first_head", METRICS,
+        "dense_top = selection_mask(topk_selection(p, k), T)  # (B, T, T)",
+        "dense_top = selection_mask(topk_selection(dense_probs[:, 0], k), T)  # (B, T, T)",
+        (f"{TRACKING_METRICS_TESTS}::test_mass_and_recall_at_k_match_loops_over_queries_heads_and_probe_rows",),
+        "recall@k's dense top-k taken from head 0 instead of the mean over heads",
+    ),
+    Mutation(
+        "jaccard_union_as_size_sum", METRICS,
+        "union = (a | b).sum(dim=-1).float()",
+        "union = (a.sum(dim=-1) + b.sum(dim=-1)).float()",
+        (f"{TRACKING_METRICS_TESTS}::test_jaccard_matches_set_arithmetic_for_selections_of_different_sizes",),
+        "Jaccard divides by |A| + |B| instead of |A u B|",
+    ),
+    Mutation(
+        "position_frequency_ignores_batch", METRICS,
+        "seen = eligible.sum(dim=0).float() * B  # (T,)",
+        "seen = eligible.sum(dim=0).float()  # (T,)",
+        (f"{TRACKING_METRICS_TESTS}::test_selection_frequencies_match_counting_loops_over_probe_rows",),
+        "frequency by position counts the visible queries of one probe row only",
+    ),
+    Mutation(
+        "distance_frequency_ignores_batch", METRICS,
+        "torch.full((int(valid.sum()),), float(B), device=selected.device)",
+        "torch.full((int(valid.sum()),), 1.0, device=selected.device)",
+        (f"{TRACKING_METRICS_TESTS}::test_selection_frequencies_match_counting_loops_over_probe_rows",),
+        "frequency by distance counts the visible queries of one probe row only",
+    ),
+    Mutation(
+        "local_window_inclusive", METRICS,
+        "near = real & ((t[None, :, None] - chosen) < window)",
+        "near = real & ((t[None, :, None] - chosen) <= window)",
+        (f"{TRACKING_METRICS_TESTS}::test_sink_and_local_window_shares_match_counting_loops",),
+        "the local window holds window + 1 distances",
+    ),
+    Mutation(
+        "kl_softmax_over_future_scores", METRICS,
+        "log_q = index_scores.float().masked_fill(~visible, -math.inf).log_softmax(dim=-1)  # (B, T, T)",
+        "log_q = index_scores.float().log_softmax(dim=-1)  # (B, T, T)",
+        (f"{TRACKING_METRICS_TESTS}::test_indexer_kl_matches_a_loop_and_ignores_future_scores",),
+        "the indexer's softmax normalises over future keys too",
+    ),
+    Mutation(
+        "score_histogram_from_zero", METRICS,
+        "hist = torch.histc(values, bins=bins, min=lo, max=hi)",
+        "hist = torch.histc(values, bins=bins, min=0.0, max=hi)",
+        (f"{TRACKING_METRICS_TESTS}::test_index_score_statistics_match_a_loop_including_every_histogram_bin",
+         f"{ANALYSE_TESTS}::test_indexer_scalars_and_arrays_match_loops"),
+        "score histogram assumes non-negative scores (the weights w can be negative)",
+    ),
+    Mutation(
+        "head_share_signed", METRICS,
+        "per_head = magnitude.sum(dim=(0, 2, 3))  # (H_I,)",
+        "per_head = terms.sum(dim=(0, 2, 3))  # (H_I,)",
+        (f"{TRACKING_METRICS_TESTS}::test_indexer_head_specialisation_matches_a_loop_with_signed_terms",),
+        "indexer head weight shares from signed terms, which cancel",
+    ),
+    # ------------------------------------------------------------------ tracking: callback.py (analyse_probe)
+    Mutation(
+        "type_share_summed_axis", CALLBACK,
+        "picked = mask.sum(dim=1).float()  # (P, T) selections of each key position",
+        "picked = mask.sum(dim=2).float()  # (P, T) selections of each key position",
+        (f"{ANALYSE_TESTS}::test_token_type_shares_match_a_counting_loop",),
+        "token-type shares count selections per query instead of per key (issue 16)",
+    ),
+    Mutation(
+        "type_base_over_all_rows", CALLBACK,
+        "visible = M.causal_mask(T, mask.device) & rows[:, None]  # (T, T)",
+        "visible = M.causal_mask(T, mask.device)  # (T, T)",
+        (f"{ANALYSE_TESTS}::test_token_type_shares_match_a_counting_loop",),
+        "token-type base rates include the short (dense) rows",
+    ),
+    Mutation(
+        "top_tokens_summed_axis", CALLBACK,
+        "picked = mask.sum(dim=1).reshape(-1).cpu()  # (P*T,)",
+        "picked = mask.sum(dim=2).reshape(-1).cpu()  # (P*T,)",
+        (f"{ANALYSE_TESTS}::test_most_selected_tokens_match_a_counting_loop",),
+        "most selected tokens counted by query instead of by key",
+    ),
+    Mutation(
+        "recall_against_attention_used", CALLBACK,
+        "M.mean_over_rows(M.recall_at_k(dense, selected, k), rows)",
+        "M.mean_over_rows(M.recall_at_k(used, selected, k), rows)",
+        (f"{ANALYSE_TESTS}::test_recall_at_k_matches_a_loop_over_informative_queries",),
+        "recall@k measured against the sparse attention instead of the dense one",
+    ),
+    Mutation(
+        "entropy_sparse_from_dense", CALLBACK,
+        'values["entropy_sparse"] = float(M.attention_entropy(used).mean())',
+        'values["entropy_sparse"] = float(M.attention_entropy(dense).mean())',
+        (f"{ANALYSE_TESTS}::test_entropies_match_a_loop_over_rows_of_the_attention_used_and_the_dense_one",),
+        "the entropy of the attention used is the dense attention's",
+    ),
+    Mutation(
+        "jaccard_previous_of_layer_0", CALLBACK,
+        "M.jaccard(selected, previous_selected[layer].to(selected.device), T), rows)",
+        "M.jaccard(selected, previous_selected[0].to(selected.device), T), rows)",
+        (f"{ANALYSE_TESTS}::test_jaccard_with_the_previous_selection_matches_set_arithmetic_layer_by_layer",),
+        "every layer's Jaccard compares with layer 0's previous selection",
+    ),
+    Mutation(
+        "show_attn_from_dense", CALLBACK,
+        'arrays["show_attn"][layer] = _gather(M.head_mean_probs(used)[0], selected[0]).cpu().numpy()',
+        'arrays["show_attn"][layer] = _gather(p[0], selected[0]).cpu().numpy()',
+        (f"{ANALYSE_TESTS}::test_probe_row_zero_views_match_the_traces",),
+        "the report's attention-used view shows the dense attention",
+    ),
+    Mutation(
+        "oracle_baseline_from_attention_used", CALLBACK,
+        "dense_probs=trace.dense_attn_probs, sink_tokens=cfg.sink_tokens,",
+        "dense_probs=trace.attn_probs, sink_tokens=cfg.sink_tokens,",
+        (f"{ANALYSE_TESTS}::test_callback_baselines_are_the_selectors_they_are_named_after",),
+        "the oracle baseline takes the top-k of the sparse attention (its own selection) in a sparse stage",
+    ),
+    Mutation(
+        "jaccard_previous_is_the_first_snapshot", CALLBACK,
+        'selected = self.store.load_snapshot(max(earlier))["selected"].astype(np.int64)',
+        'selected = self.store.load_snapshot(min(earlier))["selected"].astype(np.int64)',
+        ("tests/test_tracking_resume.py::test_kill_and_resume_has_exactly_one_line_per_snapshot_step",),
+        "Jaccard compares with the first stored snapshot instead of the previous one (slow: ~1 min)",
+    ),
+    # ------------------------------------------------------------------ tracking: token_types.py, store.py
+    Mutation(
+        "frequent_ids_off_by_one", "sparse_viz/tracking/token_types.py",
+        "frequent[order[before < frequent_mass]] = True",
+        "frequent[order[cumulative < frequent_mass]] = True",
+        (f"{TRACKING_METRICS_TESTS}::test_frequency_classes_by_corpus_mass",),
+        "the id that crosses the frequent mass is left out of 'frequent'",
+    ),
+    Mutation(
+        "uncounted_ids_frequent", "sparse_viz/tracking/token_types.py",
+        "out[~inside, 5] = True",
+        "out[~inside, 4] = True",
+        (f"{TRACKING_METRICS_TESTS}::test_token_type_matrix_marks_ids_the_counts_do_not_cover_as_rare",),
+        "an id the corpus counts do not cover is marked frequent instead of rare",
+    ),
+    Mutation(
+        "history_not_sorted", "sparse_viz/tracking/store.py",
+        'history.sort(key=lambda r: int(r["step"]))',
+        "history.sort(key=lambda r: 0)",
+        ("tests/test_tracking_store.py::test_history_stays_ordered_by_step_when_an_earlier_step_arrives_late",),
+        "the history is kept in arrival order, not step order",
+    ),
+    Mutation(
+        "store_appends_a_step_twice", "sparse_viz/tracking/store.py",
+        'if any(int(r["step"]) == step for r in history):',
+        'if any(int(r["step"]) == step for r in history[:-1]):',
+        ("tests/test_tracking_store.py::test_a_step_already_in_the_history_is_never_written_again",),
+        "a resumed run rewrites the last snapshot it already has",
+    ),
+    # ------------------------------------------------------------------ report: training.py (payload)
+    Mutation(
+        "payload_attention_used_from_dense", TRAINING_REPORT,
+        'attn_q.append(_sqrt_uint8(arrays["show_attn"]))',
+        'attn_q.append(_sqrt_uint8(arrays["show_dense"]))',
+        (f"{TRAINING_REPORT_TESTS}::test_payload_views_of_attention_used_dense_top_k_and_score_range_match_the_snapshot",),
+        "the report's attention-used view carries the dense attention",
+    ),
+    Mutation(
+        "payload_dense_top_from_selection", TRAINING_REPORT,
+        'top = arrays["show_dense_top"].astype(np.int64)',
+        'top = arrays["show_selected"].astype(np.int64)',
+        (f"{TRAINING_REPORT_TESTS}::test_payload_views_of_attention_used_dense_top_k_and_score_range_match_the_snapshot",),
+        "the report's dense top-k keys are the selection itself",
+    ),
+    Mutation(
+        "payload_score_range_over_pads", TRAINING_REPORT,
+        "lo = np.where(finite.any(-1), np.nanmin(np.where(finite, scores, np.inf), axis=-1), 0.0)",
+        "lo = np.where(finite.any(-1), np.nanmin(np.where(finite, scores, 0.0), axis=-1), 0.0)",
+        (f"{TRAINING_REPORT_TESTS}::test_payload_views_of_attention_used_dense_top_k_and_score_range_match_the_snapshot",),
+        "the score range counts empty slots as score 0",
+    ),
+    Mutation(
+        "payload_stages_from_attention", TRAINING_REPORT,
+        '"stages": [str(r.get("stage", "")) for r in history],',
+        '"stages": [str(r.get("attention", "")) for r in history],',
+        (f"{TRAINING_REPORT_TESTS}::test_payload_history_columns_and_labels_follow_the_history_lines",),
+        "the report labels stages by their attention (warmup shows as dense)",
+    ),
+    Mutation(
+        "payload_columns_rounded_coarsely", TRAINING_REPORT,
+        "else round(float(value), 6))",
+        "else round(float(value), 3))",
+        (f"{TRAINING_REPORT_TESTS}::test_payload_history_columns_and_labels_follow_the_history_lines",),
+        "history columns rounded to 3 decimals (mass@k differences of 1e-4 vanish)",
+    ),
+    # ------------------------------------------------------------------ report: plots.py
+    Mutation(
+        "layer_mean_counts_nan_layers", PLOTS,
+        "count = np.sum(np.isfinite(array), axis=0)",
+        "count = np.full(array.shape[1:], array.shape[0])",
+        (f"{PLOTS_TESTS}::test_attention_patterns_panels_show_the_stored_values",
+         f"{PLOTS_TESTS}::test_indexer_behavior_panels_show_the_stored_values"),
+        "a layer without a value counts as 0 in the layer means of the plots",
+    ),
+    Mutation(
+        "stage_band_ends_at_its_last_snapshot", PLOTS,
+        "end = steps[i] if i < len(history) else steps[-1]",
+        "end = steps[i - 1]",
+        (f"{PLOTS_TESTS}::test_stage_bands_span_each_stage_from_its_first_snapshot_to_the_next_stages",),
+        "stage bands leave a gap between a stage's last snapshot and the next stage",
+    ),
+    Mutation(
+        "entropy_lines_swapped", PLOTS,
+        'ax.plot(steps, _series(history, "entropy_sparse"), "o-", label="attention used (sparse)", ms=3)',
+        'ax.plot(steps, _series(history, "entropy_dense"), "o-", label="attention used (sparse)", ms=3)',
+        (f"{PLOTS_TESTS}::test_attention_patterns_panels_show_the_stored_values",),
+        "the sparse-entropy line plots the dense entropy",
+    ),
+    Mutation(
+        "score_distribution_unnormalised", PLOTS,
+        "ax.stairs(counts / max(counts.sum(), 1), common,",
+        "ax.stairs(counts, common,",
+        (f"{PLOTS_TESTS}::test_attention_patterns_panels_show_the_stored_values",),
+        "the score distribution shows counts under a 'share of pairs' axis",
+    ),
+    Mutation(
+        "token_type_bars_swapped", PLOTS,
+        'share, base = _layer_mean(last["type_share"]), _layer_mean(last["type_base"])',
+        'base, share = _layer_mean(last["type_share"]), _layer_mean(last["type_base"])',
+        (f"{PLOTS_TESTS}::test_indexer_behavior_panels_show_the_stored_values",),
+        "selected and base-rate token-type bars swapped",
+    ),
+    Mutation(
+        "heatmap_colour_without_sqrt", PLOTS,
+        "image[rows, selected[rows, slots]] = np.nan_to_num(np.sqrt(np.clip(dense[rows, slots], 0, 1)))",
+        "image[rows, selected[rows, slots]] = np.nan_to_num(np.clip(dense[rows, slots], 0, 1))",
+        (f"{PLOTS_TESTS}::test_selection_heatmap_colours_exactly_the_selected_cells_by_dense_attention",),
+        "heatmap colours p under a colour bar labelled sqrt(p)",
+    ),
+    # ------------------------------------------------------------------ analysis (component ablation etc.): append here
+]
+
+
+def copy_repository(target: Path) -> None:
+    """The working tree without .git, caches and results; `.cache` (large models) is linked."""
+    ignore = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "results", ".cache", "*.pyc")
+    shutil.copytree(REPO, target, ignore=ignore, symlinks=True)
+    if (REPO / ".cache").exists():
+        (target / ".cache").symlink_to(REPO / ".cache")
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+    """pytest on `tests` inside `root` (its package first on the path); (exit status, tail)."""
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    try:
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout:.0f} s"
+    return result.returncode, (result.stdout + result.stderr)[-1500:]
+
+
+def check(mutation: Mutation, root: Path, timeout: float, verbose: bool) -> str:
+    """'caught', 'NOT caught' or 'ERROR: ...' for one mutation applied alone to the copy."""
+    path = root / mutation.path
+    source = path.read_text(encoding="utf-8")
+    count = source.count(mutation.original)
+    if count != 1:
+        return f"ERROR: the original snippet occurs {count} times in {mutation.path}"
+    path.write_text(source.replace(mutation.original, mutation.mutated), encoding="utf-8")
+    try:
+        status, tail = run_tests(root, mutation.tests, timeout)
+    finally:
+        path.write_text(source, encoding="utf-8")
+    if verbose:
+        print(tail)
+    if status == 1:  # pytest: some test failed
+        return "caught"
+    if status == 0:
+        return "NOT caught"
+    return f"ERROR: pytest exit status {status}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
+    parser.add_argument("--verbose", action="store_true", help="print pytest's output tail")
+    args = parser.parse_args(argv)
+
+    names = [m.name for m in MUTATIONS]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        parser.error(f"duplicate mutation names: {', '.join(duplicates)}")
+    chosen = MUTATIONS
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            parser.error(f"unknown mutation(s): {', '.join(unknown)}")
+        chosen = [m for m in MUTATIONS if m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:32} {m.path}: {m.why}")
+        return 0
+
+    width = max(len(m.name) for m in chosen)
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="sparse_viz-mutation-") as tmp:
+        root = Path(tmp) / "repo"
+        copy_repository(root)
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        started = time.perf_counter()
+        status, tail = run_tests(root, tests, args.timeout * 2)
+        if status != 0:
+            print(f"the named tests do not pass on the unmodified copy (pytest exit status {status}):\n{tail}")
+            return 1
+        print(f"baseline: {len(tests)} named tests pass on the unmodified copy "
+              f"({time.perf_counter() - started:.0f} s)")
+        for mutation in chosen:
+            started = time.perf_counter()
+            outcome = check(mutation, root, args.timeout, args.verbose)
+            failures += outcome != "caught"
+            label = outcome if not outcome.startswith("ERROR") else "ERROR"
+            detail = f"  {outcome}" if label == "ERROR" else ""
+            print(f"{label:10}  {mutation.name:{width}}  {mutation.path}  "
+                  f"({time.perf_counter() - started:.0f} s){detail}", flush=True)
+    print(f"{len(chosen) - failures} of {len(chosen)} mutations caught")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
