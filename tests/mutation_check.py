@@ -315,6 +315,39 @@ MUTATIONS: list[Mutation] = [
         "heatmap colours p under a colour bar labelled sqrt(p)",
     ),
     # ------------------------------------------------------------------ analysis (component ablation etc.): append here
+    Mutation(
+        "stochastic_ablated_run_draws_its_own_noise",
+        "sparse_viz/analysis/ablation/component_modes.py",
+        "abl_mask = {p: ci_ablated[p] + (1 - ci_ablated[p]) * u[p] for p in paths}",
+        "abl_mask = {p: ci_ablated[p] + (1 - ci_ablated[p]) * torch.rand((N, T, ci[p].numel()), generator=generator)"
+        ".to(device) for p in paths}",
+        ("tests/test_component_ablation.py::test_stochastic_baseline_and_ablated_runs_share_each_samples_noise",),
+        "the ablated run of a stochastic sample does not share the baseline's u (unpaired samples)",
+    ),
+    Mutation(
+        "factor_file_ci_discarded",
+        "sparse_viz/analysis/ablation/decomposition.py",
+        "ci=None if ci is None else ci.to(weight.device, torch.float32))",
+        "ci=None)",
+        ("tests/test_component_ablation.py::test_causal_importances_in_a_factor_file_are_read_and_bound_the_adversarial_masks",),
+        "SPD factors load without their causal importances",
+    ),
+    Mutation(
+        "all_pairs_sinks_through_the_unstable_form",
+        "sparse_viz/analysis/masking/all_pairs.py",
+        "DOMINANT = 0.5 ",
+        "DOMINANT = 1.01 ",
+        ("tests/test_all_pairs_impact.py::test_sink_keys_holding_almost_all_the_mass_stay_finite_and_exact",),
+        "keys holding ~all of a row's mass go through p / (1 - p) (z - v), which cancels",
+    ),
+    Mutation(
+        "selection_ignored_by_the_fast_masking_path",
+        "sparse_viz/analysis/masking/layer_attention.py",
+        "        full.visible = full.visible & keep",
+        "        full.visible = full.visible",
+        ("tests/test_dsa_checkpoint_probes.py::test_masking_a_dsa_checkpoint_equals_brute_force_with_its_selection",),
+        "masking a DSA checkpoint lets the final query see keys its selection dropped",
+    ),
 ]
 
 
