@@ -1,6 +1,6 @@
 """Matplotlib figures of a training run, made from the files in its run directory only.
 
-    plots/attention_patterns.png   6 panels (issue 3 item 3)
+    plots/attention_patterns.png   6 panels: attention patterns, selection and its baselines over training
     plots/indexer_behavior.png     4 panels
     plots/selection/step_XXXXXXX.png   one selection heatmap (query x key) per snapshot,
                                    one panel per chosen layer
