@@ -135,11 +135,12 @@ def evaluate_selectors(
                                  indexers=indexers, indexer_rope_dim=indexer_rope_dim,
                                  indexer_rope_theta=indexer_rope_theta)
         with selection_installed(model.model, selection):
-            total, _ = window_nll(model.model, windows)
-            nll = total / n_tokens
-            rows.append({"selector": name, "k": value, "perplexity": math.exp(nll), "nll": nll,
-                         "n_tokens": n_tokens, "relative_to_dense": math.exp(nll - dense_nll)})
-            layer_rows += coverage_rows(model, selection, windows, masses, value)
+            total, coverage_by_layer = sparse_windows(model, selection, windows, masses, value)
+        nll = total / n_tokens
+        rows.append({"selector": name, "k": value, "perplexity": math.exp(nll), "nll": nll,
+                     "n_tokens": n_tokens, "relative_to_dense": math.exp(nll - dense_nll)})
+        layer_rows += [{"selector": name, "k": value, "layer": layer, "mass_at_k": m, "recall_at_k": r}
+                       for layer, (m, r) in enumerate(coverage_by_layer)]
     metadata = {"model": str(model.name_or_path), "n_windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                 "k": ks, "selectors": list(selectors), "sink_tokens": sink_tokens, "seed": seed,
                 "dense_layers": dense_layers, "definitions": DEFINITIONS}
@@ -148,15 +149,18 @@ def evaluate_selectors(
 
 
 @torch.no_grad()
-def coverage_rows(model: LoadedModel, selection: KeySelection, windows: torch.Tensor,
-                  masses: list[list[torch.Tensor]], k: int) -> list[dict[str, Any]]:
-    """mass@k and recall@k per layer of the selections that ran (`KeySelection.last_selected`, from
-    the selection-restricted forward), against the dense model's attention, averaged over windows."""
+def sparse_windows(model: LoadedModel, selection: KeySelection, windows: torch.Tensor,
+                   masses: list[list[torch.Tensor]], k: int) -> tuple[float, list[tuple[float, float]]]:
+    """One selection-restricted forward per window: its summed NLL, and per layer the mass@k and
+    recall@k of the selections that ran (`KeySelection.last_selected`) against the dense model's
+    attention on that window, averaged over windows."""
     n_layers = model.adapter.n_layers
+    total = 0.0
     per_layer = [[0.0, 0.0] for _ in range(n_layers)]
     for window, mass in zip(windows, masses):
         selection.last_selected.clear()
-        model.model(input_ids=window[None], use_cache=False)
+        logits = model.model(input_ids=window[None], use_cache=False).logits[0, :-1].float()  # (T-1, V)
+        total += float(F.cross_entropy(logits, window[1:], reduction="sum"))
         for layer in range(n_layers):
             selected = selection.last_selected.get(layer)
             if selected is None:  # a dense layer keeps every causal key
@@ -165,5 +169,4 @@ def coverage_rows(model: LoadedModel, selection: KeySelection, windows: torch.Te
                 m, r = coverage(selected[0].cpu(), mass[layer].cpu(), k)
             per_layer[layer][0] += m / len(windows)
             per_layer[layer][1] += r / len(windows)
-    return [{"selector": selection.selector, "k": k, "layer": layer, "mass_at_k": m, "recall_at_k": r}
-            for layer, (m, r) in enumerate(per_layer)]
+    return total, [(m, r) for m, r in per_layer]
