@@ -165,7 +165,48 @@ class CsrSelectedAttention(torch.autograd.Function):
         grad_q = pattern.times(grad_scores, k_pad) * ctx.scale  # (B, H, T, hd)
         grad_k = pattern.transposed_times(grad_scores, q_scaled)[:, :, :T]  # (B, H, T, hd)
         grad_v = pattern.transposed_times(probs, grad_out)[:, :, :T]  # (B, H, T, hd)
+        ctx.pattern = None  # its index arrays are O(B*H*T*k): free them now, not with the graph
         return grad_q, grad_k, grad_v, None
+
+
+class CsrSampledProducts(torch.autograd.Function):
+    """(a @ b^T) read at the selection pattern, differentiable in a and b.
+
+    The indexer's scores at the selected keys use it: a = indexer queries, b = the shared key
+    repeated per indexer head. Backward: grad_a = G @ b and grad_b = G^T @ a on the pattern.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b_pad, pattern: SelectionPattern):
+        ctx.save_for_backward(a, b_pad)
+        ctx.pattern = pattern
+        return pattern.sampled_products(a, b_pad)  # (B, H, T, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b_pad = ctx.saved_tensors
+        pattern: SelectionPattern = ctx.pattern
+        grad = grad.contiguous()  # (B, H, T, k)
+        grad_a = pattern.times(grad, b_pad)  # (B, H, T, d)
+        grad_b = pattern.transposed_times(grad, a)  # (B, H, T+k, d)
+        ctx.pattern = None  # free the O(B*H*T*k) index arrays now, not with the graph
+        return grad_a, grad_b, None
+
+
+def csr_sampled_products(a: torch.Tensor, b: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """a[t] . b[s] for every selected key s of every query t, with gradient to a and b.
+
+    Args:
+        a: (B, H, T, d) CPU float32/float64.
+        b: (B, H, T, d).
+        selected: (B, T, k) long, -1 = unfilled (its product is 0); shared by the H heads; each
+            row ascending with the -1 slots last (as `select_keys` returns it).
+
+    Returns:
+        (B, H, T, k): out[b, h, t, j] = a[b, h, t] . b[b, h, selected[b, t, j]].
+    """
+    pattern = SelectionPattern(selected, a.shape[1])
+    return CsrSampledProducts.apply(a.contiguous(), _pad_keys(b, pattern.k).contiguous(), pattern)
 
 
 def csr_selected_attention(
