@@ -14,12 +14,18 @@ after the T real ones, and its score is masked to -inf. Memory is O(T*k) per hea
 
 The readable meaning is `masked_sparse_attention`; the explicit-gather version in
 `attention.py` is the fallback where these kernels are not available.
+
+The same pattern serves the Lightning Indexer's scores at the selected keys (the sparse stage's
+KL, `CsrSelectedIndexScores`; readable meaning: the full score matrix read at the selection).
+A `SelectionLayout` holds what both kernels share (the columns, and the key-major sort that
+backward needs), so a layer sorts its selection once.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 
@@ -42,6 +48,57 @@ def csr_kernels_available(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.is_floating_point()
 
 
+class SelectionLayout:
+    """The head-independent part of a selection's CSR pattern, shared by every kernel that reads
+    the same selection (the attention and the indexer's scores at the selected keys).
+
+    Per batch element the pattern is (T, T+k): row t holds its k selected keys, an unfilled
+    slot j pointing at spare column T + j. Its key-major order (the transposed pattern, needed by
+    backward only) costs a sort of B*T*k entries: built once, on first use.
+
+    Args:
+        selected: (B, T, k) long, -1 = unfilled slot; each row ascending with the -1 slots last.
+    """
+
+    def __init__(self, selected: torch.Tensor) -> None:
+        B, T, k = selected.shape
+        self.batch, self.seq_len, self.k = B, T, k
+        self.valid = selected >= 0  # (B, T, k)
+        spare = T + torch.arange(k, device=selected.device)  # (k,)
+        # Ascending within a row: valid indices come first (sorted), spare columns are >= T.
+        cols = torch.where(self.valid, selected, spare).reshape(B, T * k)  # (B, T*k) row-major
+        self.cols = cols.to(torch.int32) if T + k < 2**31 else cols
+        self._key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Weak: a pattern (held by the autograd nodes that use it) keeps its layout alive, not
+        # the other way round, so both are freed as soon as the last backward has used them.
+        self._patterns: weakref.WeakValueDictionary[int, SelectionPattern] = weakref.WeakValueDictionary()
+
+    def pattern(self, n_heads: int) -> SelectionPattern:
+        """The `SelectionPattern` for n_heads heads, built once: kernels with as many heads share it."""
+        pattern = self._patterns.get(n_heads)
+        if pattern is None:
+            pattern = self._patterns[n_heads] = SelectionPattern(self, n_heads)
+        return pattern
+
+    def key_major(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, rows, per_key): entries sorted by key column, then query row.
+
+        order: (B, T*k) entry indices in key-major order; rows: (B, T*k) their query rows;
+        per_key: (B, T+k) entries in each key column.
+        """
+        if self._key_major is None:
+            B, T, k = self.batch, self.seq_len, self.k
+            # Entries are row-major, so a stable sort by column keeps each column's rows ascending.
+            order = torch.sort(self.cols, dim=-1, stable=True).indices  # (B, T*k)
+            rows = order // k  # (B, T*k) every row holds exactly k entries
+            cols = self.cols.long()
+            per_key = torch.zeros(B, T + k, dtype=torch.long, device=cols.device).scatter_add_(
+                1, cols, torch.ones_like(cols)
+            )  # (B, T+k)
+            self._key_major = (order, rows, per_key)
+        return self._key_major
+
+
 class SelectionPattern:
     """The selection as one block-diagonal CSR pattern over every (batch, head) pair.
 
@@ -50,23 +107,23 @@ class SelectionPattern:
     call instead of B*H small ones (many small calls cost more than the work on a busy CPU).
 
     Args:
-        selected: (B, T, k) long, -1 = unfilled slot.
+        layout: the selection's `SelectionLayout` (or the (B, T, k) selection, to build one).
         n_heads: H.
     """
 
-    def __init__(self, selected: torch.Tensor, n_heads: int) -> None:
-        B, T, k = selected.shape
+    def __init__(self, layout: SelectionLayout | torch.Tensor, n_heads: int) -> None:
+        if isinstance(layout, torch.Tensor):
+            layout = SelectionLayout(layout)
+        B, T, k = layout.batch, layout.seq_len, layout.k
         H, W = n_heads, T + k  # W: key columns per block, the T keys then k zero spares
-        device = selected.device
+        device = layout.cols.device
+        self.layout = layout
         self.batch, self.heads, self.seq_len, self.k = B, H, T, k
-        self.valid = selected >= 0  # (B, T, k)
-        spare = T + torch.arange(k, device=device)  # (k,)
-        # Ascending within a row: valid indices come first (sorted), spare columns are >= T.
-        cols = torch.where(self.valid, selected, spare).reshape(B, 1, T * k)  # (B, 1, T*k)
+        self.valid = layout.valid  # (B, T, k)
         block = torch.arange(B * H, device=device).view(B, H, 1)  # (B, H, 1) block number
         # int32 indices when they fit: the CPU kernels convert int64 ones on every call.
         self.index_dtype = torch.int32 if max(B * H * T * k, B * H * W) < 2**31 - 1 else torch.int64
-        self.cols = (cols + block * W).reshape(-1).to(self.index_dtype)  # (B*H*T*k,)
+        self.nnz = B * H * T * k
         self.crow = (torch.arange(B * H * T + 1, device=device) * k).to(self.index_dtype)  # (B*H*T+1,)
         self.shape = (B * H * T, B * H * W)
 
@@ -80,29 +137,34 @@ class SelectionPattern:
         """
         if self._transposed is None:
             B, H, T, k = self.batch, self.heads, self.seq_len, self.k
-            W, device = T + k, self.cols.device
-            cols = self.cols.view(B, H, T * k)[:, 0].long() - (torch.arange(B, device=device) * H * W)[:, None]  # (B, T*k)
-            rows = torch.arange(T, device=device).repeat_interleave(k)  # (T*k,)
-            perm = torch.argsort(cols * T + rows, dim=-1)  # (B, T*k)
-            block = torch.arange(B * H, device=device).view(B, H, 1)  # (B, H, 1)
-            full_perm = (perm[:, None, :] + block * (T * k)).reshape(-1)  # (B*H*T*k,)
-            rows_t = (rows[perm][:, None, :] + block * T).reshape(-1)  # (B*H*T*k,)
-            per_key = torch.zeros(B, W, dtype=torch.long, device=device).scatter_add_(
-                1, cols, torch.ones_like(cols)
-            )  # (B, W) entries per key column
+            W, device, dtype = T + k, self.crow.device, self.index_dtype
+            order, rows, per_key = self.layout.key_major()  # (B, T*k), (B, T*k), (B, W)
+            block = torch.arange(B * H, device=device, dtype=dtype).view(B, H, 1)  # (B, H, 1)
+            full_perm = (order[:, None, :].to(dtype) + block * (T * k)).reshape(-1)  # (B*H*T*k,)
+            rows_t = (rows[:, None, :].to(dtype) + block * T).reshape(-1)  # (B*H*T*k,)
             per_key = per_key[:, None, :].expand(B, H, W).reshape(-1)  # (B*H*W,)
             crow_t = torch.cat((per_key.new_zeros(1), per_key.cumsum(0)))  # (B*H*W+1,)
-            self._transposed = (full_perm, crow_t.to(self.index_dtype), rows_t.to(self.index_dtype))
+            self._transposed = (full_perm, crow_t.to(dtype), rows_t)
         return self._transposed
+
+    def columns(self) -> torch.Tensor:
+        """(B*H*T*k,) column of every entry: block (b, h) offsets the layout's (B, T*k) columns.
+
+        Built per call rather than kept: the pattern lives from forward to backward, and this
+        array is H times the layout's.
+        """
+        B, H, W = self.batch, self.heads, self.seq_len + self.k
+        block = torch.arange(B * H, device=self.crow.device, dtype=self.index_dtype).view(B, H, 1) * W  # (B, H, 1)
+        return (self.layout.cols[:, None, :].to(self.index_dtype) + block).reshape(-1)
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         """(B*H*T, B*H*W) CSR with `values` (B, H, T, k) on the pattern."""
-        return _csr(self.crow, self.cols, values.reshape(-1), self.shape)
+        return _csr(self.crow, self.columns(), values.reshape(-1), self.shape)
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
         """(B*H*W, B*H*T) CSR transpose of `matrix(values)`."""
         perm, crow_t, rows_t = self.transposed()
-        return _csr(crow_t, rows_t, values.reshape(-1)[perm], self.shape[::-1])
+        return _csr(crow_t, rows_t, values.reshape(-1).index_select(0, perm), self.shape[::-1])
 
     def sampled_products(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(a @ b^T) read at the pattern, block by block.
@@ -115,7 +177,7 @@ class SelectionPattern:
             (B, H, T, k) values.
         """
         hd = a.shape[-1]
-        pattern = self.matrix(a.new_zeros(self.cols.shape[0]))
+        pattern = self.matrix(a.new_zeros(self.nnz))
         product = torch.sparse.sampled_addmm(pattern, a.reshape(-1, hd), b.reshape(-1, hd).t(), beta=0.0)
         return product.values().view(self.batch, self.heads, self.seq_len, self.k)
 
@@ -146,7 +208,7 @@ class CsrSelectedAttention(torch.autograd.Function):
         q_scaled = q * scale  # (B, H, T, hd)
         k_pad, v_pad = _pad_keys(k, pattern.k), _pad_keys(v, pattern.k)  # (B, H, T+k, hd)
         scores = pattern.sampled_products(q_scaled, k_pad)  # (B, H, T, k)
-        probs = scores.masked_fill(~pattern.valid[:, None], -math.inf).softmax(dim=-1)  # (B, H, T, k)
+        probs = scores.masked_fill_(~pattern.valid[:, None], -math.inf).softmax(dim=-1)  # (B, H, T, k) scores: a fresh tensor
         out = pattern.times(probs, v_pad)  # (B, H, T, hd)
         ctx.save_for_backward(q_scaled, k_pad, v_pad, probs)
         ctx.pattern, ctx.scale = pattern, scale
@@ -169,48 +231,62 @@ class CsrSelectedAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None
 
 
-class CsrSampledProducts(torch.autograd.Function):
-    """(a @ b^T) read at the selection pattern, differentiable in a and b.
+class CsrSelectedIndexScores(torch.autograd.Function):
+    """The Lightning Indexer's scores at the selected keys, on the selection pattern:
 
-    The indexer's scores at the selected keys use it: a = indexer queries, b = the shared key
-    repeated per indexer head. Backward: grad_a = G @ b and grad_b = G^T @ a on the pattern.
+        I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])      for s in the selection of t
+
+    with the logits q[t, j] . k[s] as sampled products (heads = the pattern's blocks). Saves only
+    q, k and w: backward recomputes the (B, H_I, T, k) logits (one sampled product) instead of
+    keeping them from forward to backward.
     """
 
     @staticmethod
-    def forward(ctx, a, b_pad, pattern: SelectionPattern):
-        ctx.save_for_backward(a, b_pad)
+    def forward(ctx, q, k_pad, w, pattern: SelectionPattern):
+        # q: (B, H_I, T, d); k_pad: (B, H_I, T+k, d) the shared key per head; w: (B, H_I, T).
+        relu = pattern.sampled_products(q, k_pad).relu_()  # (B, H_I, T, k)
+        scores = (relu * w[..., None]).sum(1)  # (B, T, k)
+        ctx.save_for_backward(q, k_pad, w)
         ctx.pattern = pattern
-        return pattern.sampled_products(a, b_pad)  # (B, H, T, k)
+        return scores
 
     @staticmethod
     def backward(ctx, grad):
-        a, b_pad = ctx.saved_tensors
+        q, k_pad, w = ctx.saved_tensors
         pattern: SelectionPattern = ctx.pattern
-        grad = grad.contiguous()  # (B, H, T, k)
-        grad_a = pattern.times(grad, b_pad)  # (B, H, T, d)
-        grad_b = pattern.transposed_times(grad, a)  # (B, H, T+k, d)
+        grad = grad.contiguous()[:, None]  # (B, 1, T, k)
+        relu = pattern.sampled_products(q, k_pad).relu_()  # (B, H_I, T, k) recomputed
+        grad_w = (relu * grad).sum(-1)  # (B, H_I, T)
+        grad_logits = (grad * w[..., None]).masked_fill_(relu == 0, 0.0)  # (B, H_I, T, k) ReLU'(0) = 0
+        grad_q = pattern.times(grad_logits, k_pad)  # (B, H_I, T, d)
+        grad_k = pattern.transposed_times(grad_logits, q)  # (B, H_I, T+k, d)
         ctx.pattern = None  # free the O(B*H*T*k) index arrays now, not with the graph
-        return grad_a, grad_b, None
+        return grad_q, grad_k, grad_w, None
 
 
-def csr_sampled_products(a: torch.Tensor, b: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """a[t] . b[s] for every selected key s of every query t, with gradient to a and b.
+def csr_selected_index_scores(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, selected: torch.Tensor, layout: SelectionLayout | None = None
+) -> torch.Tensor:
+    """I[t, s] at the selected keys with CSR kernels, differentiable in q, k and w.
 
     Args:
-        a: (B, H, T, d) CPU float32/float64.
-        b: (B, H, T, d).
-        selected: (B, T, k) long, -1 = unfilled (its product is 0); shared by the H heads; each
-            row ascending with the -1 slots last (as `select_keys` returns it).
+        q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`;
+            CPU float32/float64.
+        selected: (B, T, kk) long, -1 = unfilled (its score is 0); each row ascending with the
+            -1 slots last (as `select_keys` returns it).
+        layout: `SelectionLayout(selected)` when another kernel already built it (shares its sort).
 
     Returns:
-        (B, H, T, k): out[b, h, t, j] = a[b, h, t] . b[b, h, selected[b, t, j]].
+        (B, T, kk): I[t, selected[t, j]].
     """
-    pattern = SelectionPattern(selected, a.shape[1])
-    return CsrSampledProducts.apply(a.contiguous(), _pad_keys(b, pattern.k).contiguous(), pattern)
+    B, T, H, d = q.shape
+    pattern = (layout if layout is not None else SelectionLayout(selected)).pattern(H)
+    keys = _pad_keys(k[:, None].expand(B, H, T, d), pattern.k)  # (B, H_I, T+kk, d_I), gradient sums over heads
+    return CsrSelectedIndexScores.apply(q.transpose(1, 2).contiguous(), keys, w.transpose(1, 2).contiguous(), pattern)
 
 
 def csr_selected_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, layout: SelectionLayout | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention over the selected keys with CSR kernels.
 
@@ -219,6 +295,7 @@ def csr_selected_attention(
             float64 only: half-precision inputs are computed in float32 and the results cast back.
         selected: (B, T, k) long, -1 = unfilled slot; shared by all heads; each row ascending
             with the -1 slots last (as `select_keys` returns it).
+        layout: `SelectionLayout(selected)` when another kernel already built it (shares its sort).
 
     Returns:
         out: (B, H, T, hd), dtype of q.
@@ -227,5 +304,7 @@ def csr_selected_attention(
     dtype = q.dtype
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     q, k, v = (x.to(compute).contiguous() for x in (q, k, v))
-    out, probs = CsrSelectedAttention.apply(q, k, v, SelectionPattern(selected, q.shape[1]))
+    out, probs = CsrSelectedAttention.apply(
+        q, k, v, (layout if layout is not None else SelectionLayout(selected)).pattern(q.shape[1])
+    )
     return out.to(dtype), probs.to(dtype)

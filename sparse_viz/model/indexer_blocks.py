@@ -31,7 +31,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .csr_attention import csr_kernels_available, csr_sampled_products
+from .csr_attention import SelectionLayout, csr_kernels_available, csr_selected_index_scores
 from .indexer import indexer_kl
 from .selectors import canonical_selection, dense_short_rows
 
@@ -78,24 +78,42 @@ def blockwise_topk(
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
-    B, T, _, _ = q.shape
+    B, T, H, d = q.shape
     kk = min(top_k, T)
     selected = torch.empty(B, T, kk, dtype=torch.long, device=q.device)
+    # `block_index_scores` written into two buffers allocated once: a new (B, block, H_I, end)
+    # tensor per block, each larger than the last, would leave the freed ones behind as heap
+    # fragments (the process's resident memory grows by about the largest one per block).
+    block = min(block_size, T)
+    logits_buffer = q.new_empty(B * block * H * T)  # (B, block*H_I, up to T) logits, flat
+    # Each row reaches topk at its full length T, its future -inf, as in the full path: topk's
+    # choice among exactly tied scores depends on the row's length, and ties are common (ReLU
+    # makes every score of a key 0 when all its head products are negative).
+    scores = q.new_full((B, block, T), float("-inf"))  # (B, block, T); columns >= end stay -inf
+    key_index = torch.arange(T, device=q.device)  # (T,)
     for start in range(top_k if top_k < T else T, T, block_size):  # rows t < top_k are dense: skipped
         end = min(start + block_size, T)
-        # Keys past `end` are every query's future: scored -inf without computing them. The row
-        # goes to topk at its full length T, as in the full path, so that exact ties are broken
-        # the same way (topk's choice among equal values depends on the row's length).
-        scores = block_index_scores(q[:, start:end], k[:, :end], w[:, start:end], start)  # (B, Tb, end)
-        scores = torch.cat((scores, scores.new_full((B, end - start, T - end), float("-inf"))), dim=-1)  # (B, Tb, T)
-        selected[:, start:end] = scores.topk(kk, dim=-1).indices
+        Tb = end - start
+        logits = logits_buffer[: B * Tb * H * end].view(B, Tb * H, end)  # (B, Tb*H_I, end)
+        torch.bmm(q[:, start:end].reshape(B, Tb * H, d), k[:, :end].transpose(1, 2), out=logits)
+        logits = logits.relu_().view(B, Tb, H, end)  # (B, Tb, H_I, end)
+        block_scores = scores[:, :Tb, :end]  # (B, Tb, end) view
+        block_scores.copy_((w[:, start:end, None, :] @ logits).squeeze(2))
+        future = key_index[None, :end] > (start + torch.arange(Tb, device=q.device))[:, None]  # (Tb, end)
+        block_scores.masked_fill_(future, float("-inf"))
+        selected[:, start:end] = scores[:, :Tb].topk(kk, dim=-1).indices
     # Rows t < top_k (t + 1 <= top_k) were skipped: `dense_short_rows` writes them as 0..t.
     return canonical_selection(dense_short_rows(selected, top_k), T)
 
 
 def selected_index_scores(
-    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, selected: torch.Tensor, kernel: str = "auto",
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    selected: torch.Tensor,
+    kernel: str = "auto",
     chunk_size: int = INDEXER_BLOCK,
+    layout: SelectionLayout | None = None,
 ) -> torch.Tensor:
     """I[t, s] at each query's selected keys only, differentiable in q, k and w.
 
@@ -106,6 +124,7 @@ def selected_index_scores(
             rows in `select_keys` order); "copy" = gather copies of the selected keys, by query
             chunks (any device); "auto" = csr where available.
         chunk_size: queries per chunk of the `copy` kernel.
+        layout: the csr kernel's `SelectionLayout(selected)`, shared with the attention's.
 
     Returns:
         (B, T, kk) float; 0 on unfilled slots (as `gather_selected` of the full scores).
@@ -115,9 +134,7 @@ def selected_index_scores(
     B, T, H, d = q.shape
     valid = selected >= 0  # (B, T, kk)
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q) and q.dtype in (torch.float32, torch.float64)):
-        keys = k[:, None].expand(B, H, T, d)  # (B, H_I, T, d_I) the shared key, per head
-        logits = csr_sampled_products(q.transpose(1, 2), keys, selected)  # (B, H_I, T, kk)
-        scores = torch.einsum("bhtj,bth->btj", torch.relu(logits), w)  # (B, T, kk)
+        scores = csr_selected_index_scores(q, k, w, selected, layout)  # (B, T, kk)
     else:
         batch = torch.arange(B, device=q.device)[:, None, None]  # (B, 1, 1)
         chunks = []
