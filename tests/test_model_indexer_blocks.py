@@ -18,7 +18,7 @@ from sparse_viz.model.indexer_blocks import (
     selected_index_scores,
 )
 from sparse_viz.model.rope import rope_tables
-from sparse_viz.model.selectors import topk_causal
+from sparse_viz.model.selectors import topk_causal, topk_earliest_ties
 
 BLOCK_SIZES = [1, 3, 7, 16, 64]  # 3 and 7 do not divide T = 23; 64 > T
 
@@ -49,7 +49,7 @@ def test_a_block_of_scores_is_the_full_matrix_block(start, size):
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("top_k", [1, 4, 9, 40])  # 40 > T: every row is short, all dense
 def test_blockwise_selection_equals_the_full_matrix_topk(block_size, top_k):
-    """Identical selections, exact ties included: each block's rows reach topk at full length T.
+    """Identical selections, exact ties included (both keep the earliest tied keys).
 
     Exact ties are frequent here (a key whose head products are all negative scores exactly 0),
     so the test would catch a tie broken differently. Scores that differ only in the last bit
@@ -63,6 +63,17 @@ def test_blockwise_selection_equals_the_full_matrix_topk(block_size, top_k):
     q, k, w = indexer.project(x, cos, sin)
     selected = blockwise_topk(q, k, w, top_k, block_size)
     assert torch.equal(selected, expected)
+
+
+def test_ties_at_the_kth_score_keep_the_earliest_keys_whatever_the_row_length():
+    inf = float("-inf")
+    row = torch.tensor([0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 3.0])  # top 3: keys 6, 1, then 3; top 5 ties at 0
+    assert sorted(topk_earliest_ties(row, 3).tolist()) == [1, 3, 6]
+    assert sorted(topk_earliest_ties(row, 5).tolist()) == [0, 1, 2, 3, 6]  # zeros at 0, 2 (not 4, 5)
+    longer = torch.cat((row, torch.zeros(40), torch.full((300,), inf)))  # more tied zeros, then a masked future
+    assert sorted(topk_earliest_ties(longer, 5).tolist()) == [0, 1, 2, 3, 6]
+    batch = torch.stack((row, row.flip(0)))  # a tied row and, flipped, the same values mirrored
+    assert [sorted(r) for r in topk_earliest_ties(batch, 5).tolist()] == [[0, 1, 2, 3, 6], [0, 1, 2, 3, 5]]
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 64])

@@ -14,13 +14,12 @@ same quantities come from `LightningIndexer.project`'s (q, k, w), computed where
   every block's logits for the gradient. Its target (main attention summed over heads) is
   recomputed per block from the main queries and keys, without gradient.
 
-Selections equal `topk_causal`'s on the full matrix. Exact ties at the k-th place are common
-(ReLU makes every score of a key 0 when all its head products are negative) and `torch.topk`
-breaks them by an order that depends on the row's length, so each block's rows go to topk at
-the full length T (their future padded with -inf) and ties fall as in the full path. What can
-still differ: a block's product is shaped differently from the full one and may round the last
-bit differently (seen: 2.4e-7 at one-query blocks), so two keys whose scores agree to rounding
-can swap. Losses and gradients agree to float32 round-off. The causal and short-row rules are the selectors' own (`dense_short_rows`,
+Selections equal `topk_causal`'s on the full matrix: both keep the earliest keys among exact
+ties at the k-th score (`topk_earliest_ties`; ties are common: ReLU makes every score of a key 0
+when all its head products are negative), so the selection depends on the scores only, not on
+the block size. What could still differ: a block's product is shaped differently from the full
+one and may round the last bit differently (seen: 2.4e-7 with one-query blocks), so two keys
+whose scores agree to rounding could swap. Losses and gradients agree to float32 round-off. The causal and short-row rules are the selectors' own (`dense_short_rows`,
 `canonical_selection`): no future key is ever selected, rows with t + 1 <= k are dense.
 """
 
@@ -33,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .csr_attention import SelectionLayout, csr_kernels_available, csr_selected_index_scores
 from .indexer import indexer_kl
-from .selectors import canonical_selection, dense_short_rows
+from .selectors import canonical_selection, dense_short_rows, topk_earliest_ties
 
 INDEXER_BLOCK = 256  # queries per block: bounds the (B, block, H_I, T) logits
 
@@ -86,10 +85,7 @@ def blockwise_topk(
     # fragments (the process's resident memory grows by about the largest one per block).
     block = min(block_size, T)
     logits_buffer = q.new_empty(B * block * H * T)  # (B, block*H_I, up to T) logits, flat
-    # Each row reaches topk at its full length T, its future -inf, as in the full path: topk's
-    # choice among exactly tied scores depends on the row's length, and ties are common (ReLU
-    # makes every score of a key 0 when all its head products are negative).
-    scores = q.new_full((B, block, T), float("-inf"))  # (B, block, T); columns >= end stay -inf
+    scores_buffer = q.new_empty(B * block * T)  # (B, block, up to T) scores, flat
     key_index = torch.arange(T, device=q.device)  # (T,)
     for start in range(top_k if top_k < T else T, T, block_size):  # rows t < top_k are dense: skipped
         end = min(start + block_size, T)
@@ -97,11 +93,11 @@ def blockwise_topk(
         logits = logits_buffer[: B * Tb * H * end].view(B, Tb * H, end)  # (B, Tb*H_I, end)
         torch.bmm(q[:, start:end].reshape(B, Tb * H, d), k[:, :end].transpose(1, 2), out=logits)
         logits = logits.relu_().view(B, Tb, H, end)  # (B, Tb, H_I, end)
-        block_scores = scores[:, :Tb, :end]  # (B, Tb, end) view
-        block_scores.copy_((w[:, start:end, None, :] @ logits).squeeze(2))
+        scores = scores_buffer[: B * Tb * end].view(B, Tb, 1, end)
+        torch.matmul(w[:, start:end, None, :], logits, out=scores)  # (B, Tb, 1, end)
+        scores = scores.view(B, Tb, end)  # (B, Tb, end) the full matrix's rows, up to the block's last key
         future = key_index[None, :end] > (start + torch.arange(Tb, device=q.device))[:, None]  # (Tb, end)
-        block_scores.masked_fill_(future, float("-inf"))
-        selected[:, start:end] = scores[:, :Tb].topk(kk, dim=-1).indices
+        selected[:, start:end] = topk_earliest_ties(scores.masked_fill_(future, float("-inf")), kk)
     # Rows t < top_k (t + 1 <= top_k) were skipped: `dense_short_rows` writes them as 0..t.
     return canonical_selection(dense_short_rows(selected, top_k), T)
 
