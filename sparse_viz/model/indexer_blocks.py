@@ -19,7 +19,8 @@ ties at the k-th score (`topk_earliest_ties`; ties are common: ReLU makes every 
 when all its head products are negative), so the selection depends on the scores only, not on
 the block size. What could still differ: a block's product is shaped differently from the full
 one and may round the last bit differently (seen: 2.4e-7 with one-query blocks), so two keys
-whose scores agree to rounding could swap. Losses and gradients agree to float32 round-off. The causal and short-row rules are the selectors' own (`dense_short_rows`,
+whose scores agree to rounding could swap. Losses and gradients agree to float32 round-off.
+The causal and short-row rules are the selectors' own (`dense_short_rows`,
 `canonical_selection`): no future key is ever selected, rows with t + 1 <= k are dense.
 """
 
@@ -80,7 +81,7 @@ def blockwise_topk(
     B, T, H, d = q.shape
     kk = min(top_k, T)
     selected = torch.empty(B, T, kk, dtype=torch.long, device=q.device)
-    # `block_index_scores` written into two buffers allocated once: a new (B, block, H_I, end)
+    # `block_index_scores`, written into two buffers allocated once: a new (B, block, H_I, end)
     # tensor per block, each larger than the last, would leave the freed ones behind as heap
     # fragments (the process's resident memory grows by about the largest one per block).
     block = min(block_size, T)
