@@ -17,15 +17,14 @@ The readable meaning is `masked_sparse_attention`; the explicit-gather version i
 
 The same pattern serves the Lightning Indexer's scores at the selected keys (the sparse stage's
 KL, `CsrSelectedIndexScores`; readable meaning: the full score matrix read at the selection).
-A `SelectionLayout` holds what both kernels share (the columns, and the key-major sort that
-backward needs), so a layer sorts its selection once.
+One `SelectionPattern` serves both kernels and every head (the columns, and the key-major sort
+that backward needs), so a layer sorts its selection once.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
 
 import torch
 
@@ -48,85 +47,38 @@ def csr_kernels_available(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.is_floating_point()
 
 
-class SelectionLayout:
-    """The head-independent part of a selection's CSR pattern, shared by every kernel that reads
-    the same selection (the attention and the indexer's scores at the selected keys).
+class SelectionPattern:
+    """The selection as one block-diagonal CSR pattern over the batch, shared by every head and by
+    every kernel that reads the same selection (the attention and the indexer's scores at the
+    selected keys).
 
-    Per batch element the pattern is (T, T+k): row t holds its k selected keys, an unfilled
-    slot j pointing at spare column T + j. Its key-major order (the transposed pattern, needed by
-    backward only) costs a sort of B*T*k entries: built once, on first use.
+    Block b is the (T, T+k) pattern of batch element b: row t holds its k selected keys (ascending),
+    an unfilled slot j pointing at spare column T + j. The products run one head at a time over
+    all batch blocks: H kernel calls, each on index arrays of the selection's own size, where
+    one call over B*H head blocks needed H copies of them and H times larger temporaries (the
+    peak memory at long T). The transposed pattern (key-major order; backward only) costs a sort
+    of B*T*k entries: built once, on first use, for every kernel and head.
 
     Args:
-        selected: (B, T, k) long, -1 = unfilled slot; each row ascending with the -1 slots last.
+        selected: (B, T, k) long, -1 = unfilled slot; each row ascending with the -1 slots last
+            (as `select_keys` returns it).
     """
 
     def __init__(self, selected: torch.Tensor) -> None:
         B, T, k = selected.shape
+        W, device = T + k, selected.device  # W: key columns per block, the T keys then k zero spares
         self.batch, self.seq_len, self.k = B, T, k
         self.valid = selected >= 0  # (B, T, k)
-        spare = T + torch.arange(k, device=selected.device)  # (k,)
-        # Ascending within a row: valid indices come first (sorted), spare columns are >= T.
-        cols = torch.where(self.valid, selected, spare).reshape(B, T * k)  # (B, T*k) row-major
-        self.cols = cols.to(torch.int32) if T + k < 2**31 else cols
-        self._key_major: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # Weak: a pattern (held by the autograd nodes that use it) keeps its layout alive, not
-        # the other way round, so both are freed as soon as the last backward has used them.
-        self._patterns: weakref.WeakValueDictionary[int, SelectionPattern] = weakref.WeakValueDictionary()
-
-    def pattern(self, n_heads: int) -> SelectionPattern:
-        """The `SelectionPattern` for n_heads heads, built once: kernels with as many heads share it."""
-        pattern = self._patterns.get(n_heads)
-        if pattern is None:
-            pattern = self._patterns[n_heads] = SelectionPattern(self, n_heads)
-        return pattern
-
-    def key_major(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(order, rows, per_key): entries sorted by key column, then query row.
-
-        order: (B, T*k) entry indices in key-major order; rows: (B, T*k) their query rows;
-        per_key: (B, T+k) entries in each key column.
-        """
-        if self._key_major is None:
-            B, T, k = self.batch, self.seq_len, self.k
-            # Entries are row-major, so a stable sort by column keeps each column's rows ascending.
-            order = torch.sort(self.cols, dim=-1, stable=True).indices  # (B, T*k)
-            rows = order // k  # (B, T*k) every row holds exactly k entries
-            cols = self.cols.long()
-            per_key = torch.zeros(B, T + k, dtype=torch.long, device=cols.device).scatter_add_(
-                1, cols, torch.ones_like(cols)
-            )  # (B, T+k)
-            self._key_major = (order, rows, per_key)
-        return self._key_major
-
-
-class SelectionPattern:
-    """The selection as one block-diagonal CSR pattern over every (batch, head) pair.
-
-    Block (b, h) is the (T, T+k) pattern of batch element b (the selection is shared by the
-    heads); stacking all B*H blocks on the diagonal turns each product into ONE sparse kernel
-    call instead of B*H small ones (many small calls cost more than the work on a busy CPU).
-
-    Args:
-        layout: the selection's `SelectionLayout` (or the (B, T, k) selection, to build one).
-        n_heads: H.
-    """
-
-    def __init__(self, layout: SelectionLayout | torch.Tensor, n_heads: int) -> None:
-        if isinstance(layout, torch.Tensor):
-            layout = SelectionLayout(layout)
-        B, T, k = layout.batch, layout.seq_len, layout.k
-        H, W = n_heads, T + k  # W: key columns per block, the T keys then k zero spares
-        device = layout.cols.device
-        self.layout = layout
-        self.batch, self.heads, self.seq_len, self.k = B, H, T, k
-        self.valid = layout.valid  # (B, T, k)
-        block = torch.arange(B * H, device=device).view(B, H, 1)  # (B, H, 1) block number
         # int32 indices when they fit: the CPU kernels convert int64 ones on every call.
-        self.index_dtype = torch.int32 if max(B * H * T * k, B * H * W) < 2**31 - 1 else torch.int64
-        self.nnz = B * H * T * k
-        self.crow = (torch.arange(B * H * T + 1, device=device) * k).to(self.index_dtype)  # (B*H*T+1,)
-        self.shape = (B * H * T, B * H * W)
-
+        self.index_dtype = torch.int32 if max(B * T * k, B * W) < 2**31 - 1 else torch.int64
+        spare = T + torch.arange(k, device=device)  # (k,)
+        # Ascending within a row: valid indices come first (sorted), spare columns are >= T.
+        local = torch.where(self.valid, selected, spare).reshape(B, T * k)  # (B, T*k) row-major
+        self.local_cols = local.to(self.index_dtype)  # (B, T*k) column within the block
+        block = torch.arange(B, device=device, dtype=self.index_dtype)[:, None]  # (B, 1)
+        self.cols = (self.local_cols + block * W).reshape(-1)  # (B*T*k,)
+        self.crow = (torch.arange(B * T + 1, device=device) * k).to(self.index_dtype)  # (B*T+1,)
+        self.shape = (B * T, B * W)
         self._transposed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,38 +88,32 @@ class SelectionPattern:
         are the transposed matrix's values, rows_t their column (query) indices.
         """
         if self._transposed is None:
-            B, H, T, k = self.batch, self.heads, self.seq_len, self.k
-            W, device, dtype = T + k, self.crow.device, self.index_dtype
-            order, rows, per_key = self.layout.key_major()  # (B, T*k), (B, T*k), (B, W)
-            block = torch.arange(B * H, device=device, dtype=dtype).view(B, H, 1)  # (B, H, 1)
-            full_perm = (order[:, None, :].to(dtype) + block * (T * k)).reshape(-1)  # (B*H*T*k,)
-            rows_t = (rows[:, None, :].to(dtype) + block * T).reshape(-1)  # (B*H*T*k,)
-            per_key = per_key[:, None, :].expand(B, H, W).reshape(-1)  # (B*H*W,)
-            crow_t = torch.cat((per_key.new_zeros(1), per_key.cumsum(0)))  # (B*H*W+1,)
-            self._transposed = (full_perm, crow_t.to(dtype), rows_t)
+            B, T, k = self.batch, self.seq_len, self.k
+            W, dtype = T + k, self.index_dtype
+            # Entries are row-major, so a stable sort by column keeps each column's rows ascending.
+            order = torch.sort(self.local_cols, dim=-1, stable=True).indices.to(dtype)  # (B, T*k)
+            block = torch.arange(B, device=order.device, dtype=dtype)[:, None]  # (B, 1)
+            perm = (order + block * (T * k)).reshape(-1)  # (B*T*k,)
+            rows_t = (order // k + block * T).reshape(-1)  # (B*T*k,) every row holds exactly k entries
+            cols = self.local_cols.long()
+            per_key = torch.zeros(B, W, dtype=torch.long, device=cols.device).scatter_add_(
+                1, cols, torch.ones_like(cols)
+            ).reshape(-1)  # (B*W,) entries in each key column
+            crow_t = torch.cat((per_key.new_zeros(1), per_key.cumsum(0)))  # (B*W+1,)
+            self._transposed = (perm, crow_t.to(dtype), rows_t)
         return self._transposed
 
-    def columns(self) -> torch.Tensor:
-        """(B*H*T*k,) column of every entry: block (b, h) offsets the layout's (B, T*k) columns.
-
-        Built per call rather than kept: the pattern lives from forward to backward, and this
-        array is H times the layout's.
-        """
-        B, H, W = self.batch, self.heads, self.seq_len + self.k
-        block = torch.arange(B * H, device=self.crow.device, dtype=self.index_dtype).view(B, H, 1) * W  # (B, H, 1)
-        return (self.layout.cols[:, None, :].to(self.index_dtype) + block).reshape(-1)
-
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """(B*H*T, B*H*W) CSR with `values` (B, H, T, k) on the pattern."""
-        return _csr(self.crow, self.columns(), values.reshape(-1), self.shape)
+        """(B*T, B*W) CSR with `values` (B, T, k) of one head on the pattern."""
+        return _csr(self.crow, self.cols, values.reshape(-1), self.shape)
 
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
-        """(B*H*W, B*H*T) CSR transpose of `matrix(values)`."""
+        """(B*W, B*T) CSR transpose of `matrix(values)`."""
         perm, crow_t, rows_t = self.transposed()
         return _csr(crow_t, rows_t, values.reshape(-1).index_select(0, perm), self.shape[::-1])
 
     def sampled_products(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(a @ b^T) read at the pattern, block by block.
+        """(a @ b^T) read at the pattern, head by head.
 
         Args:
             a: (B, H, T, hd).
@@ -176,22 +122,28 @@ class SelectionPattern:
         Returns:
             (B, H, T, k) values.
         """
-        hd = a.shape[-1]
-        pattern = self.matrix(a.new_zeros(self.nnz))
-        product = torch.sparse.sampled_addmm(pattern, a.reshape(-1, hd), b.reshape(-1, hd).t(), beta=0.0)
-        return product.values().view(self.batch, self.heads, self.seq_len, self.k)
+        B, H, T, hd = a.shape
+        zeros = self.matrix(a.new_zeros(self.cols.shape[0]))  # the pattern; beta = 0 ignores its values
+        heads = [
+            torch.sparse.sampled_addmm(zeros, a[:, h].reshape(B * T, hd), b[:, h].reshape(-1, hd).t(), beta=0.0)
+            .values().view(B, T, self.k)
+            for h in range(H)
+        ]
+        return torch.stack(heads, dim=1)  # (B, H, T, k)
 
     def times(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """Pattern matrix with `values` (B, H, T, k) times `dense` (B, H, W, hd) -> (B, H, T, hd)."""
+        B, H, T, _ = values.shape
         hd = dense.shape[-1]
-        out = self.matrix(values) @ dense.reshape(-1, hd)  # (B*H*T, hd)
-        return out.view(self.batch, self.heads, self.seq_len, hd)
+        heads = [(self.matrix(values[:, h]) @ dense[:, h].reshape(-1, hd)).view(B, T, hd) for h in range(H)]
+        return torch.stack(heads, dim=1)  # (B, H, T, hd)
 
     def transposed_times(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """Transposed pattern matrix with `values` (B, H, T, k) times `dense` (B, H, T, hd) -> (B, H, W, hd)."""
+        B, H, T, _ = values.shape
         hd = dense.shape[-1]
-        out = self.matrix_t(values) @ dense.reshape(-1, hd)  # (B*H*W, hd)
-        return out.view(self.batch, self.heads, self.seq_len + self.k, hd)
+        heads = [(self.matrix_t(values[:, h]) @ dense[:, h].reshape(-1, hd)).view(B, T + self.k, hd) for h in range(H)]
+        return torch.stack(heads, dim=1)  # (B, H, W, hd)
 
 
 def _pad_keys(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -227,7 +179,7 @@ class CsrSelectedAttention(torch.autograd.Function):
         grad_q = pattern.times(grad_scores, k_pad) * ctx.scale  # (B, H, T, hd)
         grad_k = pattern.transposed_times(grad_scores, q_scaled)[:, :, :T]  # (B, H, T, hd)
         grad_v = pattern.transposed_times(probs, grad_out)[:, :, :T]  # (B, H, T, hd)
-        ctx.pattern = None  # its index arrays are O(B*H*T*k): free them now, not with the graph
+        ctx.pattern = None  # its index arrays are O(B*T*k): free them now, not with the graph
         return grad_q, grad_k, grad_v, None
 
 
@@ -236,7 +188,7 @@ class CsrSelectedIndexScores(torch.autograd.Function):
 
         I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])      for s in the selection of t
 
-    with the logits q[t, j] . k[s] as sampled products (heads = the pattern's blocks). Saves only
+    with the logits q[t, j] . k[s] as sampled products, one indexer head at a time. Saves only
     q, k and w: backward recomputes the (B, H_I, T, k) logits (one sampled product) instead of
     keeping them from forward to backward.
     """
@@ -260,12 +212,12 @@ class CsrSelectedIndexScores(torch.autograd.Function):
         grad_logits = (grad * w[..., None]).masked_fill_(relu == 0, 0.0)  # (B, H_I, T, k) ReLU'(0) = 0
         grad_q = pattern.times(grad_logits, k_pad)  # (B, H_I, T, d)
         grad_k = pattern.transposed_times(grad_logits, q)  # (B, H_I, T+k, d)
-        ctx.pattern = None  # free the O(B*H*T*k) index arrays now, not with the graph
+        ctx.pattern = None  # free the O(B*T*k) index arrays now, not with the graph
         return grad_q, grad_k, grad_w, None
 
 
 def csr_selected_index_scores(
-    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, selected: torch.Tensor, layout: SelectionLayout | None = None
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, selected: torch.Tensor, pattern: SelectionPattern | None = None
 ) -> torch.Tensor:
     """I[t, s] at the selected keys with CSR kernels, differentiable in q, k and w.
 
@@ -274,19 +226,19 @@ def csr_selected_index_scores(
             CPU float32/float64.
         selected: (B, T, kk) long, -1 = unfilled (its score is 0); each row ascending with the
             -1 slots last (as `select_keys` returns it).
-        layout: `SelectionLayout(selected)` when another kernel already built it (shares its sort).
+        pattern: `SelectionPattern(selected)` when another kernel already built it (shares its sort).
 
     Returns:
         (B, T, kk): I[t, selected[t, j]].
     """
     B, T, H, d = q.shape
-    pattern = (layout if layout is not None else SelectionLayout(selected)).pattern(H)
+    pattern = pattern if pattern is not None else SelectionPattern(selected)
     keys = _pad_keys(k[:, None].expand(B, H, T, d), pattern.k)  # (B, H_I, T+kk, d_I), gradient sums over heads
     return CsrSelectedIndexScores.apply(q.transpose(1, 2).contiguous(), keys, w.transpose(1, 2).contiguous(), pattern)
 
 
 def csr_selected_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, layout: SelectionLayout | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, pattern: SelectionPattern | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention over the selected keys with CSR kernels.
 
@@ -295,7 +247,7 @@ def csr_selected_attention(
             float64 only: half-precision inputs are computed in float32 and the results cast back.
         selected: (B, T, k) long, -1 = unfilled slot; shared by all heads; each row ascending
             with the -1 slots last (as `select_keys` returns it).
-        layout: `SelectionLayout(selected)` when another kernel already built it (shares its sort).
+        pattern: `SelectionPattern(selected)` when another kernel already built it (shares its sort).
 
     Returns:
         out: (B, H, T, hd), dtype of q.
@@ -305,6 +257,6 @@ def csr_selected_attention(
     compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     q, k, v = (x.to(compute).contiguous() for x in (q, k, v))
     out, probs = CsrSelectedAttention.apply(
-        q, k, v, (layout if layout is not None else SelectionLayout(selected)).pattern(q.shape[1])
+        q, k, v, pattern if pattern is not None else SelectionPattern(selected)
     )
     return out.to(dtype), probs.to(dtype)

@@ -31,7 +31,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .csr_attention import SelectionLayout, csr_kernels_available, csr_selected_index_scores
+from .csr_attention import SelectionPattern, csr_kernels_available, csr_selected_index_scores
 from .indexer import indexer_kl
 from .selectors import canonical_selection, dense_short_rows, topk_earliest_ties
 
@@ -81,6 +81,8 @@ def blockwise_topk(
     B, T, H, d = q.shape
     kk = min(top_k, T)
     selected = torch.empty(B, T, kk, dtype=torch.long, device=q.device)
+    short = min(top_k, T)  # rows t + 1 <= top_k are dense: 0..t, then -1; no scores needed
+    selected[:, :short] = dense_short_rows(selected[:, :short], top_k)
     # `block_index_scores`, written into two buffers allocated once: a new (B, block, H_I, end)
     # tensor per block, each larger than the last, would leave the freed ones behind as heap
     # fragments (the process's resident memory grows by about the largest one per block).
@@ -88,7 +90,7 @@ def blockwise_topk(
     logits_buffer = q.new_empty(B * block * H * T)  # (B, block*H_I, up to T) logits, flat
     scores_buffer = q.new_empty(B * block * T)  # (B, block, up to T) scores, flat
     key_index = torch.arange(T, device=q.device)  # (T,)
-    for start in range(top_k if top_k < T else T, T, block_size):  # rows t < top_k are dense: skipped
+    for start in range(short, T, block_size):
         end = min(start + block_size, T)
         Tb = end - start
         logits = logits_buffer[: B * Tb * H * end].view(B, Tb * H, end)  # (B, Tb*H_I, end)
@@ -98,9 +100,10 @@ def blockwise_topk(
         torch.matmul(w[:, start:end, None, :], logits, out=scores)  # (B, Tb, 1, end)
         scores = scores.view(B, Tb, end)  # (B, Tb, end) the full matrix's rows, up to the block's last key
         future = key_index[None, :end] > (start + torch.arange(Tb, device=q.device))[:, None]  # (Tb, end)
-        selected[:, start:end] = topk_earliest_ties(scores.masked_fill_(future, float("-inf")), kk)
-    # Rows t < top_k (t + 1 <= top_k) were skipped: `dense_short_rows` writes them as 0..t.
-    return canonical_selection(dense_short_rows(selected, top_k), T)
+        block_selected = topk_earliest_ties(scores.masked_fill_(future, float("-inf")), kk)  # (B, Tb, kk)
+        # Sorted, and any future slot dropped (none can be: each row has more than kk past keys).
+        selected[:, start:end] = canonical_selection(block_selected, T, first_row=start)
+    return selected
 
 
 def selected_index_scores(
@@ -110,7 +113,7 @@ def selected_index_scores(
     selected: torch.Tensor,
     kernel: str = "auto",
     chunk_size: int = INDEXER_BLOCK,
-    layout: SelectionLayout | None = None,
+    pattern: SelectionPattern | None = None,
 ) -> torch.Tensor:
     """I[t, s] at each query's selected keys only, differentiable in q, k and w.
 
@@ -121,7 +124,7 @@ def selected_index_scores(
             rows in `select_keys` order); "copy" = gather copies of the selected keys, by query
             chunks (any device); "auto" = csr where available.
         chunk_size: queries per chunk of the `copy` kernel.
-        layout: the csr kernel's `SelectionLayout(selected)`, shared with the attention's.
+        pattern: the csr kernel's `SelectionPattern(selected)`, shared with the attention's.
 
     Returns:
         (B, T, kk) float; 0 on unfilled slots (as `gather_selected` of the full scores).
@@ -131,7 +134,7 @@ def selected_index_scores(
     B, T, H, d = q.shape
     valid = selected >= 0  # (B, T, kk)
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q) and q.dtype in (torch.float32, torch.float64)):
-        scores = csr_selected_index_scores(q, k, w, selected, layout)  # (B, T, kk)
+        scores = csr_selected_index_scores(q, k, w, selected, pattern)  # (B, T, kk)
     else:
         batch = torch.arange(B, device=q.device)[:, None, None]  # (B, 1, 1)
         chunks = []

@@ -21,17 +21,20 @@ def causal_future_mask(seq_len: int, device: torch.device | str | None = None) -
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
 
 
-def canonical_selection(selected: torch.Tensor, seq_len: int) -> torch.Tensor:
+def canonical_selection(selected: torch.Tensor, seq_len: int, first_row: int = 0) -> torch.Tensor:
     """Invalidate future slots and sort: valid indices ascending, then the -1 slots.
 
     Args:
-        selected: (B, T, k) long; entries s > t or s < 0 count as unfilled.
+        selected: (B, R, k) long, rows first_row .. first_row + R - 1 of a (B, T, k) selection
+            (all of it by default); entries s > t or s < 0 count as unfilled.
         seq_len: T.
+        first_row: position t of the first row.
 
     Returns:
-        (B, T, k) long.
+        (B, R, k) long.
     """
-    t = torch.arange(seq_len, device=selected.device)[None, :, None]  # (1, T, 1)
+    rows = selected.shape[1]
+    t = torch.arange(first_row, first_row + rows, device=selected.device)[None, :, None]  # (1, R, 1)
     invalid = (selected > t) | (selected < 0)
     # Sort with the unfilled slots pushed past every real index, then mark them -1 again.
     ordered = torch.where(invalid, seq_len, selected).sort(dim=-1).values  # (B, T, k)

@@ -23,7 +23,7 @@ from .attention import (
     scatter_selected,
 )
 from .config import ModelConfig
-from .csr_attention import SelectionLayout, csr_kernels_available
+from .csr_attention import SelectionPattern, csr_kernels_available
 from .indexer import LightningIndexer, indexer_kl
 from .indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_scores
 from .layers import RMSNorm, SwiGLU
@@ -126,7 +126,7 @@ class Block(nn.Module):
                 device=x.device,
             )  # (B, T, k) or None
 
-        layout = None
+        pattern = None
         used_probs = None  # (B, H, T, T) probabilities actually used, when a trace wants them
         selected_probs = None  # (B, H, T, k) the same on the selection, for the sparse-stage KL
         need_sparse_probs = indexer_loss == "selected" or trace == "full"
@@ -141,10 +141,10 @@ class Block(nn.Module):
             if indexer_loss == "selected":
                 selected_probs = gather_selected(used_probs, selected)
         else:
-            # One CSR layout of the selection for the attention and the indexer's selected-key scores.
-            layout = SelectionLayout(selected) if csr_kernels_available(q) else None
+            # One CSR pattern of the selection for the attention and the indexer's selected-key scores.
+            pattern = SelectionPattern(selected) if csr_kernels_available(q) else None
             y, selected_probs = gathered_sparse_attention(
-                q, k, v, selected, return_probs=need_sparse_probs, check_order=False, layout=layout
+                q, k, v, selected, return_probs=need_sparse_probs, check_order=False, pattern=pattern
             )  # select_keys returns rows in the order the csr kernel needs
             if trace == "full":
                 used_probs = scatter_selected(selected_probs, selected, T)
@@ -163,7 +163,7 @@ class Block(nn.Module):
             # from the gathered path directly; the masked (reference) path gathers it from (B, H, T, T).
             target = selected_probs.detach().sum(1)  # (B, T, k)
             if blockwise:
-                scores = selected_index_scores(*projected, selected, layout=layout)  # (B, T, k), T*k*H_I*d_I work
+                scores = selected_index_scores(*projected, selected, pattern=pattern)  # (B, T, k), T*k*H_I*d_I work
             else:
                 scores = gather_selected(index_scores, selected)  # (B, T, k) read from (B, T, T)
             kl = indexer_kl(target, scores, selected >= 0).mean()
