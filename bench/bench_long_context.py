@@ -9,6 +9,10 @@ batch 1, top_k 256; one forward + backward per step. Candidates:
 - `dsa`: DSA sparse stage on the default paths: indexer top-k by query blocks, CSR sparse
   attention, LM loss + the indexer's KL over the selected keys (indexer_path=blockwise);
 - `dsa_full` (`--with-full-indexer`): the same with the full-matrix indexer (the reference);
+- `warmup` / `warmup_full` (`--with-warmup`): the warm-up stage's step (main model frozen, dense
+  attention, the indexer's KL over all causal keys) on the blockwise path (SDPA for the
+  attention, the KL by checkpointed query blocks) and on the full-matrix path (dense (B, H, T, T)
+  probabilities as the target, (B, T, T) scores);
 - `indexer_blockwise` / `indexer_full` (at `--indexer-at` only): the indexer alone, top-k
   selection + KL at the selected keys (a fixed random target) + backward, block vs full path.
 
@@ -34,7 +38,7 @@ from pathlib import Path
 
 MODEL = dict(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, d_ff=768, indexer_heads=4, indexer_dim=32,
              indexer_rope_dim=16, top_k=256)
-STEP_CANDIDATES = ("dense", "dsa", "dsa_full")
+STEP_CANDIDATES = ("dense", "dsa", "dsa_full", "warmup", "warmup_full")
 INDEXER_CANDIDATES = ("indexer_blockwise", "indexer_full")
 
 
@@ -64,16 +68,24 @@ def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
         if name == "dense":
             model = SparseTransformer(ModelConfig(**config, selector="dense", use_indexer=False))
             attention, indexer_loss = "dense", None
-        else:
+        elif name.startswith("dsa"):
             path = "blockwise" if name == "dsa" else "full"
             model = SparseTransformer(ModelConfig(**config, indexer_path=path))
             attention, indexer_loss = "sparse", "selected"
+        else:
+            path = "blockwise" if name == "warmup" else "full"
+            model = SparseTransformer(ModelConfig(**config, indexer_path=path))
+            attention, indexer_loss = "dense", "all"
+            for parameter in model.main_parameters():  # the warm-up stage trains the indexer only
+                parameter.requires_grad_(False)
         model.train()
 
         def step():
             out = model(ids[:, :-1], attention=attention, indexer_loss=indexer_loss)
             loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
-            if out.indexer_kl is not None:
+            if name.startswith("warmup"):
+                loss = out.indexer_kl.sum()
+            elif out.indexer_kl is not None:
                 loss = loss + out.indexer_kl.sum()
             model.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,6 +137,8 @@ def main() -> None:
                         help="sequence lengths where the indexer alone is measured, block vs full path")
     parser.add_argument("--with-full-indexer", action="store_true",
                         help="also the sparse-stage step with the full-matrix indexer (slow, ~6 GB at T=8192)")
+    parser.add_argument("--with-warmup", action="store_true",
+                        help="also the warm-up stage's step, blockwise and full-matrix paths")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -133,7 +147,9 @@ def main() -> None:
 
     jobs = []  # (T, candidate)
     for T in args.seq_lens:
-        jobs += [(T, c) for c in STEP_CANDIDATES if c != "dsa_full" or args.with_full_indexer]
+        wanted = {"dense", "dsa"} | ({"dsa_full"} if args.with_full_indexer else set()) | \
+            ({"warmup", "warmup_full"} if args.with_warmup else set())
+        jobs += [(T, c) for c in STEP_CANDIDATES if c in wanted]
         if T in args.indexer_at:
             jobs += [(T, c) for c in INDEXER_CANDIDATES]
     results: dict[tuple[int, str], list[dict]] = {job: [] for job in jobs}
