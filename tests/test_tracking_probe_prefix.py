@@ -1,5 +1,6 @@
 """The tracking callback's bounded probe at long T (`probe_seq_len`): probing a prefix stores
-exactly what the full-length forward computes at those positions, and the run says what it probed."""
+exactly what the full-length forward computes at those positions, and the run says what it probed;
+the tracked would-be selection follows the model's tie rule, so it does not depend on T either."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from sparse_viz.model import ModelConfig, SparseTransformer
+from sparse_viz.model.selectors import topk_causal
+from sparse_viz.tracking import metrics as M
 from sparse_viz.tracking.callback import SelectionAnalysisCallback
 from sparse_viz.train import run_training
 
@@ -36,6 +39,17 @@ def test_a_prefix_probe_equals_the_full_forward_at_its_positions(attention):
         for name in ("index_scores", "index_head_terms", "attn_probs", "dense_attn_probs"):
             got, want = getattr(part, name), getattr(whole, name)
             torch.testing.assert_close(got, want[..., :N, :N], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_tracked_would_be_selection_is_the_models_selection_ties_included():
+    """Scores full of exact ties (integers 0..2): the tracking's top-k == the model's top-k, as sets."""
+    scores = torch.randint(0, 3, (2, 30, 30), generator=torch.Generator().manual_seed(0)).float()
+
+    def as_sets(selection):
+        return [[sorted(s for s in row if s >= 0) for row in batch] for batch in selection.tolist()]
+
+    for k in (1, 4, 9):
+        assert as_sets(M.topk_selection(scores, k)) == as_sets(topk_causal(scores, k))
 
 
 def test_probe_seq_len_must_be_positive():
