@@ -1,7 +1,8 @@
 """Long context: one training step of the DSA sparse stage vs the dense model, time and peak memory.
 
     python bench/bench_long_context.py [--seq-lens 1024 2048 4096 8192] [--rounds 2] [--steps 2]
-        [--threads 1] [--indexer-at 8192] [--with-full-indexer]
+        [--threads 1] [--indexer-at 8192] [--with-full-indexer] [--with-warmup]
+    python bench/bench_long_context.py --breakdown --seq-lens 8192   (one layer's pieces, one process)
 
 Model (issue 14): d_model 256, 2 layers, 4 heads, SwiGLU 768, vocab 2048, indexer 4 heads x 32,
 batch 1, top_k 256; one forward + backward per step. Candidates:
@@ -118,6 +119,54 @@ def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
+def breakdown(seq_len: int, reps: int, threads: int) -> None:
+    """Per-layer pieces of both steps at one T, in this process (interleaved medians): where the
+    time goes, and the floor it puts under DSA's step on this CPU."""
+    import torch
+
+    from sparse_viz.model import ModelConfig, SparseTransformer
+    from sparse_viz.model.attention import dense_causal_attention, gathered_sparse_attention
+    from sparse_viz.model.csr_attention import SelectionPattern
+    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from timing import interleaved_medians
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    T, H, hd = seq_len, MODEL["n_heads"], MODEL["d_model"] // MODEL["n_heads"]
+    model = SparseTransformer(ModelConfig(**MODEL, max_seq_len=T))
+    x = torch.randn(1, T, MODEL["d_model"])
+    q_i, k_i, w_i = (t.detach().requires_grad_() for t in model.blocks[0].indexer.project(x, *model.indexer_rope(T)))
+    q, k, v = (torch.randn(1, H, T, hd, requires_grad=True) for _ in range(3))
+    selected = blockwise_topk(q_i, k_i, w_i, MODEL["top_k"])
+
+    def attention_sparse():
+        pattern = SelectionPattern(selected)
+        y, _ = gathered_sparse_attention(q, k, v, selected, return_probs=True, check_order=False, pattern=pattern)
+        y.sum().backward()
+
+    def indexer_scores():
+        selected_index_scores(q_i, k_i, w_i, selected).sum().backward()
+
+    def attention_dense():
+        dense_causal_attention(q, k, v).sum().backward()
+
+    medians = interleaved_medians({
+        "indexer top-k by blocks (no grad)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"]),
+        "sparse attention, CSR, fwd+bwd": attention_sparse,
+        "indexer scores at S_t, fwd+bwd": indexer_scores,
+        "dense attention, fused SDPA, fwd+bwd": attention_dense,
+    }, reps)
+    print(f"T={T}, one layer's pieces, {threads} thread(s), median (best) of {reps} interleaved reps:")
+    for name, (median, best) in medians.items():
+        print(f"  {name:38s} {median:7.3f} s ({best:.3f})")
+    topk = medians["indexer top-k by blocks (no grad)"][0]
+    sdpa = medians["dense attention, fused SDPA, fwd+bwd"][0]
+    print(f"  per layer, DSA's top-k alone is {topk / sdpa:.2f}x the dense layer's whole attention "
+          f"(forward and backward): it scores and ranks T^2/2 pairs, like dense attention, with no gradient")
+
+
 def run_worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--seq-lens", str(seq_len), "--steps", str(steps),
                "--threads", str(threads)]
@@ -139,8 +188,13 @@ def main() -> None:
                         help="also the sparse-stage step with the full-matrix indexer (slow, ~6 GB at T=8192)")
     parser.add_argument("--with-warmup", action="store_true",
                         help="also the warm-up stage's step, blockwise and full-matrix paths")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per-layer pieces of both steps at the first --seq-lens value, in one process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.breakdown:
+        breakdown(args.seq_lens[0], max(args.rounds, 3), args.threads)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.seq_lens[0], args.steps, args.threads)))
         return
