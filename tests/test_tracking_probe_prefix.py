@@ -57,8 +57,9 @@ def test_probe_seq_len_must_be_positive():
         SelectionAnalysisCallback(probe_seq_len=0)
 
 
+@pytest.mark.slow
 def test_a_run_with_a_probe_prefix_stores_arrays_of_that_length_and_says_so(tmp_path):
-    """tiny.yaml (T = 64) probed on its first 24 positions: probe.json and every snapshot agree (~11 s)."""
+    """tiny.yaml (T = 64) probed on its first 24 positions: probe.json and every snapshot agree (11-21 s)."""
     root = tmp_path / "runs"
     run_training([
         "--config", TINY, "--run_root", str(root), "--run_name", "p", f"--data.cache_dir={tmp_path / 'cache'}",
