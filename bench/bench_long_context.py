@@ -53,9 +53,9 @@ def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
     import torch.nn.functional as F
 
     from sparse_viz.model import ModelConfig, SparseTransformer
-    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
     from sparse_viz.model.attention import gather_selected
     from sparse_viz.model.indexer import indexer_kl
+    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
     from sparse_viz.model.selectors import topk_causal
 
     torch.set_num_threads(threads)
@@ -125,7 +125,10 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
     import torch
 
     from sparse_viz.model import ModelConfig, SparseTransformer
-    from sparse_viz.model.attention import dense_causal_attention, gathered_sparse_attention
+    from sparse_viz.model.attention import (
+        dense_causal_attention,
+        gathered_sparse_attention,
+    )
     from sparse_viz.model.csr_attention import SelectionPattern
     from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
 

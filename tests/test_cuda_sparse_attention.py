@@ -10,9 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from sparse_viz.model import ModelConfig, SparseTransformer
-from sparse_viz.model.attention import gather_selected, gathered_sparse_attention, masked_sparse_attention
+from sparse_viz.model.attention import (
+    gather_selected,
+    gathered_sparse_attention,
+    masked_sparse_attention,
+)
 from sparse_viz.model.indexer import LightningIndexer, indexer_kl
-from sparse_viz.model.indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_scores
+from sparse_viz.model.indexer_blocks import (
+    blockwise_causal_kl,
+    blockwise_topk,
+    selected_index_scores,
+)
 from sparse_viz.model.rope import rope_tables
 from sparse_viz.model.selectors import select_keys, topk_causal
 

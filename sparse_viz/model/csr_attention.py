@@ -29,7 +29,6 @@ import warnings
 import torch
 
 
-
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """A CSR tensor built without invariant checks (valid by construction: sorted, in range).
 

@@ -31,8 +31,11 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .csr_attention import SelectionPattern, csr_kernels_available, csr_selected_index_scores
-from .indexer import indexer_kl
+from .csr_attention import (
+    SelectionPattern,
+    csr_kernels_available,
+    csr_selected_index_scores,
+)
 from .selectors import canonical_selection, dense_short_rows, topk_earliest_ties
 
 INDEXER_BLOCK = 256  # queries per block: bounds the (B, block, H_I, T) logits
@@ -131,7 +134,7 @@ def selected_index_scores(
     """
     if kernel not in ("auto", "csr", "copy"):
         raise ValueError(f"kernel must be auto, csr or copy, got {kernel!r}")
-    B, T, H, d = q.shape
+    B, T = q.shape[:2]
     valid = selected >= 0  # (B, T, kk)
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q) and q.dtype in (torch.float32, torch.float64)):
         scores = csr_selected_index_scores(q, k, w, selected, pattern)  # (B, T, kk)
@@ -154,11 +157,16 @@ def _block_kl(
     Tb, S = q_i.shape[1], k_i.shape[1]
     t = start + torch.arange(Tb, device=q_i.device)[:, None]  # (Tb, 1)
     causal = torch.arange(S, device=q_i.device)[None, :] <= t  # (Tb, S)
-    scores = block_index_scores(q_i, k_i, w_i, start)  # (B, Tb, S)
+    scores = block_index_scores(q_i, k_i, w_i, start)  # (B, Tb, S); -inf on future keys
     with torch.no_grad():  # target: main attention of the block's queries, summed over heads
         logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Tb, S)
-        target = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1).sum(1)  # (B, Tb, S)
-    return indexer_kl(target, scores, causal)
+        p = logits.masked_fill_(~causal, float("-inf")).softmax(dim=-1).sum(1)  # (B, Tb, S); 0 on future keys
+        p = p / p.sum(dim=-1, keepdim=True)  # L1-normalised: every row has a key (its own)
+        p_log_p = torch.xlogy(p, p).sum(dim=-1)  # (B, Tb); 0 log 0 = 0
+    # `indexer_kl` on rows whose valid keys are exactly the causal ones, with fewer passes: every
+    # row has a key, and its scores are finite on the causal keys and -inf on the future ones.
+    log_q = torch.log_softmax(scores, dim=-1)  # (B, Tb, S)
+    return p_log_p - (p * log_q.masked_fill(~causal, 0.0)).sum(dim=-1)  # (B, Tb) KL(p || q)
 
 
 def blockwise_causal_kl(
