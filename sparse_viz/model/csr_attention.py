@@ -123,26 +123,29 @@ class SelectionPattern:
         """
         B, H, T, hd = a.shape
         zeros = self.matrix(a.new_zeros(self.cols.shape[0]))  # the pattern; beta = 0 ignores its values
-        heads = [
-            torch.sparse.sampled_addmm(zeros, a[:, h].reshape(B * T, hd), b[:, h].reshape(-1, hd).t(), beta=0.0)
-            .values().view(B, T, self.k)
-            for h in range(H)
-        ]
-        return torch.stack(heads, dim=1)  # (B, H, T, k)
+        out = a.new_empty(B, H, T, self.k)  # written head by head: no list of per-head results to stack
+        for h in range(H):
+            product = torch.sparse.sampled_addmm(zeros, a[:, h].reshape(B * T, hd), b[:, h].reshape(-1, hd).t(), beta=0.0)
+            out[:, h] = product.values().view(B, T, self.k)
+        return out
 
     def times(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """Pattern matrix with `values` (B, H, T, k) times `dense` (B, H, W, hd) -> (B, H, T, hd)."""
         B, H, T, _ = values.shape
         hd = dense.shape[-1]
-        heads = [(self.matrix(values[:, h]) @ dense[:, h].reshape(-1, hd)).view(B, T, hd) for h in range(H)]
-        return torch.stack(heads, dim=1)  # (B, H, T, hd)
+        out = dense.new_empty(B, H, T, hd)
+        for h in range(H):
+            out[:, h] = (self.matrix(values[:, h]) @ dense[:, h].reshape(-1, hd)).view(B, T, hd)
+        return out
 
     def transposed_times(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """Transposed pattern matrix with `values` (B, H, T, k) times `dense` (B, H, T, hd) -> (B, H, W, hd)."""
         B, H, T, _ = values.shape
         hd = dense.shape[-1]
-        heads = [(self.matrix_t(values[:, h]) @ dense[:, h].reshape(-1, hd)).view(B, T + self.k, hd) for h in range(H)]
-        return torch.stack(heads, dim=1)  # (B, H, W, hd)
+        out = dense.new_empty(B, H, T + self.k, hd)
+        for h in range(H):
+            out[:, h] = (self.matrix_t(values[:, h]) @ dense[:, h].reshape(-1, hd)).view(B, T + self.k, hd)
+        return out
 
 
 def _pad_keys(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -173,8 +176,9 @@ class CsrSelectedAttention(torch.autograd.Function):
         T = q_scaled.shape[2]
         grad_out = grad_out.contiguous()
         grad_probs = pattern.sampled_products(grad_out, v_pad)  # (B, H, T, k)
-        # Softmax backward on each row's k entries; masked slots have p = 0 and get 0.
-        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True))  # (B, H, T, k)
+        # Softmax backward on each row's k entries, in place; masked slots have p = 0 and get 0.
+        row_dot = torch.einsum("bhtj,bhtj->bht", probs, grad_probs)[..., None]  # (B, H, T, 1)
+        grad_scores = grad_probs.sub_(row_dot).mul_(probs)  # (B, H, T, k)
         grad_q = pattern.times(grad_scores, k_pad) * ctx.scale  # (B, H, T, hd)
         grad_k = pattern.transposed_times(grad_scores, q_scaled)[:, :, :T]  # (B, H, T, hd)
         grad_v = pattern.transposed_times(probs, grad_out)[:, :, :T]  # (B, H, T, hd)
