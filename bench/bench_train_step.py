@@ -5,10 +5,10 @@
 Same architecture and batch for every row (d_model 256, 4 layers, 4 heads, SwiGLU 768, vocab
 2048, indexer 4 heads x 32, top_k 64, batch 4, T 512). Rows:
 - dense model: no indexer, fused SDPA causal attention, LM loss (the baseline);
-- DSA sparse stage: indexer top-k selection, gathered attention, LM loss + indexer KL over the
-  selected set (DeepSeek stage 2);
-- for context: the same with the masked reference path, and the warm-up stage (dense
-  attention, KL over all causal keys).
+- DSA sparse stage: indexer top-k selection (blockwise indexer path), gathered attention, LM
+  loss + indexer KL over the selected set (DeepSeek stage 2);
+- for context: the same with the masked reference attention path, with the full-matrix indexer
+  path, and the warm-up stage (dense attention, KL over all causal keys).
 Medians of interleaved repetitions; ratios against the dense model measured in the same run.
 Goal (issue 2): DSA sparse stage <= 1.3x the dense step.
 """
@@ -59,12 +59,15 @@ def main() -> None:
     dsa = SparseTransformer(ModelConfig(**MODEL, selector="topk", attention_path="gathered")).train()
     dsa_masked = SparseTransformer(ModelConfig(**MODEL, selector="topk", attention_path="masked")).train()
     dsa_masked.load_state_dict(dsa.state_dict())
+    dsa_full = SparseTransformer(ModelConfig(**MODEL, selector="topk", indexer_path="full")).train()
+    dsa_full.load_state_dict(dsa.state_dict())
     candidates = {
         "dense model (baseline)": training_step(dense, ids, "dense", None),
         "DSA sparse stage (gathered)": training_step(dsa, ids, "sparse", "selected"),
     }
     if not args.no_context:
         candidates["DSA sparse stage (masked)"] = training_step(dsa_masked, ids, "sparse", "selected")
+        candidates["DSA sparse (full indexer)"] = training_step(dsa_full, ids, "sparse", "selected")
         candidates["DSA warm-up stage"] = training_step(dsa, ids, "dense", "all")
         candidates["DSA model, LM loss only"] = training_step(dsa, ids, "sparse", None)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .csr_attention import csr_kernels_available, csr_selected_attention
+from .csr_attention import SelectionPattern, csr_kernels_available, csr_selected_attention
 from .rope import apply_rope
 
 ATTENTION_CHUNK = 256  # queries per chunk in the gathered path: bounds its (B, Tc, k, C) buffers
@@ -132,6 +132,7 @@ def gathered_sparse_attention(
     chunk_size: int = ATTENTION_CHUNK,
     kernel: str = "auto",
     check_order: bool = True,
+    pattern: SelectionPattern | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sparse attention that touches only the selected keys: O(T * k) scores and memory.
 
@@ -146,6 +147,8 @@ def gathered_sparse_attention(
             `select_keys` order (ascending, -1 last), else copy.
         check_order: verify that order before using csr; the model skips it for selections it
             got from `select_keys` (a handful of small ops saved per layer).
+        pattern: the csr kernel's `SelectionPattern(selected)`, when the caller shares it with
+            other kernels reading the same selection (the indexer's selected-key scores).
 
     Returns:
         out: (B, H, T, hd).
@@ -160,7 +163,7 @@ def gathered_sparse_attention(
                 return gathered_by_copy(q, k, v, selected, return_probs, chunk_size)
             raise ValueError("the csr kernel needs each row's selected keys ascending with -1 slots last "
                              "(as select_keys returns them)")
-        out, probs = csr_selected_attention(q, k, v, selected)
+        out, probs = csr_selected_attention(q, k, v, selected, pattern)
         return out, (probs if return_probs else None)
     return gathered_by_copy(q, k, v, selected, return_probs, chunk_size)
 

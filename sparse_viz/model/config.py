@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 SELECTORS = ("topk", "dense", "local", "sink_local", "random", "oracle")
 ATTENTION_PATHS = ("masked", "gathered")
+INDEXER_PATHS = ("full", "blockwise")
 
 
 @dataclass
@@ -44,6 +45,13 @@ class ModelConfig:
             `gathered` (only the k selected keys/values per query; O(T*k) memory; sparse CSR
             kernels on CPU, gathered copies in query chunks elsewhere).
             Both give the same results (fp32, 1e-5).
+        indexer_path: `full` (the indexer scores every (query, key) pair: (B, T, H_I, T)
+            logits and a (B, T, T) matrix per layer; the readable reference) or `blockwise`
+            (top-k by query blocks, the sparse stage's KL at the selected keys only, the
+            warm-up KL by checkpointed query blocks: no T x T tensor; `indexer_blocks.py`).
+            Same selections (up to exactly tied scores) and losses (fp32, 1e-5). A forward
+            that asks for a trace, and the `oracle` selector, still build the full matrices.
+        indexer_block_size: queries per block of the `blockwise` indexer path.
     """
 
     vocab_size: int = 2048
@@ -66,6 +74,8 @@ class ModelConfig:
     indexer_rope_dim: int = 16
     indexer_norm_eps: float = 1e-6
     attention_path: str = "gathered"
+    indexer_path: str = "blockwise"
+    indexer_block_size: int = 256
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:
@@ -73,6 +83,10 @@ class ModelConfig:
         if self.attention_path not in ATTENTION_PATHS:
             raise ValueError(
                 f"unknown attention_path {self.attention_path!r}; choose one of {', '.join(ATTENTION_PATHS)}"
+            )
+        if self.indexer_path not in INDEXER_PATHS:
+            raise ValueError(
+                f"unknown indexer_path {self.indexer_path!r}; choose one of {', '.join(INDEXER_PATHS)}"
             )
         if self.top_k <= 0:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")
@@ -86,7 +100,7 @@ class ModelConfig:
             raise ValueError("indexer_rope_dim must be even and <= indexer_dim")
         if self.selector == "sink_local" and not 0 <= self.sink_tokens < self.top_k:
             raise ValueError("sink_local needs 0 <= sink_tokens < top_k")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "indexer_block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 

@@ -33,6 +33,34 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=config.indexer_norm_eps)
         self.ww = nn.Linear(config.d_model, self.n_heads, bias=False)
 
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The indexer's queries, its one shared key and its head weights, from a detached input.
+
+        Eq. 1 is then I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s]) for s <= t: `forward`
+        evaluates it for every pair (the readable reference), `indexer_blocks.py` by query
+        blocks or at selected keys only.
+
+        Args:
+            x: (B, T, d_model) layer input (the normed residual stream); detached here.
+            cos, sin: (T, indexer_rope_dim / 2) RoPE tables.
+
+        Returns:
+            q: (B, T, H_I, d_I) rotated queries.
+            k: (B, T, d_I) rotated, LayerNormed keys.
+            w: (B, T, H_I) head weights with the H_I**-0.5 and d_I**-0.5 scales folded in
+                (ReLU(x) * c == ReLU(x * c) for c > 0, which saves a pass over the logits).
+        """
+        x = x.detach()
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H_I, d_I)
+        k = self.k_norm(self.wk(x))  # (B, T, d_I)
+        q = apply_partial_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)  # (B, T, H_I, d_I)
+        k = apply_partial_rope(k, cos, sin)
+        w = self.ww(x) * (self.n_heads**-0.5 * self.head_dim**-0.5)  # (B, T, H_I)
+        return q, k, w
+
     def forward(
         self,
         x: torch.Tensor,
@@ -40,7 +68,10 @@ class LightningIndexer(nn.Module):
         sin: torch.Tensor,
         return_head_terms: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Index scores of all (query, key) pairs.
+        """Index scores of all (query, key) pairs: the readable full-matrix reference.
+
+        Holds (B, T, H_I, T) logits and a (B, T, T) score matrix; `indexer_blocks.py` computes
+        the same selection and losses by query blocks without them (`ModelConfig.indexer_path`).
 
         Args:
             x: (B, T, d_model) layer input (the normed residual stream); detached here.
@@ -52,14 +83,8 @@ class LightningIndexer(nn.Module):
             head_terms: (B, H_I, T, T) or None; w[t,j] * ReLU(q_I[t,j] . k_I[s]) * d_I**-0.5,
                 zero for s > t.
         """
-        x = x.detach()
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H_I, d_I)
-        k = self.k_norm(self.wk(x))  # (B, T, d_I)
-        q = apply_partial_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)  # (B, T, H_I, d_I)
-        k = apply_partial_rope(k, cos, sin)
-        # ReLU(x) * c == ReLU(x * c) for c > 0: the d_I**-0.5 scale rides on w, saving a (B,T,H_I,T) pass.
-        w = self.ww(x) * (self.n_heads**-0.5 * self.head_dim**-0.5)  # (B, T, H_I)
+        q, k, w = self.project(x, cos, sin)  # (B, T, H_I, d_I), (B, T, d_I), (B, T, H_I)
 
         # Query-major layout (B, T, H_I, T), so the weighted head sum is one contiguous batched product.
         # One (T*H_I, d_I) @ (d_I, T) product per sequence: the key is shared by all heads.

@@ -21,17 +21,20 @@ def causal_future_mask(seq_len: int, device: torch.device | str | None = None) -
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
 
 
-def canonical_selection(selected: torch.Tensor, seq_len: int) -> torch.Tensor:
+def canonical_selection(selected: torch.Tensor, seq_len: int, first_row: int = 0) -> torch.Tensor:
     """Invalidate future slots and sort: valid indices ascending, then the -1 slots.
 
     Args:
-        selected: (B, T, k) long; entries s > t or s < 0 count as unfilled.
+        selected: (B, R, k) long, rows first_row .. first_row + R - 1 of a (B, T, k) selection
+            (all of it by default); entries s > t or s < 0 count as unfilled.
         seq_len: T.
+        first_row: position t of the first row.
 
     Returns:
-        (B, T, k) long.
+        (B, R, k) long.
     """
-    t = torch.arange(seq_len, device=selected.device)[None, :, None]  # (1, T, 1)
+    rows = selected.shape[1]
+    t = torch.arange(first_row, first_row + rows, device=selected.device)[None, :, None]  # (1, R, 1)
     invalid = (selected > t) | (selected < 0)
     # Sort with the unfilled slots pushed past every real index, then mark them -1 again.
     ordered = torch.where(invalid, seq_len, selected).sort(dim=-1).values  # (B, T, k)
@@ -59,12 +62,43 @@ def dense_short_rows(selected: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.where(short, everything_past[None], selected)
 
 
+def topk_earliest_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of each row; among entries tied at the k-th largest
+    value, the earliest (lowest index) are kept.
+
+    `torch.topk` alone picks among tied values by an order that depends on the row's length and
+    the device, so the same scores would select differently when computed by query blocks, for a
+    prefix of the sequence, or on a GPU. Ties are common in index scores (ReLU makes every score
+    of a key 0 when all its head products are negative); this rule makes the selection a function
+    of the scores only. Rows without a tie at the k-th value (the usual case) cost one extra
+    comparison pass; tied rows are redone by rank.
+
+    Args:
+        scores: (..., S) float.
+        k: 1 <= k <= S.
+
+    Returns:
+        (..., k) long indices (in no particular order).
+    """
+    values, indices = scores.topk(k, dim=-1)  # (..., k)
+    kth = values[..., -1:]  # (..., 1) the k-th largest value of each row
+    tied = (scores >= kth).sum(dim=-1) > k  # (...,) rows where a key equal to kth was left out
+    if tied.any():
+        rows, threshold = scores[tied], kth[tied]  # (r, S), (r, 1)
+        above, at = rows > threshold, rows == threshold  # (r, S) each
+        wanted = k - above.sum(dim=-1, keepdim=True)  # (r, 1) tied keys to keep
+        keep = above | (at & (at.cumsum(dim=-1) <= wanted))  # (r, S) exactly k per row
+        indices[tied] = keep.nonzero()[:, -1].view(-1, k)  # nonzero is row-major: k per row in order
+    return indices
+
+
 def topk_causal(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """Top-k keys of each row among s <= t.
 
     The causal mask is applied before top-k and again after it (through `canonical_selection`):
     top-k of a row with fewer than k past keys also returns future slots, and forgetting to
-    drop them leaks the future (REFERENCE §1).
+    drop them leaks the future (REFERENCE §1). Exact ties at the k-th score keep the earliest
+    keys (`topk_earliest_ties`).
 
     Args:
         scores: (B, T, T) float; higher is better. Future entries are ignored.
@@ -76,7 +110,7 @@ def topk_causal(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     T = scores.shape[-1]
     k = min(top_k, T)
     masked = scores.detach().masked_fill(causal_future_mask(T, scores.device), float("-inf"))
-    selected = masked.topk(k, dim=-1).indices  # (B, T, k)
+    selected = topk_earliest_ties(masked, k)  # (B, T, k)
     return canonical_selection(dense_short_rows(selected, top_k), T)
 
 

@@ -23,7 +23,9 @@ from .attention import (
     scatter_selected,
 )
 from .config import ModelConfig
+from .csr_attention import SelectionPattern, csr_kernels_available
 from .indexer import LightningIndexer, indexer_kl
+from .indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_scores
 from .layers import RMSNorm, SwiGLU
 from .rope import RotaryEmbedding
 from .selectors import select_keys
@@ -89,36 +91,42 @@ class Block(nn.Module):
 
         selector = "dense" if attention == "dense" else cfg.selector
         run_indexer = self.indexer is not None and (selector == "topk" or indexer_loss is not None or bool(trace))
-        index_scores, head_terms = (None, None)
-        if run_indexer:
+        # A trace records the full (B, T, T) scores: traced forwards (the probe) take the full path.
+        blockwise = run_indexer and cfg.indexer_path == "blockwise" and not trace
+        index_scores, head_terms, projected = None, None, None
+        if blockwise:
+            projected = self.indexer.project(h, *indexer_rope)  # q_I (B, T, H_I, d_I), k_I (B, T, d_I), w (B, T, H_I)
+        elif run_indexer:
             index_scores, head_terms = self.indexer(h, *indexer_rope, return_head_terms=trace == "full")  # (B, T, T)
 
-        # Dense probabilities only when something reads them: the oracle, the warm-up KL target, a full trace.
-        # They carry gradient only when they are the attention itself (dense selection).
-        need_dense_probs = selector == "oracle" or indexer_loss == "all" or trace == "full"
+        # With a dense selection, "selected" is every causal key: the same loss as "all".
+        if selector == "dense" and indexer_loss == "selected":
+            indexer_loss = "all"
+
+        # Dense probabilities only when something reads them: the oracle, the full path's warm-up
+        # KL target, a full trace. They carry gradient only when they are the attention itself.
+        need_dense_probs = selector == "oracle" or (indexer_loss == "all" and not blockwise) or trace == "full"
         dense_probs = None
         if need_dense_probs:
             with torch.set_grad_enabled(torch.is_grad_enabled() and selector == "dense"):
                 dense_probs = causal_attention_probs(q, k)  # (B, H, T, T)
 
-        selected = select_keys(
-            selector,
-            top_k=cfg.top_k,
-            seq_len=T,
-            index_scores=index_scores,
-            dense_probs=dense_probs,
-            sink_tokens=cfg.sink_tokens,
-            seed=cfg.selector_seed,
-            batch_size=B,
-            device=x.device,
-        )  # (B, T, k) or None
+        if selector == "topk" and blockwise:
+            selected = blockwise_topk(*projected, cfg.top_k, cfg.indexer_block_size)  # (B, T, k)
+        else:
+            selected = select_keys(
+                selector,
+                top_k=cfg.top_k,
+                seq_len=T,
+                index_scores=index_scores,
+                dense_probs=dense_probs,
+                sink_tokens=cfg.sink_tokens,
+                seed=cfg.selector_seed,
+                batch_size=B,
+                device=x.device,
+            )  # (B, T, k) or None
 
-        # With a dense selection, "selected" is every causal key: the same loss as "all".
-        if selected is None and indexer_loss == "selected":
-            indexer_loss = "all"
-            if dense_probs is None:
-                dense_probs = causal_attention_probs(q, k)
-
+        pattern = None
         used_probs = None  # (B, H, T, T) probabilities actually used, when a trace wants them
         selected_probs = None  # (B, H, T, k) the same on the selection, for the sparse-stage KL
         need_sparse_probs = indexer_loss == "selected" or trace == "full"
@@ -133,8 +141,10 @@ class Block(nn.Module):
             if indexer_loss == "selected":
                 selected_probs = gather_selected(used_probs, selected)
         else:
+            # One CSR pattern of the selection for the attention and the indexer's selected-key scores.
+            pattern = SelectionPattern(selected) if csr_kernels_available(q) else None
             y, selected_probs = gathered_sparse_attention(
-                q, k, v, selected, return_probs=need_sparse_probs, check_order=False
+                q, k, v, selected, return_probs=need_sparse_probs, check_order=False, pattern=pattern
             )  # select_keys returns rows in the order the csr kernel needs
             if trace == "full":
                 used_probs = scatter_selected(selected_probs, selected, T)
@@ -142,13 +152,21 @@ class Block(nn.Module):
         x = x + self.mlp(self.mlp_norm(x))
 
         kl = None
-        if indexer_loss == "all":
+        if indexer_loss == "all" and blockwise:
+            kl = blockwise_causal_kl(*projected, q, k, cfg.indexer_block_size).mean()
+        elif indexer_loss == "all":
             target = dense_probs.detach().sum(1)  # (B, T, T), L1-normalised inside indexer_kl
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             kl = indexer_kl(target, index_scores, causal).mean()
         elif indexer_loss == "selected":
+            # The target is the sparse attention actually used, read at the selected keys: (B, H, T, k)
+            # from the gathered path directly; the masked (reference) path gathers it from (B, H, T, T).
             target = selected_probs.detach().sum(1)  # (B, T, k)
-            kl = indexer_kl(target, gather_selected(index_scores, selected), selected >= 0).mean()
+            if blockwise:
+                scores = selected_index_scores(*projected, selected, pattern=pattern)  # (B, T, k), T*k*H_I*d_I work
+            else:
+                scores = gather_selected(index_scores, selected)  # (B, T, k) read from (B, T, T)
+            kl = indexer_kl(target, scores, selected >= 0).mean()
 
         layer_trace = None
         if trace:

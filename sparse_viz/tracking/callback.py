@@ -241,6 +241,14 @@ class SelectionAnalysisCallback(L.Callback):
         heatmap_layers: layers that get per-snapshot selection heatmap PNGs (None: all).
         render_every_n_snapshots: also re-render plots + report every this many snapshots
             (0: only at the end of fit).
+        probe_seq_len: probe only the first N positions of each probe sequence (None: all of
+            them). The model is causal, so every stored array is exactly what a forward over
+            the whole sequence computes at those positions (queries and keys < N); queries at
+            positions >= N are not probed. A full probe holds several (P, H, T, T) float32
+            arrays per layer (dense and used attention, index head terms, their metrics), so
+            its cost grows with T^2: at T = 4096 that is gigabytes and seconds per snapshot.
+            `probe.json` records `probe_seq_len` and the training `train_seq_len`. (The
+            `random` baseline draws its keys for the probed length, as a fresh uniform draw.)
 
     Requires `pl_module.model` (a `SparseTransformer`), `pl_module.model_config`,
     `pl_module.current_stage` / `pl_module.stage_attention`, and a datamodule with
@@ -248,10 +256,13 @@ class SelectionAnalysisCallback(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 50, heatmap_layers: list[int] | None = None,
-                 render_every_n_snapshots: int = 0) -> None:
+                 render_every_n_snapshots: int = 0, probe_seq_len: int | None = None) -> None:
         super().__init__()
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be > 0, got {every_n_steps}")
+        if probe_seq_len is not None and probe_seq_len <= 0:
+            raise ValueError(f"probe_seq_len must be > 0 or None, got {probe_seq_len}")
+        self.probe_seq_len = probe_seq_len
         self.every_n_steps = every_n_steps
         self.heatmap_layers = heatmap_layers
         self.render_every_n_snapshots = render_every_n_snapshots
@@ -273,7 +284,10 @@ class SelectionAnalysisCallback(L.Callback):
         self.store = RunStore(trainer.default_root_dir)
         dm = trainer.datamodule
         probe = torch.as_tensor(dm.probe_batch())  # (P, T + 1)
+        train_seq_len = probe.shape[1] - 1
         self._probe = probe[:, :-1].long()  # (P, T)
+        if self.probe_seq_len is not None:
+            self._probe = self._probe[:, : self.probe_seq_len]  # (P, N): a causal prefix
         strings = [list(dm.token_strings(row.tolist())) for row in self._probe]
         counts = getattr(dm, "token_counts", None)
         frequent = rare = None
@@ -287,6 +301,8 @@ class SelectionAnalysisCallback(L.Callback):
             "tokens": strings[0],
             "probe_rows": int(self._probe.shape[0]),
             "seq_len": int(self._probe.shape[1]),
+            "probe_seq_len": int(self._probe.shape[1]),
+            "train_seq_len": int(train_seq_len),
             "top_k": int(min(cfg.top_k, self._probe.shape[1])),
             "n_layers": int(cfg.n_layers),
             "n_heads": int(cfg.n_heads),

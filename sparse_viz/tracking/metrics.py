@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from sparse_viz.model.selectors import topk_earliest_ties
+
 
 # ---------------------------------------------------------------------------------------------
 # Selections
@@ -57,8 +59,9 @@ def topk_selection(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k keys of each query among its visible keys, -1 where a short row has fewer.
 
     Used for the indexer's would-be selection while attention is still dense (warm-up), and
-    for the dense top-k of recall@k. Ties are broken by `torch.topk` (lowest index first on CPU
-    is not guaranteed; metrics never depend on tie order beyond equal values).
+    for the dense top-k of recall@k. Exact ties at the k-th score keep the earliest keys, the
+    model's own rule (`topk_earliest_ties`), so the would-be selection is the one the model
+    makes from the same scores.
 
     Args:
         scores: (B, T, T) float, future entries may hold anything (they are masked here).
@@ -72,7 +75,9 @@ def topk_selection(scores: torch.Tensor, k: int) -> torch.Tensor:
     visible = causal_mask(T, scores.device)  # (T, T)
     masked = scores.float().masked_fill(~visible, -math.inf)  # (B, T, T)
     masked = torch.nan_to_num(masked, nan=-math.inf)
-    _, index = masked.topk(k, dim=-1)  # (B, T, k)
+    # A short row's past keys come first either way: topk orders by score (finite before -inf),
+    # a row tied at -inf is filled by index (its past keys are the lowest indices).
+    index = topk_earliest_ties(masked, k)  # (B, T, k)
     slot = torch.arange(k, device=scores.device)  # (k,)
     row_len = torch.arange(T, device=scores.device) + 1  # (T,)
     # Slot j of row t is real only for j < t + 1 (topk fills the rest with future keys).

@@ -85,6 +85,8 @@ class DSALightningModule(L.LightningModule):
         indexer_rope_dim: int = 16,
         indexer_norm_eps: float = 1e-6,
         attention_path: str = "gathered",
+        indexer_path: str = "blockwise",
+        indexer_block_size: int = 256,
         stages: list[dict[str, Any]] | None = None,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -101,6 +103,7 @@ class DSALightningModule(L.LightningModule):
                 indexer_heads=indexer_heads, indexer_dim=indexer_dim,
                 indexer_rope_dim=indexer_rope_dim,
                 indexer_norm_eps=indexer_norm_eps, attention_path=attention_path,
+                indexer_path=indexer_path, indexer_block_size=indexer_block_size,
             )
             self.schedule = Schedule(stages_from_dicts(stages) if stages is not None else default_stages())
         except ValueError as error:

@@ -1,0 +1,252 @@
+"""Long context: one training step of the DSA sparse stage vs the dense model, time and peak memory.
+
+    python bench/bench_long_context.py [--seq-lens 1024 2048 4096 8192] [--rounds 2] [--steps 2]
+        [--threads 1] [--indexer-at 8192] [--with-full-indexer] [--with-warmup]
+    python bench/bench_long_context.py --breakdown --seq-lens 8192   (one layer's pieces, one process)
+
+Model (issue 14): d_model 256, 2 layers, 4 heads, SwiGLU 768, vocab 2048, indexer 4 heads x 32,
+batch 1, top_k 256; one forward + backward per step. Candidates:
+- `dense`: no indexer, fused SDPA causal attention, LM loss (the baseline);
+- `dsa`: DSA sparse stage on the default paths: indexer top-k by query blocks, CSR sparse
+  attention, LM loss + the indexer's KL over the selected keys (indexer_path=blockwise);
+- `dsa_full` (`--with-full-indexer`): the same with the full-matrix indexer (the reference);
+- `warmup` / `warmup_full` (`--with-warmup`): the warm-up stage's step (main model frozen, dense
+  attention, the indexer's KL over all causal keys) on the blockwise path (SDPA for the
+  attention, the KL by checkpointed query blocks) and on the full-matrix path (dense (B, H, T, T)
+  probabilities as the target, (B, T, T) scores);
+- `indexer_blockwise` / `indexer_full` (at `--indexer-at` only): the indexer alone, top-k
+  selection + KL at the selected keys (a fixed random target) + backward, block vs full path.
+
+Every measurement is a fresh process (`--worker`): peak resident memory (`ru_maxrss`) is then
+that candidate's own, and no allocator state carries over. Each process builds the model, runs one
+warm-up step and `--steps` timed steps (their median); the parent runs `--rounds` rounds, each
+visiting every candidate in a rotated order, and prints per candidate the median and best step
+time over all rounds, the peak RSS (largest of its processes) and the ratios against `dense` at
+the same T. It ends with the crossover: the smallest measured T where DSA's median is below dense's.
+Goals (issue 14): DSA <= 0.5x dense's time at T = 8192 and <= 1.1x its peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL = dict(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, d_ff=768, indexer_heads=4, indexer_dim=32,
+             indexer_rope_dim=16, top_k=256)
+STEP_CANDIDATES = ("dense", "dsa", "dsa_full", "warmup", "warmup_full")
+INDEXER_CANDIDATES = ("indexer_blockwise", "indexer_full")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
+    """One candidate in this process: build, one warm-up step, `steps` timed ones."""
+    import torch
+    import torch.nn.functional as F
+
+    from sparse_viz.model import ModelConfig, SparseTransformer
+    from sparse_viz.model.attention import gather_selected
+    from sparse_viz.model.indexer import indexer_kl
+    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
+    from sparse_viz.model.selectors import topk_causal
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    baseline_rss = peak_rss_mb()
+    T = seq_len
+    ids = torch.randint(0, MODEL["vocab_size"], (1, T + 1))
+    config = dict(MODEL, max_seq_len=T)
+
+    if name in STEP_CANDIDATES:
+        if name == "dense":
+            model = SparseTransformer(ModelConfig(**config, selector="dense", use_indexer=False))
+            attention, indexer_loss = "dense", None
+        elif name.startswith("dsa"):
+            path = "blockwise" if name == "dsa" else "full"
+            model = SparseTransformer(ModelConfig(**config, indexer_path=path))
+            attention, indexer_loss = "sparse", "selected"
+        else:
+            path = "blockwise" if name == "warmup" else "full"
+            model = SparseTransformer(ModelConfig(**config, indexer_path=path))
+            attention, indexer_loss = "dense", "all"
+            for parameter in model.main_parameters():  # the warm-up stage trains the indexer only
+                parameter.requires_grad_(False)
+        model.train()
+
+        def step():
+            out = model(ids[:, :-1], attention=attention, indexer_loss=indexer_loss)
+            loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+            if name.startswith("warmup"):
+                loss = out.indexer_kl.sum()
+            elif out.indexer_kl is not None:
+                loss = loss + out.indexer_kl.sum()
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+    else:
+        block = SparseTransformer(ModelConfig(**config)).blocks[0]
+        indexer, rope = block.indexer, SparseTransformer(ModelConfig(**config)).indexer_rope(T)
+        x = torch.randn(1, T, MODEL["d_model"])
+        target = torch.rand(1, T, MODEL["top_k"])  # stands for the main attention at the selected keys
+
+        def step():
+            if name == "indexer_blockwise":
+                q, k, w = indexer.project(x, *rope)
+                selected = blockwise_topk(q, k, w, MODEL["top_k"])
+                scores = selected_index_scores(q, k, w, selected)
+            else:
+                full, _ = indexer(x, *rope)  # (1, T, T)
+                selected = topk_causal(full, MODEL["top_k"])
+                scores = gather_selected(full, selected)
+            kl = indexer_kl(target, scores, selected >= 0).mean()
+            indexer.zero_grad(set_to_none=True)
+            kl.backward()
+
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"times": times, "rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline_rss,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def breakdown(seq_len: int, reps: int, threads: int) -> None:
+    """Per-layer pieces of both steps at one T, in this process (interleaved medians): where the
+    time goes, and the floor it puts under DSA's step on this CPU."""
+    import torch
+
+    from sparse_viz.model import ModelConfig, SparseTransformer
+    from sparse_viz.model.attention import (
+        dense_causal_attention,
+        gathered_sparse_attention,
+    )
+    from sparse_viz.model.csr_attention import SelectionPattern
+    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from timing import interleaved_medians
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    T, H, hd = seq_len, MODEL["n_heads"], MODEL["d_model"] // MODEL["n_heads"]
+    model = SparseTransformer(ModelConfig(**MODEL, max_seq_len=T))
+    x = torch.randn(1, T, MODEL["d_model"])
+    q_i, k_i, w_i = (t.detach().requires_grad_() for t in model.blocks[0].indexer.project(x, *model.indexer_rope(T)))
+    q, k, v = (torch.randn(1, H, T, hd, requires_grad=True) for _ in range(3))
+    selected = blockwise_topk(q_i, k_i, w_i, MODEL["top_k"])
+
+    def attention_sparse():
+        pattern = SelectionPattern(selected)
+        y, _ = gathered_sparse_attention(q, k, v, selected, return_probs=True, check_order=False, pattern=pattern)
+        y.sum().backward()
+
+    def indexer_scores():
+        selected_index_scores(q_i, k_i, w_i, selected).sum().backward()
+
+    def attention_dense():
+        dense_causal_attention(q, k, v).sum().backward()
+
+    medians = interleaved_medians({
+        "indexer top-k by blocks (no grad)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"]),
+        "sparse attention, CSR, fwd+bwd": attention_sparse,
+        "indexer scores at S_t, fwd+bwd": indexer_scores,
+        "dense attention, fused SDPA, fwd+bwd": attention_dense,
+    }, reps)
+    print(f"T={T}, one layer's pieces, {threads} thread(s), median (best) of {reps} interleaved reps:")
+    for name, (median, best) in medians.items():
+        print(f"  {name:38s} {median:7.3f} s ({best:.3f})")
+    topk = medians["indexer top-k by blocks (no grad)"][0]
+    sdpa = medians["dense attention, fused SDPA, fwd+bwd"][0]
+    print(f"  per layer, DSA's top-k alone is {topk / sdpa:.2f}x the dense layer's whole attention "
+          f"(forward and backward): it scores and ranks T^2/2 pairs, like dense attention, with no gradient")
+
+
+def run_worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--seq-lens", str(seq_len), "--steps", str(steps),
+               "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {name} T={seq_len} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    parser.add_argument("--indexer-at", type=int, nargs="*", default=[8192],
+                        help="sequence lengths where the indexer alone is measured, block vs full path")
+    parser.add_argument("--with-full-indexer", action="store_true",
+                        help="also the sparse-stage step with the full-matrix indexer (slow, ~6 GB at T=8192)")
+    parser.add_argument("--with-warmup", action="store_true",
+                        help="also the warm-up stage's step, blockwise and full-matrix paths")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per-layer pieces of both steps at the first --seq-lens value, in one process")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.breakdown:
+        breakdown(args.seq_lens[0], max(args.rounds, 3), args.threads)
+        return
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.seq_lens[0], args.steps, args.threads)))
+        return
+
+    jobs = []  # (T, candidate)
+    for T in args.seq_lens:
+        wanted = {"dense", "dsa"} | ({"dsa_full"} if args.with_full_indexer else set()) | \
+            ({"warmup", "warmup_full"} if args.with_warmup else set())
+        jobs += [(T, c) for c in STEP_CANDIDATES if c in wanted]
+        if T in args.indexer_at:
+            jobs += [(T, c) for c in INDEXER_CANDIDATES]
+    results: dict[tuple[int, str], list[dict]] = {job: [] for job in jobs}
+    started = time.time()
+    for round_ in range(args.rounds):
+        for T in args.seq_lens:  # interleaved within each T, the order rotated every round
+            group = [job for job in jobs if job[0] == T]
+            shift = round_ % len(group)
+            for job in group[shift:] + group[:shift]:
+                results[job].append(run_worker(job[1], T, args.steps, args.threads))
+    first = next(iter(results.values()))[0]
+    print(f"torch {first['torch']}, {first['threads']} thread(s) per worker, batch 1, k={MODEL['top_k']}, "
+          f"{args.rounds} rounds x {args.steps} timed steps, one fresh process per measurement; "
+          f"RSS after importing torch: {first['baseline_rss_mb']:.0f} MB; wall {time.time() - started:.0f} s")
+
+    summary: dict[tuple[int, str], tuple[float, float, float]] = {}
+    for job, runs in results.items():
+        times = [t for run in runs for t in run["times"]]
+        summary[job] = (statistics.median(times), min(times), max(run["rss_mb"] for run in runs))
+    crossover = None
+    for T in args.seq_lens:
+        print(f"T={T}")
+        for base_name, names in (("dense", STEP_CANDIDATES), ("indexer_full", INDEXER_CANDIDATES)):
+            if (T, base_name) not in summary:
+                continue
+            base_median, base_best, base_rss = summary[(T, base_name)]
+            for name in names:
+                if (T, name) not in summary:
+                    continue
+                median, best, rss = summary[(T, name)]
+                print(f"  {name:18s} median {median:7.3f} s  best {best:7.3f} s  peak RSS {rss:7.0f} MB   "
+                      f"/{base_name}: time {median / base_median:5.2f}x (best {best / base_best:5.2f}x)  "
+                      f"memory {rss / base_rss:5.2f}x")
+        if crossover is None and (T, "dsa") in summary and summary[(T, "dsa")][0] < summary[(T, "dense")][0]:
+            crossover = T
+    measured = ", ".join(str(T) for T in args.seq_lens)
+    print(f"crossover: DSA's median step below dense's from T={crossover}" if crossover else
+          f"crossover: DSA's median step is not below dense's at any measured T ({measured})")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `sparse_viz`
+    main()
