@@ -5,10 +5,10 @@
 
 Prints, per sequence length, medians of interleaved repetitions and their ratios against the
 masked path measured in the same run (`--backward`: forward + backward; `--copy`: also the
-plain gathered-copy kernel used off CPU). Goal (issue 2): gathered >= 2x faster than masked at
+plain gathered-copy kernel used off CPU). Goal: gathered >= 2x faster than masked at
 T=4096, k=256 on CPU. Fused dense SDPA (no selection at all) is printed for context.
 
-`--memory` (issue 14): the CSR kernel against fused dense SDPA at long T, time AND peak memory,
+`--memory`: the CSR kernel against fused dense SDPA at long T, time AND peak memory,
 each candidate in its own fresh process (peak RSS = `ru_maxrss`, so it is that candidate's own):
 one warm-up call then `--reps` timed ones (median, best). Every worker first builds the same
 inputs and a top-k selection of a random Lightning Indexer projection by query blocks

@@ -4,7 +4,7 @@
         [--threads 1] [--indexer-at 8192] [--with-full-indexer] [--with-warmup]
     python bench/bench_long_context.py --breakdown --seq-lens 8192   (one layer's pieces, one process)
 
-Model (issue 14): d_model 256, 2 layers, 4 heads, SwiGLU 768, vocab 2048, indexer 4 heads x 32,
+Model (the long-context step the goal was set on): d_model 256, 2 layers, 4 heads, SwiGLU 768, vocab 2048, indexer 4 heads x 32,
 batch 1, top_k 256; one forward + backward per step. Candidates:
 - `dense`: no indexer, fused SDPA causal attention, LM loss (the baseline);
 - `dsa`: DSA sparse stage on the default paths: indexer top-k by query blocks, CSR sparse
@@ -23,7 +23,7 @@ warm-up step and `--steps` timed steps (their median); the parent runs `--rounds
 visiting every candidate in a rotated order, and prints per candidate the median and best step
 time over all rounds, the peak RSS (largest of its processes) and the ratios against `dense` at
 the same T. It ends with the crossover: the smallest measured T where DSA's median is below dense's.
-Goals (issue 14): DSA <= 0.5x dense's time at T = 8192 and <= 1.1x its peak memory.
+Goals: DSA <= 0.5x dense's time at T = 8192 and <= 1.1x its peak memory.
 """
 
 from __future__ import annotations

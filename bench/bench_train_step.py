@@ -10,7 +10,7 @@ Same architecture and batch for every row (d_model 256, 4 layers, 4 heads, SwiGL
 - for context: the same with the masked reference attention path, with the full-matrix indexer
   path, and the warm-up stage (dense attention, KL over all causal keys).
 Medians of interleaved repetitions; ratios against the dense model measured in the same run.
-Goal (issue 2): DSA sparse stage <= 1.3x the dense step.
+Goal: DSA sparse stage <= 1.3x the dense step.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ TRAINING_REPORT = "sparse_viz/report/training.py"
 TRAINING_REPORT_TESTS = "tests/test_training_report.py"
 
 MUTATIONS: list[Mutation] = [
-    # ------------------------------------------------------------------ training: resume (issue 16)
+    # ------------------------------------------------------------------ training: resume
     Mutation(
         "resume_ignores_ckpt_path", "sparse_viz/train.py",
         'cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))',
@@ -75,7 +75,7 @@ MUTATIONS: list[Mutation] = [
         (f"{TRACKING_METRICS_TESTS}::test_head_distance_profile_entropy_feature_is_normalised_by_log_t",
          f"{TRACKING_METRICS_TESTS}::test_head_distance_profile_matches_a_loop_in_every_feature",
          f"{ANALYSE_TESTS}::test_head_features_are_each_heads_distance_profile"),
-        "a head's distance profile keeps its mean entropy unnormalised (issue 16)",
+        "a head's distance profile keeps its mean entropy unnormalised",
     ),
     Mutation(
         "distance_bucket_ceil", METRICS,
@@ -147,7 +147,7 @@ MUTATIONS: list[Mutation] = [
         "picked = mask.sum(dim=1).float()  # (P, T) selections of each key position",
         "picked = mask.sum(dim=2).float()  # (P, T) selections of each key position",
         (f"{ANALYSE_TESTS}::test_token_type_shares_match_a_counting_loop",),
-        "token-type shares count selections per query instead of per key (issue 16)",
+        "token-type shares count selections per query instead of per key",
     ),
     Mutation(
         "type_base_over_all_rows", CALLBACK,

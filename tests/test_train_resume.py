@@ -7,7 +7,7 @@ weights, optimizer and learning-rate state (which are the uninterrupted run's st
 step), continues the step count, schedule and learning rates, and its first loss is the
 checkpointed model's loss on the batch it is given.
 
-What is NOT guaranteed (issue 15, observed with lightning 2.6.6): the data order. The training
+What is NOT guaranteed yet (observed with lightning 2.6.6): the data order. The training
 DataLoader is not resumable, so the resumed run restarts the epoch's shuffled order from its
 first batch: its update `RESUME_STEP + i` sees the batch the uninterrupted run saw at update `i`
 (Lightning warns "your dataloader is not resumable"). The losses of the two runs after the
