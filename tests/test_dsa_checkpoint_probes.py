@@ -91,9 +91,11 @@ def test_the_probe_commands_read_a_checkpoint_and_say_which_selector_ran(topk_ru
             result = run_analysis_cli([command, "--model", str(checkpoint), "--prompt", PROMPT, "--attention", attention,
                                        "--output", str(out), *extra], capsys)
             assert result.returncode == 0, result.stderr
+            label = "topk k=4" if attention == "own" else "dense"
             if command != "heads":
-                metadata = json.loads((out / "metadata.json").read_text())
-                assert metadata["attention"] == ("topk k=4" if attention == "own" else "dense")
+                assert json.loads((out / "metadata.json").read_text())["attention"] == label
+            else:
+                assert f"(attention: {label})" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize("content, message", [

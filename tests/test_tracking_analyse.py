@@ -14,7 +14,6 @@ import torch
 
 from sparse_viz.model import ModelConfig, SparseTransformer
 from sparse_viz.model.selectors import select_keys
-from sparse_viz.tracking import metrics as M
 from sparse_viz.tracking.callback import (BASELINES, SCORE_BINS, TOP_TOKENS, SelectionAnalysisCallback, analyse_probe,
                                          snapshot_record)
 from sparse_viz.tracking.store import RunStore

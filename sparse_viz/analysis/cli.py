@@ -71,6 +71,12 @@ def resolve_prompt(args: argparse.Namespace) -> str:
     return read_prompt(prompt, prompt_file)
 
 
+def attention_suffix(loaded) -> str:
+    """" (attention: topk k=32)" for a model attending through a key selection (a DSA checkpoint), else ""."""
+    selection = loaded.adapter.selection
+    return "" if selection is None else f" (attention: {selection.label})"
+
+
 # -- mask ---------------------------------------------------------------------------------------
 
 
@@ -281,7 +287,7 @@ def run_heads(args: argparse.Namespace):
                                  batch_size=args.batch_size, patterns=not args.no_patterns,
                                  pattern_layers=pattern_layers, prediction_positions=args.prediction_positions,
                                  tokenizer=loaded.tokenizer, progress=True)
-    write_head_ablation_outputs(result, output, title=f"Head ablation: {loaded.name_or_path}")
+    write_head_ablation_outputs(result, output, title=f"Head ablation: {loaded.name_or_path}{attention_suffix(loaded)}")
     top = result.table.sort_values("kl_divergence", ascending=False).head(10)
     print(top[["ablation", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
     print(f"{len(result.table)} ablation(s) written to {output}")
@@ -337,7 +343,7 @@ def run_components(args: argparse.Namespace):
             loaded.model, input_ids, args.sweep, tokenizer=loaded.tokenizer, attention_mask=attention_mask,
             decomposition=args.decomposition, batch_size=args.batch_size, patterns=not args.no_patterns,
             prediction_positions=args.prediction_positions, output_dir=output,
-            title=f"Component sweep: {loaded.name_or_path}")
+            title=f"Component sweep: {loaded.name_or_path}{attention_suffix(loaded)}")
         top = table.sort_values("kl_divergence", ascending=False).head(10)
         print(top[["ablation", "component_norm", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
         print(f"{len(table)} component(s) written to {output}")
@@ -348,7 +354,7 @@ def run_components(args: argparse.Namespace):
         mode=args.mode, n_samples=args.samples, ci_default=args.ci_default, pgd_steps=args.pgd_steps,
         pgd_step_size=args.pgd_step_size, seed=args.seed, patterns=not args.no_patterns,
         prediction_positions=args.prediction_positions, output_dir=output,
-        title=f"Component ablation ({args.mode}): {loaded.name_or_path}")
+        title=f"Component ablation ({args.mode}): {loaded.name_or_path}{attention_suffix(loaded)}")
     print(table.T.to_string(header=False))
     print(f"written to {output}")
     return table
