@@ -110,7 +110,7 @@ ALLOWED = {
     "report": {"tracking"},
     "tracking": {"model", "report"},
     "training": {"model", "tracking", "pretrained", "data"},
-    "analysis": {"pretrained", "report", "model"},
+    "analysis": {"pretrained", "report", "model", "data"},  # data: held-out text of a corpus for evaluation
 }
 TORCH_FREE_TRACKING = {"sparse_viz.tracking", "sparse_viz.tracking.store", "sparse_viz.tracking.token_types"}
 

@@ -23,7 +23,7 @@ _LAZY = {
     "run_masking_experiment": "sparse_viz.analysis.masking.experiment",
     "write_masking_outputs": "sparse_viz.analysis.masking.outputs",
     "load_model": "sparse_viz.pretrained.loading",
-    "LoadedModel": "sparse_viz.pretrained.loading",
+    "LoadedModel": "sparse_viz.pretrained.loaded_model",
     "ArchitectureAdapter": "sparse_viz.pretrained.adapter",
     "SUPPORTED_ARCHITECTURES": "sparse_viz.pretrained.adapter",
     "run_head_ablation": "sparse_viz.analysis.ablation.heads",

@@ -140,7 +140,7 @@ def load_dsa_checkpoint(path: str | os.PathLike, device: torch.device, dtype: to
 
     from sparse_viz.data.tokenizer import END_OF_TEXT, load_tokenizer
     from sparse_viz.pretrained.adapter import ArchitectureAdapter
-    from sparse_viz.pretrained.loading import LoadedModel
+    from sparse_viz.pretrained.loaded_model import LoadedModel
 
     file = Path(path).expanduser()
     config, state = read_checkpoint(file)

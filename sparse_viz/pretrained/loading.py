@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from sparse_viz.errors import UserInputError
 from sparse_viz.pretrained.adapter import (
@@ -23,6 +20,7 @@ from sparse_viz.pretrained.adapter import (
     SUPPORTED_ARCHITECTURES,
     ArchitectureAdapter,
 )
+from sparse_viz.pretrained.loaded_model import LoadedModel
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -33,18 +31,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 __all__ = ["ArchitectureAdapter", "LoadedModel", "SUPPORTED_ARCHITECTURES", "load_model", "peek_model_type",
            "resolve_device", "resolve_dtype"]
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for probing: eval mode, on `device`, in `dtype`."""
-
-    model: nn.Module
-    tokenizer: Any
-    adapter: ArchitectureAdapter
-    device: torch.device
-    dtype: torch.dtype
-    name_or_path: str
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
