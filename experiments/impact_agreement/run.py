@@ -13,6 +13,7 @@ sink_local and random (`python -m sparse_viz.analysis impact`).
 
     python experiments/impact_agreement/run.py                   # ~5 min training + ~2 min analyses on 2 cores
     python experiments/impact_agreement/run.py --run results/<run>  # an existing DSA run
+    python experiments/impact_agreement/run.py --only smollm2    # one part
     python experiments/impact_agreement/run.py --table-only      # re-read finished analyses
 
 Writes results/impact_agreement/{dsa,smollm2}/ (the analyses' own outputs) and table.md.
@@ -86,12 +87,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=None, help="an existing DSA run directory (default: train one)")
     parser.add_argument("--smollm2", default=str(REPO / ".cache" / "smollm2-135m"))
+    parser.add_argument("--only", nargs="+", choices=("dsa", "smollm2"), default=["dsa", "smollm2"])
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     if not args.table_only:
-        run = args.run or train_default_run()
-        analyse("dsa", str(run / "checkpoints" / "last.ckpt"), 256, attention="dense")
-        analyse("smollm2", args.smollm2, 512, attention="own")
+        if "dsa" in args.only:
+            run = args.run or train_default_run()
+            analyse("dsa", str(run / "checkpoints" / "last.ckpt"), 256, attention="dense")
+        if "smollm2" in args.only:
+            analyse("smollm2", args.smollm2, 512, attention="own")
     parts = []
     for name, title in (("dsa", "DSA default run (dense attention), 256 tokens"), ("smollm2", "SmolLM2-135M, 512 tokens")):
         table = OUT / name / "agreement.csv"
