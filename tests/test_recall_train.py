@@ -41,11 +41,14 @@ def val_accuracy(run_dir: Path) -> list[float]:
         return [float(row["val/accuracy"]) for row in csv.DictReader(handle) if row.get("val/accuracy")]
 
 
-@pytest.mark.slow  # ~40 s on 2 shared CPU cores
-def test_a_tiny_model_learns_recall_above_chance(recall_run):
+@pytest.mark.slow  # 15-60 s on 2 shared CPU cores
+def test_a_tiny_model_learns_the_answers_above_chance(recall_run):
+    """Trained on the answer positions only, the model beats guessing among the 3 values of the
+    sequence. At this budget it does so by elimination (with one query per pair, a later query's
+    value is one not answered before it: up to (1/3 + 1/2 + 1) / 3 = 0.61), not by recall: with
+    2 queries of 3 pairs the same model stays at ~0.33 after 800 steps (measured 2026-11-30)."""
     accuracy = val_accuracy(recall_run.run_dir)
-    # Chance: guessing among the 3 values present in the sequence (a model that cannot find the
-    # pair does no better). Measured here: 0.15 at step 49, 0.47 at 249, 0.43 at the end (sparse).
+    # Measured here: 0.15 at step 49, 0.47 at 249, 0.43 at the end (sparse).
     chance = 1 / 3
     assert accuracy[-1] > chance + 0.05 and accuracy[-1] > accuracy[0] + 0.15, accuracy
 

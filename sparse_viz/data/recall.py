@@ -47,7 +47,7 @@ class RecallSpec:
 
     vocab_size: int = 64
     num_pairs: int = 8
-    num_queries: int = 8
+    num_queries: int = 4
     seq_len: int = 512
     placement: str = "end"
 

@@ -56,7 +56,9 @@ class RecallDataModule(L.LightningDataModule):
     Args:
         vocab_size: ids of the task (filler, keys, values); the model is built with it.
         num_pairs: key-value pairs at the start of each sequence.
-        num_queries: queries per sequence, each a distinct earlier key (<= num_pairs).
+        num_queries: queries per sequence, each a distinct earlier key (<= num_pairs). Keep it
+            below num_pairs: the answers of earlier queries are in the input, so with one query
+            per pair the last ones can be answered by elimination, without finding the pair.
         seq_len: tokens the model sees per sequence.
         placement: `end` (queries in the last tokens, far from their pairs) or `random`.
         batch_size: sequences per batch.
@@ -71,7 +73,7 @@ class RecallDataModule(L.LightningDataModule):
         self,
         vocab_size: int = 64,
         num_pairs: int = 8,
-        num_queries: int = 8,
+        num_queries: int = 4,
         seq_len: int = 512,
         placement: str = "end",
         batch_size: int = 32,
