@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "train"
 OUT = Path(os.environ.get("SPARSE_VIZ_RECALL_OUT", REPO / "results" / "recall"))
+LR = 1e-3  # main-model peak learning rate of --steps recipes (3e-3 did not leave the plateau)
 SELECTORS = ["dsa", "dsa_scratch", "local", "sink_local", "random", "oracle"]
 COLOURS = {"dense": "#101828", "dsa": "#3b6fd8", "dsa_scratch": "#7fa7f0", "oracle": "#2e7d32",
            "sink_local": "#8e44ad", "local": "#e67e22", "random": "#7f8c8d"}
@@ -45,21 +46,21 @@ def run_name(selector: str, k: int | None) -> str:
     return "dense" if selector == "dense" else f"{selector}_k{k}"
 
 
-def stage_args(selector: str, steps: tuple[int, int, int] | None) -> list[str]:
+def stage_args(selector: str, steps: tuple[int, int, int] | None, lr: float = 1e-3) -> list[str]:
     """The recipe's step counts on the command line (None: those of the config files)."""
     if steps is None:
         return []
     dense, warmup, sparse = steps
     if selector == "dsa":
-        stages = (f"[{{name: dense, steps: {dense}, lr: 3.0e-3, indexer_lr: 3.0e-3, warmup_steps: {min(30, dense)}, min_lr_ratio: 1.0}},"
+        stages = (f"[{{name: dense, steps: {dense}, lr: {lr}, indexer_lr: 3.0e-3, warmup_steps: {min(30, dense)}, min_lr_ratio: 1.0}},"
                   f" {{name: warmup, steps: {warmup}, indexer_lr: 3.0e-3, min_lr_ratio: 1.0}},"
-                  f" {{name: sparse, steps: {sparse}, lr: 3.0e-3, indexer_lr: 1.0e-3, min_lr_ratio: 0.1}}]")
+                  f" {{name: sparse, steps: {sparse}, lr: {lr}, indexer_lr: 1.0e-3, min_lr_ratio: 0.1}}]")
     elif selector == "dsa_scratch":
-        stages = f"[{{name: sparse, steps: {dense + warmup + sparse}, lr: 3.0e-3, indexer_lr: 3.0e-3, warmup_steps: {min(30, dense)}}}]"
+        stages = f"[{{name: sparse, steps: {dense + warmup + sparse}, lr: {lr}, indexer_lr: 3.0e-3, warmup_steps: {min(30, dense)}}}]"
     else:
         second = "dense" if selector == "dense" else "sparse"
-        stages = (f"[{{name: dense, steps: {dense + warmup}, lr: 3.0e-3, warmup_steps: {min(30, dense)}, min_lr_ratio: 1.0}},"
-                  f" {{name: {second}, steps: {sparse}, lr: 3.0e-3, min_lr_ratio: 0.1}}]")
+        stages = (f"[{{name: dense, steps: {dense + warmup}, lr: {lr}, warmup_steps: {min(30, dense)}, min_lr_ratio: 1.0}},"
+                  f" {{name: {second}, steps: {sparse}, lr: {lr}, min_lr_ratio: 0.1}}]")
     return [f"--model.stages={stages}"]
 
 
@@ -73,7 +74,7 @@ def command(selector: str, k: int | None, steps, extra: list[str] = ()) -> list[
         args[5:5] = ["--config", str(CONFIGS / f"{overlay}.yaml")]
     if k is not None:
         args.append(f"--model.top_k={k}")
-    return args + stage_args(selector, steps) + list(extra) + ["--run_root", str(OUT), "--run_name", run_name(selector, k),
+    return args + stage_args(selector, steps, LR) + list(extra) + ["--run_root", str(OUT), "--run_name", run_name(selector, k),
                                                  "--trainer.enable_progress_bar=false"]
 
 
