@@ -4,6 +4,11 @@
     python -m sparse_viz.train --config configs/train/dense.yaml --trainer.max_steps=200
     python -m sparse_viz.train --model.top_k=16 --data.corpus=path/to/texts/
     python -m sparse_viz.train --ckpt_path results/<run>/checkpoints/last.ckpt   # resume
+    python -m sparse_viz.train --config configs/train/recall.yaml              # associative recall
+    python -m sparse_viz.train --data sparse_viz.data.RecallDataModule --data.num_pairs=16
+
+`--data` is a class path (LightningCLI's subclass mode): `sparse_viz.data.TextDataModule` (the
+default) or `sparse_viz.data.RecallDataModule`; `--data.<option>` sets that class's options.
 
 Each run gets its own directory `<run_root>/<run_name>/` (default `results/<config>-<time>/`)
 with the resolved `config.yaml`, `checkpoints/`, `metrics.csv`, and what the callbacks write.
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 import datasets
+import lightning as L
 import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -41,7 +47,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
-def prepared_vocab_size(datamodule: TextDataModule) -> int:
+def prepared_vocab_size(datamodule: L.LightningDataModule) -> int:
     """Prepare the data (train or load the tokenizer) and return the real vocabulary size."""
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -68,9 +74,12 @@ class SparseVizCLI(LightningCLI):
             ModelConfig(**{k: model[k] for k in MODEL_CONFIG_FIELDS if k in model})
         except ValueError as error:
             raise UserInputError(str(error)) from None
-        if self.config.data.seq_len > model.max_seq_len:
+        data = self.config.data
+        data_args = data.get("init_args", data)  # subclass mode: {class_path, init_args}
+        seq_len = data_args.get("seq_len")
+        if seq_len is not None and seq_len > model.max_seq_len:
             raise UserInputError(
-                f"data.seq_len={self.config.data.seq_len} is larger than model.max_seq_len={model.max_seq_len}"
+                f"data.seq_len={seq_len} is larger than model.max_seq_len={model.max_seq_len}"
             )
 
     def before_instantiate_classes(self) -> None:
@@ -133,7 +142,8 @@ def run_training(args: list[str] | None = None) -> SparseVizCLI:
     """Parse `args` (default: the command line), train, and return the CLI (model, data, run_dir)."""
     cli = SparseVizCLI(
         DSALightningModule,
-        TextDataModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
         run=False,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
@@ -145,7 +155,8 @@ def run_training(args: list[str] | None = None) -> SparseVizCLI:
     if cli.trainer.is_global_zero:
         # The run directory is self-contained: analyses of its checkpoints read their tokenizer here.
         cli.run_dir.mkdir(parents=True, exist_ok=True)
-        save_tokenizer_atomic(cli.datamodule.tokenizer, cli.run_dir / "tokenizer.json")
+        if isinstance(cli.datamodule, TextDataModule):
+            save_tokenizer_atomic(cli.datamodule.tokenizer, cli.run_dir / "tokenizer.json")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     print(f"run directory: {cli.run_dir}")
     return cli

@@ -2,6 +2,9 @@
 
     plots/attention_patterns.png   6 panels: attention patterns, selection and its baselines over training
     plots/indexer_behavior.png     4 panels
+    plots/ground_truth.png         a task with ground truth (associative recall) only: per layer,
+                                   ground-truth hit@k of the run's selection and the baselines,
+                                   and the probe's answer accuracy
     plots/selection/step_XXXXXXX.png   one selection heatmap (query x key) per snapshot,
                                    one panel per chosen layer
 
@@ -280,6 +283,50 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
     return fig
 
 
+GT_SERIES = [
+    ("gt_hit_at_k", "selection (hit@k)", "#3b6fd8", "-"),
+    ("gt_hit_at_k_oracle", "oracle", "#2e7d32", "--"),
+    ("gt_hit_at_k_sink_local", "sink+local", "#8e44ad", ":"),
+    ("gt_hit_at_k_local", "local", "#e67e22", ":"),
+    ("gt_hit_at_k_random", "random", "#7f8c8d", "-."),
+    ("gt_mass", "dense attention mass on the value", "#c0392b", "-"),
+]
+
+
+def ground_truth_figure(history: list[dict]) -> Figure:
+    """One panel per layer: share of answer positions whose selection holds the ground-truth
+    value position (the run's selection and each baseline's), and the dense attention mass on it;
+    a last panel: the probe's answer accuracy."""
+    n_layers = 1 + max((int(name[1:].split("/")[0]) for r in history for name in r
+                        if name.startswith("L") and name.endswith("/gt_mass")), default=0)
+    fig = Figure(figsize=(5 * (n_layers + 1), 4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n_layers + 1))
+    steps = _steps(history)
+    for layer in range(n_layers):
+        ax = axes[layer]
+        _shade_stages(ax, history)
+        for name, label, colour, style in GT_SERIES:
+            values = _series(history, f"L{layer}/{name}")
+            if np.isfinite(values).any():
+                ax.plot(steps, values, style, marker="o", ms=3, color=colour, label=label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"layer {layer}: ground truth in the selection")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("share of answer positions / attention mass")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    _shade_stages(ax, history)
+    accuracy = _series(history, "answer_accuracy")
+    if np.isfinite(accuracy).any():
+        ax.plot(steps, accuracy, "o-", ms=3, color="#101828")
+    else:
+        _empty(ax, "no answer accuracy recorded")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("answer accuracy on the probe")
+    ax.set_xlabel("training step")
+    return fig
+
+
 def selection_heatmap_figure(arrays: dict, layers: Sequence[int], step: int) -> Figure:
     """Query x key selection matrix of probe row 0 for each chosen layer.
 
@@ -331,6 +378,8 @@ def render_plots(run_dir: str | os.PathLike, heatmap_layers: Sequence[int] | Non
         _save(attention_patterns_figure(history, snapshots), plots / "attention_patterns.png"),
         _save(indexer_behavior_figure(history, snapshots), plots / "indexer_behavior.png"),
     ]
+    if any("gt_mass" in record for record in history):
+        written.append(_save(ground_truth_figure(history), plots / "ground_truth.png"))
     for step, arrays in snapshots.items():
         n_layers = arrays["show_selected"].shape[0]
         layers = [l for l in (heatmap_layers if heatmap_layers is not None else range(n_layers)) if 0 <= l < n_layers]

@@ -77,6 +77,20 @@ DEFINITIONS = [
 ]
 
 
+# Added to the definitions when the run's task has ground truth (associative recall).
+GROUND_TRUTH_DEFINITIONS = [
+    ("ground truth", "In associative recall, the answer position t (a query key, whose next token is "
+     "the value) has its pair earlier in the sequence: the matching key's position and its value's "
+     "position. Only the value's position can carry the answer under causal attention."),
+    ("ground-truth hit@k", "Share of the answer positions whose selected keys include the value's "
+     "position, for the run's selection and for the local, sink+local, random and oracle selections "
+     "of the same probe (key hit@k: the same for the key's position)."),
+    ("ground-truth mass", "Dense attention probability (mean over heads) on the value's position, "
+     "averaged over the answer positions; 'used' is the same for the attention that actually ran."),
+    ("answer accuracy", "Share of the probe's answer positions where the model's top prediction is the value."),
+]
+
+
 def _b64(array: np.ndarray, dtype: str) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode("ascii")
 
@@ -176,7 +190,8 @@ def build_payload(run_dir: str | os.PathLike) -> dict:
         "top_tokens": [r.get("top_tokens", []) for r in history],
         "token_types": list(TOKEN_TYPES),
         "views": views,
-        "definitions": [list(d) for d in DEFINITIONS],
+        "definitions": [list(d) for d in DEFINITIONS + (GROUND_TRUTH_DEFINITIONS if probe.get("answers") else [])],
+        "answers": [[int(v) for v in row] for row in probe.get("answers", [])],
     }
 
 

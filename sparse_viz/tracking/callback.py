@@ -30,6 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from sparse_viz.tracking import ground_truth as GT
 from sparse_viz.tracking import metrics as M
 from sparse_viz.tracking.store import RunStore
 from sparse_viz.tracking.token_types import TOKEN_TYPES, frequency_classes, token_type_matrix
@@ -252,7 +253,10 @@ class SelectionAnalysisCallback(L.Callback):
 
     Requires `pl_module.model` (a `SparseTransformer`), `pl_module.model_config`,
     `pl_module.current_stage` / `pl_module.stage_attention`, and a datamodule with
-    `probe_batch()`, `token_strings(ids)` and (optionally) `token_counts`.
+    `probe_batch()`, `token_strings(ids)` and (optionally) `token_counts`. A datamodule with
+    `probe_ground_truth()` (a task with ground truth, e.g. `RecallDataModule`) also gets the
+    `gt_*` scalars of `sparse_viz.tracking.ground_truth` and the probe accuracy
+    `answer_accuracy` in every snapshot, and its probe row 0's answers in `probe.json`.
     """
 
     def __init__(self, every_n_steps: int = 50, heatmap_layers: list[int] | None = None,
@@ -276,6 +280,8 @@ class SelectionAnalysisCallback(L.Callback):
         self._val_loss: float | None = None
         self._val_step: int | None = None
         self._token_lookup: dict[int, str] = {}
+        self._ground_truth: torch.Tensor | None = None  # (P, T, G) of a task with ground truth
+        self._targets: torch.Tensor | None = None  # (P, T)
 
     # ------------------------------------------------------------------ setup / resume
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -286,8 +292,14 @@ class SelectionAnalysisCallback(L.Callback):
         probe = torch.as_tensor(dm.probe_batch())  # (P, T + 1)
         train_seq_len = probe.shape[1] - 1
         self._probe = probe[:, :-1].long()  # (P, T)
-        if self.probe_seq_len is not None:
-            self._probe = self._probe[:, : self.probe_seq_len]  # (P, N): a causal prefix
+        self._targets = probe[:, 1:].long()  # (P, T)
+        if hasattr(dm, "probe_ground_truth"):
+            self._ground_truth = torch.as_tensor(dm.probe_ground_truth()["ground_truth"]).long()  # (P, T, G)
+        if self.probe_seq_len is not None:  # a causal prefix: (P, N); answers there only point back into it
+            self._probe = self._probe[:, : self.probe_seq_len]
+            self._targets = self._targets[:, : self.probe_seq_len]
+            if self._ground_truth is not None:
+                self._ground_truth = self._ground_truth[:, : self.probe_seq_len]
         strings = [list(dm.token_strings(row.tolist())) for row in self._probe]
         counts = getattr(dm, "token_counts", None)
         frequent = rare = None
@@ -296,7 +308,12 @@ class SelectionAnalysisCallback(L.Callback):
         types = [token_type_matrix(s, row.numpy(), frequent, rare) for s, row in zip(strings, self._probe)]
         self._types = torch.as_tensor(np.stack(types))  # (P, T, n_types)
         cfg = pl_module.model_config
+        answers = {}
+        if self._ground_truth is not None:  # [query position, key position, value position] of row 0
+            rows = GT.answer_rows(self._ground_truth[:1])[0].nonzero().flatten().tolist()
+            answers = {"answers": [[t, *self._ground_truth[0, t].tolist()] for t in rows]}
         self.store.write_probe({
+            **answers,
             "token_ids": self._probe[0].tolist(),
             "tokens": strings[0],
             "probe_rows": int(self._probe.shape[0]),
@@ -322,7 +339,8 @@ class SelectionAnalysisCallback(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._batch_start is not None:
             self._train_seconds += time.perf_counter() - self._batch_start
-            self._tokens += int(batch[:, :-1].numel()) if hasattr(batch, "numel") else 0
+            tokens = batch["tokens"] if isinstance(batch, dict) else batch
+            self._tokens += int(tokens[:, :-1].numel()) if hasattr(tokens, "numel") else 0
         step = trainer.global_step
         if step % self.every_n_steps == 0:
             self.snapshot(trainer, pl_module, step)
@@ -366,6 +384,12 @@ class SelectionAnalysisCallback(L.Callback):
                     traces, k, token_types=self._types, token_ids=self._probe,
                     previous_selected=self._previous_selection(step), baselines=baselines,
                     attention=attention)
+                if self._ground_truth is not None:
+                    scalars.update(GT.ground_truth_scalars(
+                        traces, self._ground_truth.to(inputs.device),
+                        list(selected) if selected is not None else None, baselines))
+                    scalars["answer_accuracy"] = GT.answer_accuracy(
+                        out.logits, self._targets.to(inputs.device), self._ground_truth.to(inputs.device))
         finally:
             model.train(was_training)
         stage = pl_module.current_stage

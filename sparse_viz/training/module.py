@@ -9,10 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig, SparseTransformer
+from sparse_viz.training.batches import answer_hits, batch_tokens, masked_cross_entropy, split_batch
 from sparse_viz.training.stages import Schedule, Stage
 
 
@@ -115,6 +115,8 @@ class DSALightningModule(L.LightningModule):
         self._batch_started_at: float | None = None
         self._val_loss_sum = 0.0
         self._val_token_count = 0
+        self._val_answer_hits = 0
+        self._val_answer_count = 0
 
     # ----------------------------------------------------------------- the schedule's view
     @property
@@ -145,13 +147,15 @@ class DSALightningModule(L.LightningModule):
         """One step of the current stage.
 
         Args:
-            batch: (B, T + 1) token ids; inputs are batch[:, :-1], targets batch[:, 1:].
+            batch: (B, T + 1) token ids; inputs are batch[:, :-1], targets batch[:, 1:]. Or a
+                dict with `tokens` (B, T + 1) and `loss_mask` (B, T) bool: the LM loss counts only
+                at the masked positions (`sparse_viz.training.batches`).
         """
         stage_index, stage, _ = self.schedule.locate(self.global_step)
         self._set_trainable(stage)
-        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+        inputs, targets, loss_mask = split_batch(batch)  # (B, T), (B, T), (B, T) or None
         out = self.model(inputs, attention=stage.attention, indexer_loss=self._indexer_loss_mode(stage))
-        lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        lm_loss, _ = masked_cross_entropy(out.logits, targets, loss_mask)
         loss = lm_loss if stage.trains_main else lm_loss.new_zeros(())
         if out.indexer_kl is not None:
             if not torch.isfinite(out.indexer_kl).all():
@@ -170,21 +174,28 @@ class DSALightningModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self._batch_started_at is not None:
             elapsed = time.perf_counter() - self._batch_started_at
-            tokens = batch[:, :-1].numel()
+            tokens = batch_tokens(batch)
             self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
 
     def on_validation_epoch_start(self) -> None:
         self._val_loss_sum = 0.0
         self._val_token_count = 0
+        self._val_answer_hits = 0
+        self._val_answer_count = 0
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """Validation LM loss with the attention the current stage uses."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        """Validation LM loss with the attention the current stage uses (on the masked
+        positions only for a masked batch, which also counts the answer accuracy)."""
+        inputs, targets, loss_mask = split_batch(batch)
         out = self.model(inputs, attention=self.stage_attention)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        loss, count = masked_cross_entropy(out.logits, targets, loss_mask, reduction="sum")
         self._val_loss_sum += loss.item()
-        self._val_token_count += targets.numel()
-        return loss / targets.numel()
+        self._val_token_count += count
+        if loss_mask is not None:
+            hits, answers = answer_hits(out.logits, targets, loss_mask)
+            self._val_answer_hits += hits
+            self._val_answer_count += answers
+        return loss / max(count, 1)
 
     def on_validation_epoch_end(self) -> None:
         # Token-weighted mean over every rank's batches (identity on a single device).
@@ -197,6 +208,11 @@ class DSALightningModule(L.LightningModule):
         self.log("val/loss", mean_loss, prog_bar=True)
         self.log("val/ppl", math.exp(min(mean_loss, 50.0)))
         self.log("val/stage", float(self.schedule.locate(self.global_step)[0]))
+        if self._val_answer_count:
+            answers = torch.tensor([float(self._val_answer_hits), float(self._val_answer_count)],
+                                   dtype=torch.float64, device=self.device)
+            hits, count = self.trainer.strategy.reduce(answers, reduce_op="sum").tolist()
+            self.log("val/accuracy", hits / count, prog_bar=True)
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -53,6 +53,8 @@
     for (let j = 0; j < V.k; j++) { const key = V.denseTop[base + j]; if (key !== V.pad) out.add(key); }
     return out;
   }
+  // Ground truth of a task that has it (associative recall): answer position t -> [key pos, value pos].
+  const answers = new Map((data.answers || []).map(([t, key, value]) => [t, [key, value]]));
   const colour = (v) => d3.interpolateBlues(0.15 + 0.85 * Math.max(0, Math.min(1, v)));
 
   // ------------------------------------------------------------------ header and controls
@@ -129,6 +131,15 @@
     for (const x of chosen) { spans[x.key].classList.add("selected-key"); spans[x.key].style.background = colour(x.shade); }
     for (const s of top) spans[s].classList.add("dense-top");
     spans[t].classList.add("query");
+    const truth = answers.get(t);
+    let truthLine = "";
+    if (truth) {
+      const picked = new Set(chosen.map((x) => x.key));
+      const [key, value] = truth;
+      spans[key].classList.add("ground-truth"); spans[value].classList.add("ground-truth");
+      truthLine = `\nground truth: key ${key} ${JSON.stringify(String(data.tokens[key] ?? ""))} (${picked.has(key) ? "selected" : "not selected"}), ` +
+        `value ${value} ${JSON.stringify(String(data.tokens[value] ?? ""))} (${picked.has(value) ? "selected" : "not selected"})`;
+    }
     let overlap = 0;
     for (const x of chosen) if (top.has(x.key)) overlap += 1;
     const mass = V.mass[rowBase(t)];
@@ -136,7 +147,7 @@
     info.textContent =
       `query t = ${t} ${JSON.stringify(String(data.tokens[t] ?? ""))} · layer ${state.layer} · step ${stepOf()} (${data.stages[h] ?? ""}, selection from ${data.source[h] ?? ""})\n` +
       `${chosen.length} keys selected of ${t + 1} visible · dense-attention mass on the selection (mass@k) ${mass < 0 ? "n/a" : SV.format(mass, 3)} · ` +
-      `${overlap}/${top.size} of the dense top-k selected${state.pinned !== null ? " · pinned (click again to release)" : ""}`;
+      `${overlap}/${top.size} of the dense top-k selected${state.pinned !== null ? " · pinned (click again to release)" : ""}` + truthLine;
   }
 
   // ------------------------------------------------------------------ heatmap
@@ -208,6 +219,16 @@
     { title: "validation loss", global: true, series: [["val_loss", "val loss", "#101828"]] },
     { title: "training tokens/s", global: true, series: [["tokens_per_s", "tokens/s", "#101828"]] },
   ];
+  if (answers.size) {
+    CHARTS.unshift(
+      { title: "ground-truth hit@k: selection vs baselines", series: [
+        ["gt_hit_at_k", "selection", "#3b6fd8"], ["gt_hit_at_k_oracle", "oracle", "#2e7d32"],
+        ["gt_hit_at_k_sink_local", "sink+local", "#8e44ad"], ["gt_hit_at_k_local", "local", "#e67e22"],
+        ["gt_hit_at_k_random", "random", "#7f8c8d"]] },
+      { title: "attention mass on the ground-truth value", series: [
+        ["gt_mass", "dense", "#c0392b"], ["gt_attn_mass", "used", "#3b6fd8"]] },
+      { title: "answer accuracy (probe)", global: true, series: [["answer_accuracy", "accuracy", "#101828"]] });
+  }
   const markers = [];
   function column(name, global) {
     const key = global ? name : `L${state.layer}/${name}`;
@@ -273,7 +294,8 @@
     updateMarkers();
   }
 
-  if (V && state.hover === null) state.hover = Math.min(V.T - 1, Math.max(V.k, Math.floor(V.T / 2)));
+  if (V && state.hover === null) state.hover = answers.size ? Math.min(V.T - 1, [...answers.keys()][0])
+    : Math.min(V.T - 1, Math.max(V.k, Math.floor(V.T / 2)));
   buildCharts();
   update();
   SV.markReady();
