@@ -343,8 +343,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "selection_ignored_by_the_fast_masking_path",
         "sparse_viz/analysis/masking/layer_attention.py",
-        "        full.visible = full.visible & keep",
-        "        full.visible = full.visible",
+        "        att.visible = att.visible & keep[query_positions]",
+        "        att.visible = att.visible",
         ("tests/test_dsa_checkpoint_probes.py::test_masking_a_dsa_checkpoint_equals_brute_force_with_its_selection",),
         "masking a DSA checkpoint lets the final query see keys its selection dropped",
     ),

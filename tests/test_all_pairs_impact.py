@@ -35,6 +35,7 @@ def assert_matches_reference(adapter, inputs, layer, block_size):
     scale = slow.l2[lower].max()
     torch.testing.assert_close(fast.l2[lower].double(), slow.l2[lower], rtol=1e-5, atol=1e-6 * scale)
     torch.testing.assert_close(fast.cosine[lower].double(), slow.cosine[lower], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast.attention_mass, slow.attention_mass, rtol=1e-5, atol=1e-6)
     return fast, slow
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_viz.errors import UserInputError
+from sparse_viz.model.attention import selection_mask
 from sparse_viz.model.config import SELECTORS
 from sparse_viz.model.rope import rope_tables
 from sparse_viz.model.selectors import select_keys
@@ -115,10 +116,7 @@ class KeySelection:
         if selected is None:
             return None
         self.last_selected[layer] = selected  # what the layer attended to in the latest forward
-        T = selected.shape[1]
-        allowed = torch.zeros(*selected.shape[:2], T + 1, dtype=torch.bool, device=selected.device)
-        allowed.scatter_(-1, selected.masked_fill(selected < 0, T), True)  # unfilled slots -> spare column
-        return allowed[..., :T]
+        return selection_mask(selected, seq_len)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

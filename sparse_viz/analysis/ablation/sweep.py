@@ -42,6 +42,9 @@ from sparse_viz.analysis.ablation.metrics import (
 )
 from sparse_viz.errors import UserInputError
 from sparse_viz.pretrained.adapter import ArchitectureAdapter
+from sparse_viz.pretrained.selected_attention import (
+    ATTENTION_NAME as SELECTED_ATTENTION,
+)
 
 # Rows per LM-head call in a sweep: bounds the (rows, V) fp32 logits alive at once (2048 rows of
 # Qwen3's 151,936-token vocabulary: 1.2 GB) whatever the batch size. Smaller slices cost speed:
@@ -64,7 +67,7 @@ def eager_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     A model whose attention is restricted to a key selection keeps it: that attention is eager too.
     """
     previous = getattr(model.config, "_attn_implementation", None)
-    if not enabled or previous in ("eager", "sparse_viz_selected"):
+    if not enabled or previous in ("eager", SELECTED_ATTENTION):
         yield
         return
     model.set_attn_implementation("eager")

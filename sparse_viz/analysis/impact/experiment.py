@@ -23,13 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from sparse_viz.analysis.impact.agreement import impact_recall_at_k, impact_share, scored_rows, spearman_by_row
 from sparse_viz.analysis.index_spec import as_indices
 from sparse_viz.analysis.masking.all_pairs import all_pairs_attention_impact
 from sparse_viz.analysis.masking.experiment import attention_label
-from sparse_viz.analysis.masking.layer_attention import layer_attention
 from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
 from sparse_viz.errors import UserInputError
 from sparse_viz.model.selectors import local_window, random_past, sink_plus_local, topk_causal
@@ -70,12 +68,6 @@ class ImpactResult:
     attention_mass: np.ndarray
     agreement: pd.DataFrame
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def attention_mass(model: LoadedModel, layer: int, layer_input: Any) -> torch.Tensor:
-    """(T, T) the layer's attention probabilities summed over query heads (0 for hidden keys)."""
-    scores = layer_attention(model.adapter, layer, layer_input).scores()  # (Hkv, G, T, T)
-    return F.softmax(scores.float(), dim=-1).sum((0, 1))
 
 
 @torch.no_grad()
@@ -185,7 +177,7 @@ def run_impact_analysis(
     l2s, cosines, masses, rows = [], [], [], []
     for layer in tqdm(layer_list, desc="impact", unit="layer", disable=not progress):
         impact = all_pairs_attention_impact(adapter, layer, inputs[layer], block_size=block_size)
-        mass = attention_mass(model, layer, inputs[layer]).cpu()
+        mass = impact.attention_mass
         index_scores = indexer_scores(model, layer, inputs[layer])
         rows += agreement_rows(layer, impact.l2, mass, ks, sink_tokens, seed, index_scores)
         l2s.append(impact.l2.numpy())

@@ -49,10 +49,13 @@ class AllPairsImpact:
         cosine: (T, T) float32, 1 - cos(a, a + da).
             Both are NaN for s > t and where hiding s leaves the query no key at all (t = 0), and
             0 for keys outside the layer's sliding window (the query never sees them).
+        attention_mass: (T, T) float32, the layer's attention probabilities summed over query
+            heads (the softmax the impact is computed from; 0 for keys a query does not see).
     """
 
     l2: torch.Tensor
     cosine: torch.Tensor
+    attention_mass: torch.Tensor
 
 
 @torch.no_grad()
@@ -81,12 +84,15 @@ def all_pairs_attention_impact(
     uu = _value_gram(v_of_head, m)  # (T, H, H)
     l2 = torch.full((n_tokens, n_tokens), float("nan"))
     cosine = torch.full((n_tokens, n_tokens), float("nan"))
+    mass = torch.zeros(n_tokens, n_tokens)
     for start in range(0, n_tokens, block_size):
         stop = min(start + block_size, n_tokens)
-        block_l2, block_cos = _block_impact(att.queries(start, stop), w_o, m, bias, start, v_of_head[:, :stop], uu[:stop])
+        block_l2, block_cos, block_mass = _block_impact(att.queries(start, stop), w_o, m, bias, start,
+                                                        v_of_head[:, :stop], uu[:stop])
         l2[start:stop, :stop] = block_l2.float().cpu()
         cosine[start:stop, :stop] = block_cos.float().cpu()
-    return AllPairsImpact(l2=l2, cosine=cosine)
+        mass[start:stop, :stop] = block_mass.cpu()
+    return AllPairsImpact(l2=l2, cosine=cosine, attention_mass=mass)
 
 
 def _value_gram(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -96,8 +102,10 @@ def _value_gram(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def _block_impact(att: LayerAttention, w_o: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None,
-                  start: int, v_of_head: torch.Tensor, uu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """l2 and cosine distances (b, stop) of a query block; NaN above the diagonal.
+                  start: int, v_of_head: torch.Tensor, uu: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """l2 and cosine distances (b, stop) of a query block, NaN above the diagonal, and its
+    attention probabilities summed over heads (b, stop).
 
     Args:
         v_of_head: (H, stop, hd) float64, the values each head reads; uu: (stop, H, H) `_value_gram`.
@@ -108,6 +116,7 @@ def _block_impact(att: LayerAttention, w_o: torch.Tensor, m: torch.Tensor, bias:
     keys = slice(0, stop)  # later keys are in every query's future
     scores = att.scores()[..., keys].float()  # (Hkv, G, b, S): softmax in float32, as eager attention
     p = F.softmax(scores, dim=-1)  # (Hkv, G, b, S)
+    mass = p.sum((0, 1))  # (b, S)
     z = torch.einsum("kgqs,ksd->kgqd", p.to(att.v.dtype), att.v[:, keys]).double()  # (Hkv, G, b, hd)
     p = p.double().reshape(n_heads, b, -1)  # (H, b, S); head h = kv * G + g
     z = z.reshape(n_heads, b, -1)  # (H, b, hd)
@@ -124,9 +133,9 @@ def _block_impact(att: LayerAttention, w_o: torch.Tensor, m: torch.Tensor, bias:
     a_dot_da = (c * ((r * z).sum(-1)[..., None] - r_dot_v)).sum(0)  # (b, S)
 
     l2, cosine = _distances(a, a_dot_da, norm2)
-    _exact_dominant_pairs(att, dominant, p, c, z, v_of_head, w_o, a, l2, cosine)
+    _exact_dominant_pairs(scores.reshape(n_heads, b, -1), dominant, p, c, z, v_of_head, w_o, a, l2, cosine)
     future = torch.arange(stop, device=l2.device)[None, :] > torch.arange(start, stop, device=l2.device)[:, None]
-    return l2.masked_fill(future, float("nan")), cosine.masked_fill(future, float("nan"))
+    return l2.masked_fill(future, float("nan")), cosine.masked_fill(future, float("nan")), mass
 
 
 def _gram_norm2(c: torch.Tensor, z: torch.Tensor, v: torch.Tensor, m: torch.Tensor, uu: torch.Tensor, n_kv: int,
@@ -164,22 +173,24 @@ def _distances(a: torch.Tensor, a_dot_da: torch.Tensor, norm2: torch.Tensor) -> 
     return norm2.sqrt(), (1 - cos).clamp_min(0)
 
 
-def _exact_dominant_pairs(att: LayerAttention, dominant: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
+def _exact_dominant_pairs(scores: torch.Tensor, dominant: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
                           z: torch.Tensor, v: torch.Tensor, w_o: torch.Tensor, a: torch.Tensor,
                           l2: torch.Tensor, cosine: torch.Tensor) -> None:
     """Overwrite l2/cosine (b, S) of every pair where some head holds > DOMINANT of its mass on the
-    key, from da as a vector: those heads from the softmax recomputed without the key."""
+    key, from da as a vector: those heads from the softmax recomputed without the key.
+
+    Args:
+        scores: (H, b, S) float32 block scores (-inf at hidden keys); p, c, dominant: (H, b, S);
+        z: (H, b, hd); v: (H, S, hd) the values each head reads; w_o: (D, H, hd); a: (b, D).
+    """
     pairs = dominant.any(0).nonzero()  # (P, 2): (query in block, key)
     if len(pairs) == 0:
         return
-    n_heads, b, n_keys = p.shape
     # Each (query, head) row has at most one dominant key: its softmax without that key.
     key_of_row = torch.where(dominant.any(-1), p.argmax(-1), -1)  # (H, b)
-    scores = att.scores()[..., :n_keys].float().reshape(n_heads, b, n_keys)
     without = scores.scatter(-1, key_of_row.clamp_min(0)[..., None], float("-inf"))
     p_without = F.softmax(without, dim=-1).double()  # (H, b, S); NaN if nothing is left
-    group = n_heads // att.v.shape[0]
-    z_without = torch.einsum("hqs,hsd->hqd", p_without, att.v[:, :n_keys].double().repeat_interleave(group, 0))
+    z_without = torch.einsum("hqs,hsd->hqd", p_without, v)  # (H, b, hd)
 
     q_idx, s_idx = pairs[:, 0], pairs[:, 1]
     p_pair = p[:, q_idx, s_idx]  # (H, P)

@@ -93,9 +93,18 @@ def layer_attention(
     _, n_tokens, _ = hidden.shape
     n_heads, n_kv, head_dim = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
     cos, sin = layer_input.position_embeddings  # (1, T, hd) each
+    selection = adapter.selection
+    selected = selection is not None and not selection.is_dense(layer)
+    # The oracle picks each row's keys from that row's dense attention, so it needs every query;
+    # otherwise only the requested queries are projected.
+    requested = queries
+    if selected and selection.selector == "oracle":
+        queries = slice(None)
+    query_positions = torch.arange(n_tokens, device=hidden.device)[queries]  # (Tq,)
+    n_queries = len(query_positions)
 
     x = adapter.input_norm(layer)(hidden)  # (1, T, D)
-    q = attention.q_proj(x).view(1, n_tokens, n_heads, head_dim)  # (1, T, H, hd)
+    q = attention.q_proj(x[:, queries]).view(1, n_queries, n_heads, head_dim)  # (1, Tq, H, hd)
     k = attention.k_proj(x).view(1, n_tokens, n_kv, head_dim)  # (1, T, Hkv, hd)
     v = attention.v_proj(x).view(1, n_tokens, n_kv, head_dim)  # (1, T, Hkv, hd)
     q_norm, k_norm = adapter.q_norm(layer), adapter.k_norm(layer)
@@ -103,22 +112,25 @@ def layer_attention(
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
-    q = apply_rope(q.transpose(1, 2), cos, sin)  # (1, H, T, hd)
+    q = apply_rope(q.transpose(1, 2), cos[:, queries], sin[:, queries])  # (1, H, Tq, hd)
     k = apply_rope(k.transpose(1, 2), cos, sin)  # (1, Hkv, T, hd)
     group = n_heads // n_kv
-    full = LayerAttention(
-        q=q[0].view(n_kv, group, n_tokens, head_dim),  # GQA: head h reads KV head h // group
+    att = LayerAttention(
+        q=q[0].view(n_kv, group, n_queries, head_dim),  # GQA: head h reads KV head h // group
         k=k[0],
         v=v.transpose(1, 2)[0],  # (Hkv, T, hd)
-        visible=visible_keys(torch.arange(n_tokens, device=hidden.device), n_tokens, adapter.sliding_window(layer)),
+        visible=visible_keys(query_positions, n_tokens, adapter.sliding_window(layer)),
         scaling=adapter.attention_scaling,
     )
-    selection = adapter.selection
-    if selection is not None and not selection.is_dense(layer):
+    if selected:
         # The model attends only to its selected keys (a DSA model, or a selector installed on a
         # pretrained one): the same selection the model's attention function computes.
-        dense_probs = torch.softmax(full.scores().float(), dim=-1).reshape(1, n_heads, n_tokens, n_tokens)
+        dense_probs = None
+        if selection.selector == "oracle":
+            dense_probs = torch.softmax(att.scores().float(), dim=-1).reshape(1, n_heads, n_tokens, n_tokens)
         keep = selection.keep(layer, 1, n_tokens, hidden.device, x, dense_probs)[0]  # (T, T)
-        full.visible = full.visible & keep
-    start, stop, _ = queries.indices(n_tokens)
-    return full.queries(start, stop)
+        att.visible = att.visible & keep[query_positions]
+    if queries is not requested:  # all queries were projected for the oracle: keep the requested ones
+        start, stop, _ = requested.indices(n_tokens)
+        att = att.queries(start, stop)
+    return att

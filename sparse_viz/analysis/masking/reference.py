@@ -115,14 +115,15 @@ def reference_all_pairs_impact(adapter: ArchitectureAdapter, layer: int, layer_i
     t, and the attention block's output at t (after o_proj) is compared with the unmasked one.
 
     Returns:
-        AllPairsImpact; distances in float64 of the float32 outputs, NaN for s > t and t = s = 0.
+        AllPairsImpact; distances in float64 of the float32 outputs, NaN for s > t and t = s = 0;
+        attention_mass from the unmasked call's attention weights, summed over heads.
     """
     decoder_layer = adapter.layers[layer]
     hidden = layer_input.hidden  # (1, T, D)
     n_tokens = hidden.shape[1]
     window = adapter.sliding_window(layer)
     seen: dict[str, torch.Tensor] = {}
-    hook = adapter.attention(layer).register_forward_hook(lambda m, args, out: seen.__setitem__("attn", out[0][0]))
+    hook = adapter.attention(layer).register_forward_hook(lambda m, args, out: seen.update(attn=out[0][0], weights=out[1][0]))
 
     def attention_output(query: int, masked_key: int | None) -> torch.Tensor:
         mask = additive_mask(n_tokens, masked_key, window, hidden.dtype, hidden.device, masked_query=query)
@@ -132,6 +133,8 @@ def reference_all_pairs_impact(adapter: ArchitectureAdapter, layer: int, layer_i
     l2 = torch.full((n_tokens, n_tokens), float("nan"), dtype=torch.float64)
     cosine = torch.full((n_tokens, n_tokens), float("nan"), dtype=torch.float64)
     try:
+        attention_output(0, None)
+        mass = seen["weights"].float().sum(0)  # (T, T): the unmasked layer's attention, summed over heads
         for t in range(1, n_tokens):  # query 0 has one key: hiding it leaves nothing to attend to
             base = attention_output(t, None)
             for s in range(t + 1):
@@ -140,4 +143,4 @@ def reference_all_pairs_impact(adapter: ArchitectureAdapter, layer: int, layer_i
                 cosine[t, s] = 1 - (masked @ base) / (masked.norm() * base.norm())
     finally:
         hook.remove()
-    return AllPairsImpact(l2=l2, cosine=cosine)
+    return AllPairsImpact(l2=l2, cosine=cosine, attention_mass=mass)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_viz.errors import UserInputError
+from sparse_viz.model.attention import selection_mask
 from sparse_viz.model.selectors import topk_causal
 from sparse_viz.pretrained.loading import LoadedModel
 from sparse_viz.pretrained.selected_attention import KeySelection, selection_installed
@@ -59,26 +60,25 @@ class SparseEvaluation:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def next_token_nll(logits: torch.Tensor, window: torch.Tensor) -> float:
+    """Summed next-token NLL of one window: logits (1, T, V), window (T,)."""
+    return float(F.cross_entropy(logits[0, :-1].float(), window[1:], reduction="sum"))
+
+
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL over every position of every window, and the number of predictions.
+def dense_pass(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int, list[list[torch.Tensor]]]:
+    """One dense forward per window: the summed next-token NLL, the number of predictions, and
+    per window each layer's attention summed over heads and L1-normalised per query, (T, T).
 
     Args:
         windows: (N, T) token ids.
     """
-    total, count = 0.0, 0
+    total, masses = 0.0, []
     for window in windows:
-        logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()  # (T-1, V)
-        total += float(F.cross_entropy(logits, window[1:], reduction="sum"))
-        count += window.shape[0] - 1
-    return total, count
-
-
-@torch.no_grad()
-def dense_attention_by_layer(model: torch.nn.Module, window: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's dense attention, summed over heads and L1-normalised per query: (T, T) each."""
-    out = model(input_ids=window[None], use_cache=False, output_attentions=True)
-    return [a[0].float().sum(0) / a.shape[1] for a in out.attentions]
+        out = model(input_ids=window[None], use_cache=False, output_attentions=True)
+        total += next_token_nll(out.logits, window)
+        masses.append([a[0].float().sum(0) / a.shape[1] for a in out.attentions])
+    return total, windows.numel() - windows.shape[0], masses
 
 
 def coverage(selected: torch.Tensor, mass: torch.Tensor, k: int) -> tuple[float, float]:
@@ -87,10 +87,8 @@ def coverage(selected: torch.Tensor, mass: torch.Tensor, k: int) -> tuple[float,
     T = mass.shape[0]
     if k >= T:
         return 1.0, 1.0
-    keep = torch.zeros(T, T + 1, dtype=torch.bool)
-    keep.scatter_(-1, selected.masked_fill(selected < 0, T), True)
-    keep = keep[:, :T]
-    top = torch.zeros(T, T, dtype=torch.bool).scatter_(-1, topk_causal(mass[None], k)[0].clamp_min(0), True)
+    keep = selection_mask(selected[None], T)[0]  # (T, T)
+    top = selection_mask(topk_causal(mass[None], k), T)[0]  # (T, T): the dense top-k
     rows = torch.arange(k, T)
     kept_mass = (mass * keep).sum(-1)[rows]
     recall = (top & keep).sum(-1)[rows].float() / k
@@ -121,11 +119,10 @@ def evaluate_selectors(
     ks = sorted({int(value) for value in k})
     if not ks or ks[0] < 1:
         raise UserInputError(f"every k must be >= 1, got {list(k)}")
-    dense_total, n_tokens = window_nll(model.model, windows)
+    dense_total, n_tokens, masses = dense_pass(model.model, windows)  # masses: [N][L] (T, T)
     dense_nll = dense_total / n_tokens
     rows = [{"selector": "dense", "k": windows.shape[1], "perplexity": math.exp(dense_nll), "nll": dense_nll,
              "n_tokens": n_tokens, "relative_to_dense": 1.0}]
-    masses = [dense_attention_by_layer(model.model, window) for window in windows]  # [N][L] (T, T)
     layer_rows = []
     runs = [(name, value) for name in selectors if name != "dense" for value in ks]
     for name, value in tqdm(runs, desc="selectors", disable=not progress):
@@ -159,8 +156,7 @@ def sparse_windows(model: LoadedModel, selection: KeySelection, windows: torch.T
     per_layer = [[0.0, 0.0] for _ in range(n_layers)]
     for window, mass in zip(windows, masses):
         selection.last_selected.clear()
-        logits = model.model(input_ids=window[None], use_cache=False).logits[0, :-1].float()  # (T-1, V)
-        total += float(F.cross_entropy(logits, window[1:], reduction="sum"))
+        total += next_token_nll(model.model(input_ids=window[None], use_cache=False).logits, window)
         for layer in range(n_layers):
             selected = selection.last_selected.get(layer)
             if selected is None:  # a dense layer keeps every causal key
