@@ -47,8 +47,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
-    """One candidate in this process: build, one warm-up step, `steps` timed ones."""
+def worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu", dtype: str = "float32") -> dict:
+    """One candidate in this process: build, one warm-up step, `steps` timed ones. On CUDA the peak
+    is the allocator's (`max_memory_allocated`), each step is timed between synchronisations, and
+    `dtype` bfloat16 runs the step under autocast."""
     import torch
     import torch.nn.functional as F
 
@@ -62,7 +64,10 @@ def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
     torch.manual_seed(0)
     baseline_rss = peak_rss_mb()
     T = seq_len
-    ids = torch.randint(0, MODEL["vocab_size"], (1, T + 1))
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user runs; both candidates alike
+    ids = torch.randint(0, MODEL["vocab_size"], (1, T + 1), device=device)
     config = dict(MODEL, max_seq_len=T)
 
     if name in STEP_CANDIDATES:
@@ -79,10 +84,11 @@ def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
             attention, indexer_loss = "dense", "all"
             for parameter in model.main_parameters():  # the warm-up stage trains the indexer only
                 parameter.requires_grad_(False)
-        model.train()
+        model.to(device).train()
 
         def step():
-            out = model(ids[:, :-1], attention=attention, indexer_loss=indexer_loss)
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                out = model(ids[:, :-1], attention=attention, indexer_loss=indexer_loss)
             loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
             if name.startswith("warmup"):
                 loss = out.indexer_kl.sum()
@@ -91,10 +97,10 @@ def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
             model.zero_grad(set_to_none=True)
             loss.backward()
     else:
-        block = SparseTransformer(ModelConfig(**config)).blocks[0]
-        indexer, rope = block.indexer, SparseTransformer(ModelConfig(**config)).indexer_rope(T)
-        x = torch.randn(1, T, MODEL["d_model"])
-        target = torch.rand(1, T, MODEL["top_k"])  # stands for the main attention at the selected keys
+        full_model = SparseTransformer(ModelConfig(**config)).to(device)
+        indexer, rope = full_model.blocks[0].indexer, full_model.indexer_rope(T)
+        x = torch.randn(1, T, MODEL["d_model"], device=device)
+        target = torch.rand(1, T, MODEL["top_k"], device=device)  # stands for the main attention at the selected keys
 
         def step():
             if name == "indexer_blockwise":
@@ -109,14 +115,21 @@ def worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
             indexer.zero_grad(set_to_none=True)
             kl.backward()
 
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     step()  # warm-up
+    sync()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
-    return {"times": times, "rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline_rss,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if on_cuda else peak_rss_mb()
+    return {"times": times, "rss_mb": peak_mb, "baseline_rss_mb": baseline_rss,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if on_cuda else "cpu"}
 
 
 def breakdown(seq_len: int, reps: int, threads: int) -> None:
@@ -170,9 +183,9 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
           f"(forward and backward): it scores and ranks T^2/2 pairs, like dense attention, with no gradient")
 
 
-def run_worker(name: str, seq_len: int, steps: int, threads: int) -> dict:
+def run_worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu", dtype: str = "float32") -> dict:
     command = [sys.executable, __file__, "--worker", name, "--seq-lens", str(seq_len), "--steps", str(steps),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--device", device, "--dtype", dtype]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"worker {name} T={seq_len} failed:\n{done.stderr[-2000:]}")
@@ -193,13 +206,16 @@ def main() -> None:
                         help="also the warm-up stage's step, blockwise and full-matrix paths")
     parser.add_argument("--breakdown", action="store_true",
                         help="per-layer pieces of both steps at the first --seq-lens value, in one process")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: allocator peak instead of RSS)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="bfloat16: each step under autocast")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.breakdown:
         breakdown(args.seq_lens[0], max(args.rounds, 3), args.threads)
         return
     if args.worker:
-        print(json.dumps(worker(args.worker, args.seq_lens[0], args.steps, args.threads)))
+        print(json.dumps(worker(args.worker, args.seq_lens[0], args.steps, args.threads, args.device, args.dtype)))
         return
 
     jobs = []  # (T, candidate)
@@ -216,11 +232,16 @@ def main() -> None:
             group = [job for job in jobs if job[0] == T]
             shift = round_ % len(group)
             for job in group[shift:] + group[:shift]:
-                results[job].append(run_worker(job[1], T, args.steps, args.threads))
+                run = run_worker(job[1], T, args.steps, args.threads, args.device, args.dtype)
+                results[job].append(run)
+                print(f"  [round {round_ + 1}] T={T} {job[1]}: median {statistics.median(run['times']):.4f} s, "
+                      f"peak {run['rss_mb']:.0f} MB", flush=True)
     first = next(iter(results.values()))[0]
-    print(f"torch {first['torch']}, {first['threads']} thread(s) per worker, batch 1, k={MODEL['top_k']}, "
-          f"{args.rounds} rounds x {args.steps} timed steps, one fresh process per measurement; "
-          f"RSS after importing torch: {first['baseline_rss_mb']:.0f} MB; wall {time.time() - started:.0f} s")
+    memory = "allocator peak" if args.device.startswith("cuda") else "peak RSS"
+    print(f"torch {first['torch']} on {first['device']} ({args.dtype}), {first['threads']} thread(s) per worker, "
+          f"batch 1, k={MODEL['top_k']}, {args.rounds} rounds x {args.steps} timed steps, one fresh process per "
+          f"measurement, memory = {memory}; RSS after importing torch: {first['baseline_rss_mb']:.0f} MB; "
+          f"wall {time.time() - started:.0f} s")
 
     summary: dict[tuple[int, str], tuple[float, float, float]] = {}
     for job, runs in results.items():
@@ -237,7 +258,7 @@ def main() -> None:
                 if (T, name) not in summary:
                     continue
                 median, best, rss = summary[(T, name)]
-                print(f"  {name:18s} median {median:7.3f} s  best {best:7.3f} s  peak RSS {rss:7.0f} MB   "
+                print(f"  {name:18s} median {median:8.4f} s  best {best:8.4f} s  peak {rss:7.0f} MB   "
                       f"/{base_name}: time {median / base_median:5.2f}x (best {best / base_best:5.2f}x)  "
                       f"memory {rss / base_rss:5.2f}x")
         if crossover is None and (T, "dsa") in summary and summary[(T, "dsa")][0] < summary[(T, "dense")][0]:

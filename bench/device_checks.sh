@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (the `device` tool), about 5 minutes, nothing to install
-# and no checkpoint to carry (SmolLM2's weights exceed what travels; timings do not depend on them):
-#   run(command="bash bench/device_checks.sh", timeout_s=540)
-# Prints the CUDA sweep and sparse-attention tests and the head-sweep ratios (the sweep's >= 5x goal is a GPU number),
-# and keeps the log in $OUT/device_checks.log.
+# One prepared run for a lent GPU machine (the `device` tool), about 6 minutes. The machine has torch
+# but an older transformers and no jsonargparse: carry their wheels (made here, once, in the repo root:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 jsonargparse
+# with `.whl/` in .git/info/exclude) and run
+#   run(command="bash bench/device_checks.sh", carry=[".whl"], timeout_s=480)
+# SmolLM2's weights exceed what travels; the timings use random weights of the same shapes.
+# Prints, and keeps in $OUT/device_checks.log: the CUDA equality tests (sweeps, DSA's non-CPU
+# paths), the long-context step ratio (DSA sparse stage vs dense fused SDPA, fp32 and bf16, with
+# absolute times and allocator peaks), and the head-sweep ratios.
 set -uo pipefail
-export PYTHONPATH="$PWD:$PWD/tests" PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/tests" PYTHONUNBUFFERED=1
 log="${OUT:-/tmp}/device_checks.log"
 {
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_sweeps.py tests/test_head_ablation.py
-  # DSA's non-CPU path (gathered copies, blockwise indexer) against the references, and a T=8192 step.
-  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_sparse_attention.py tests/test_model_indexer_blocks.py
-  python3 bench/bench_head_sweep.py --random-init --device cuda --batch-size 54 --repeats 3
-  python3 bench/bench_head_sweep.py --random-init --device cuda --batch-size 270 --repeats 3 --methods one_per_head,batched+prefix
-  python3 bench/bench_head_sweep.py --random-init --device cuda --batch-size 54 --repeats 3 --dtype bfloat16 --methods one_per_head,batched+prefix
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  # DSA's non-CPU path (gathered copies, blockwise indexer) and the sweeps against the references.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_sparse_attention.py tests/test_model_indexer_blocks.py \
+    tests/test_cuda_sweeps.py
+  # The long-context step: DSA's sparse stage vs the dense model with fused SDPA, each in its own process.
+  timeout 150 python3 bench/bench_long_context.py --device cuda --seq-lens 4096 8192 16384 32768 --rounds 2 --steps 5 \
+    --indexer-at 8192 32768 --with-warmup
+  timeout 90 python3 bench/bench_long_context.py --device cuda --dtype bfloat16 --seq-lens 8192 32768 --rounds 2 --steps 5 \
+    --indexer-at
+  timeout 60 python3 bench/bench_head_sweep.py --random-init --device cuda --batch-size 54 --repeats 3
+  timeout 60 python3 bench/bench_head_sweep.py --random-init --device cuda --batch-size 54 --repeats 3 --dtype bfloat16 \
+    --methods one_per_head,batched+prefix
 } 2>&1 | tee "$log"

@@ -65,6 +65,20 @@ def test_blockwise_selection_equals_the_full_matrix_topk(block_size, top_k):
     assert torch.equal(selected, expected)
 
 
+
+def test_mixed_precision_projections_select_as_the_full_matrix_on_their_widest_dtype():
+    """Under autocast the indexer's projections arrive as bf16 queries and weights beside fp32
+    keys (the key LayerNorm runs in fp32): the blockwise top-k takes them all, and selects what
+    the full matrix of the same values, promoted to fp32, selects."""
+    T = 23
+    indexer, x, cos, sin = indexer_and_input(T)
+    q, k, w = indexer.project(x, cos, sin)
+    q, w = q.to(torch.bfloat16), w.to(torch.bfloat16)  # k stays fp32
+    full = block_index_scores(q.float(), k, w.float(), 0)  # (B, T, T) in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        selected = blockwise_topk(q, k, w, 5, 7)
+    assert torch.equal(selected, topk_causal(full, 5))
+
 def test_ties_at_the_kth_score_keep_the_earliest_keys_whatever_the_row_length():
     inf = float("-inf")
     row = torch.tensor([0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 3.0])  # top 3: keys 6, 1, then 3; top 5 ties at 0

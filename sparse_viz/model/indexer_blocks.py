@@ -81,6 +81,14 @@ def blockwise_topk(
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
+    # Under autocast the projections arrive in mixed precisions (the key LayerNorm's output is
+    # fp32); the `out=` products below need one dtype, the widest of the three.
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        return _blockwise_topk(q.to(dtype), k.to(dtype), w.to(dtype), top_k, block_size)
+
+
+def _blockwise_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int, block_size: int) -> torch.Tensor:
     B, T, H, d = q.shape
     kk = min(top_k, T)
     selected = torch.empty(B, T, kk, dtype=torch.long, device=q.device)
