@@ -31,6 +31,7 @@ from sparse_viz.data import tokenizer as tokenizer_lib
 from sparse_viz.data.cache import save_array_atomic, settings_key
 from sparse_viz.data.corpus import Corpus, load_corpus
 from sparse_viz.data.packing import PackedSequences, pack_sequences, tokenize_documents
+from sparse_viz.data.resumable import train_loader, val_loader
 from sparse_viz.errors import UserInputError
 
 # Bump when tokenizer training settings change: old cached tokenizers are then not reused.
@@ -71,7 +72,8 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: share of the text held out for validation for local and hub corpora
             (the last part of the text); `shakespeare` always validates on 4 fixed plays.
         num_workers: DataLoader worker processes.
-        seed: seed of the training order (the split and the tokenizer do not depend on it).
+        seed: seed of the training order, `seed + epoch` for each epoch (the split and the
+            tokenizer do not depend on it).
         probe_size: sequences in `probe_batch()`, the first ones of validation.
     """
 
@@ -131,26 +133,15 @@ class TextDataModule(L.LightningDataModule):
             self._prepared = self._build()
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training sequences, order seeded by `seed`; batches (B, seq_len + 1)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            PackedSequences(self._ready().train_sequences),
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        """Training sequences shuffled by `seed` + epoch, resumable mid-epoch and split across
+        processes (`sparse_viz.data.resumable`); batches (B, seq_len + 1)."""
+        return train_loader(PackedSequences(self._ready().train_sequences), batch_size=self.batch_size,
+                            seed=self.seed, num_workers=self.num_workers, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation sequences in order; batches (B, seq_len + 1)."""
-        return DataLoader(
-            PackedSequences(self._ready().val_sequences),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        """Validation sequences in order, each on one process; batches (B, seq_len + 1)."""
+        return val_loader(PackedSequences(self._ready().val_sequences), batch_size=self.batch_size,
+                          num_workers=self.num_workers, trainer=self.trainer)
 
     # -- what the model and the callbacks read --------------------------------------------------
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sparse_viz.data.recall import FILLER_ID, RecallSpec, generate_example
+from sparse_viz.data.resumable import train_loader, val_loader
 from sparse_viz.errors import UserInputError
 
 SPLITS = {"train": 0, "val": 1}
@@ -117,15 +118,15 @@ class RecallDataModule(L.LightningDataModule):
         return RecallSequences(self.spec, self.seed, split, self.train_size if split == "train" else self.val_size)
 
     def train_dataloader(self) -> DataLoader:
-        """Training sequences in a shuffled order (seeded); dict batches."""
-        return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        """Training sequences shuffled by `seed` + epoch, resumable mid-epoch and split across
+        processes (`sparse_viz.data.resumable`); dict batches."""
+        return train_loader(self.dataset("train"), batch_size=self.batch_size, seed=self.seed,
+                            num_workers=self.num_workers, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation sequences in order; dict batches."""
-        return DataLoader(self.dataset("val"), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        """Validation sequences in order, each on one process; dict batches."""
+        return val_loader(self.dataset("val"), batch_size=self.batch_size, num_workers=self.num_workers,
+                          trainer=self.trainer)
 
     # -- what the model and the callbacks read --------------------------------------------------
     @property

@@ -1,0 +1,158 @@
+"""Data loaders whose position is part of a checkpoint, and that shard themselves across processes.
+
+Training order: epoch `e` visits the training set in the permutation `torch.randperm(n,
+generator=manual_seed(seed + e))`, the order `torch.utils.data.DistributedSampler` uses, split
+across processes the same way (padded to a multiple of the process count, process `r` takes every
+`world_size`-th index from `r`). The loader counts the batches it has handed out in the current
+epoch; Lightning saves that count in every checkpoint (`state_dict`) and gives it back on resume
+(`load_state_dict`), and the resumed epoch then starts at the next batch of the same permutation.
+So a run resumed at any step sees exactly the batches an uninterrupted run sees.
+
+Validation order: every sequence once, in order; process `r` of `world_size` takes indices
+`r, r + world_size, ...` with no padding, so a sum over processes counts each sequence once.
+
+Both samplers are `DistributedSampler`s, which tells Lightning not to replace them with its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """`DistributedSampler`'s shuffled order (seed + epoch), able to start an epoch part-way.
+
+    Args:
+        dataset: the training set (only its length is used).
+        seed: seed of every epoch's permutation.
+        num_replicas: processes sharing the data (1 on a single device).
+        rank: this process's index in [0, num_replicas).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.skip = 0  # indices of this process to leave out at the start of the next iteration
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())  # this process's share of epoch self.epoch, in order
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+    # __len__ stays the full epoch's share: Lightning sizes the epoch from it, and a resumed epoch
+    # is the same epoch, only started later.
+
+
+class ShardSampler(DistributedSampler):
+    """Every index once, in order; process `rank` takes `rank, rank + num_replicas, ...`, unpadded.
+
+    Args:
+        dataset: the validation set (only its length is used).
+        num_replicas: processes sharing the data.
+        rank: this process's index.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self._indices = range(rank, len(dataset), num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+
+class ResumableDataLoader(DataLoader):
+    """A training `DataLoader` over an `EpochShuffleSampler` that knows where it is in its epoch.
+
+    `state_dict()` is `{"epoch", "batches", "world_size"}`: the epoch being iterated and how many
+    batches of it this process has handed out. Lightning's data fetcher does not read ahead of
+    the training step for a loader with a length, so that count is the number of batches trained
+    on when a checkpoint is written at the end of a training batch. `load_state_dict` makes the
+    next iteration of that epoch start at the following batch (an iteration of another epoch,
+    e.g. when the checkpoint was the last batch of its epoch, starts at the beginning).
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, sampler: EpochShuffleSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self._position = {"epoch": sampler.epoch, "batches": 0}
+        self._resume_at: dict[str, int] | None = None
+
+    def __iter__(self):
+        # A generator: nothing runs until the first batch is asked for, which Lightning does
+        # after it has called the sampler's set_epoch for the epoch it is about to train.
+        sampler = self.sampler
+        start = 0
+        if self._resume_at is not None and self._resume_at["epoch"] == sampler.epoch:
+            start = self._resume_at["batches"]
+        self._resume_at = None
+        sampler.skip = start * self.batch_size
+        self._position = {"epoch": sampler.epoch, "batches": start}
+        for batch in super().__iter__():
+            self._position["batches"] += 1  # counted before the consumer has it: a checkpoint
+            yield batch  # written while it trains on this batch counts it as consumed
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this process is: `{"epoch", "batches", "world_size"}`."""
+        return {**self._position, "world_size": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume the saved epoch after its saved batch count (see the class docstring)."""
+        batches = int(state["batches"])
+        saved_world = int(state.get("world_size", 1))
+        world = self.sampler.num_replicas
+        if saved_world != world:
+            # Same permutation, so continue at the same share of it; the split differs, so the
+            # batches are not those an uninterrupted run with either process count would see.
+            warnings.warn(f"resuming with {world} process(es) a run checkpointed with {saved_world}: the data "
+                          "order continues at the same point of the epoch, but not batch for batch", stacklevel=2)
+            batches = batches * saved_world // world
+        self._resume_at = {"epoch": int(state["epoch"]), "batches": batches}
+        self.sampler.set_epoch(int(state["epoch"]))
+
+
+def _process_group(trainer: Any) -> tuple[int, int]:
+    """(world_size, global_rank) of the trainer the data module is attached to, (1, 0) without one."""
+    if trainer is None:
+        return 1, 0
+    return int(trainer.world_size), int(trainer.global_rank)
+
+
+def train_loader(dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, trainer: Any = None) -> ResumableDataLoader:
+    """The training loader of a data module: shuffled by `seed` + epoch, sharded, resumable.
+
+    Args:
+        dataset: the training set.
+        batch_size: sequences per batch and process.
+        seed: seed of the order.
+        num_workers: DataLoader worker processes.
+        trainer: the Lightning trainer the data module is attached to (None outside a trainer).
+
+    Returns:
+        A `ResumableDataLoader` over an `EpochShuffleSampler` for this process.
+    """
+    world, rank = _process_group(trainer)
+    sampler = EpochShuffleSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+    return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                               persistent_workers=num_workers > 0)
+
+
+def val_loader(dataset: Dataset, *, batch_size: int, num_workers: int, trainer: Any = None) -> DataLoader:
+    """The validation loader of a data module: in order, each sequence on exactly one process.
+
+    Args:
+        dataset: the validation set.
+        batch_size: sequences per batch.
+        num_workers: DataLoader worker processes.
+        trainer: the Lightning trainer the data module is attached to (None outside a trainer).
+
+    Returns:
+        A `DataLoader` over a `ShardSampler` for this process.
+    """
+    world, rank = _process_group(trainer)
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(dataset, num_replicas=world, rank=rank),
+                      num_workers=num_workers, persistent_workers=num_workers > 0)
