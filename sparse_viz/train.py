@@ -29,7 +29,7 @@ import datasets
 import lightning as L
 import torch
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sparse_viz.data import TextDataModule
@@ -37,6 +37,7 @@ from sparse_viz.data.tokenizer import save_tokenizer_atomic
 from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig
 from sparse_viz.training import DSALightningModule, Schedule
+from sparse_viz.training.checkpointing import TrainingInterrupted, use_step_checkpoint
 from sparse_viz.training.module import stages_from_dicts
 from sparse_viz.training.progress import use_steps_progress_bar
 from sparse_viz.training.resumable_csv_logger import ResumableCSVLogger
@@ -61,6 +62,9 @@ class SparseVizCLI(LightningCLI):
         parser.add_argument("--run_root", type=str, default="results", help="Where run directories are made.")
         parser.add_argument("--run_name", type=str | None, default=None, help="Default: <config>-<time>.")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume from.")
+        parser.add_argument("--checkpoint_every_n_steps", type=PositiveInt, default=50,
+                            help="Steps between writes of <run>/checkpoints/last.ckpt (also written at the end "
+                                 "and on Ctrl-C / SIGTERM), independent of validation.")
         parser.link_arguments("data", "model.vocab_size", compute_fn=prepared_vocab_size, apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -110,10 +114,7 @@ class SparseVizCLI(LightningCLI):
         kwargs.setdefault("logger", self._loggers())
         trainer = super().instantiate_trainer(**kwargs)
         use_steps_progress_bar(trainer)
-        trainer.callbacks.append(
-            ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0,
-                            every_n_train_steps=trainer.val_check_interval if isinstance(trainer.val_check_interval, int) else None)
-        )
+        use_step_checkpoint(trainer, self.run_dir / "checkpoints", self.config.checkpoint_every_n_steps)
         return trainer
 
     def _resume_step(self) -> int | None:
@@ -157,9 +158,24 @@ def run_training(args: list[str] | None = None) -> SparseVizCLI:
         cli.run_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(cli.datamodule, TextDataModule):
             save_tokenizer_atomic(cli.datamodule.tokenizer, cli.run_dir / "tokenizer.json")
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
-    print(f"run directory: {cli.run_dir}")
+    cli.interrupted = None
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    except TrainingInterrupted as stop:
+        cli.interrupted = stop
+    if cli.trainer.is_global_zero:  # one announcement, not one per process
+        if cli.interrupted is not None:
+            print(f"{cli.interrupted}: checkpoint {cli.interrupted.checkpoint}")
+        print(f"run directory: {cli.run_dir}")
+        if cli.interrupted is not None:
+            print(f"resume with: {resume_command(cli.run_dir, cli.interrupted.checkpoint)}")
     return cli
+
+
+def resume_command(run_dir: Path, checkpoint: Path) -> str:
+    """The command line that continues the run in `run_dir` from `checkpoint` exactly: its saved
+    config (every option it was started with) and the checkpoint."""
+    return f"python -m sparse_viz.train --config {run_dir / 'config.yaml'} --ckpt_path {checkpoint}"
 
 
 def user_error_in_chain(error: BaseException) -> BaseException | None:
@@ -184,10 +200,12 @@ if __name__ == "__main__":
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     datasets.disable_progress_bars()
     try:
-        run_training()
+        finished = run_training()
     except Exception as error:  # noqa: BLE001 - re-raised unless it is the user's input
         cause = user_error_in_chain(error)
         if cause is None:
             raise
         print(f"sparse_viz.train: error: {_one_line(cause)}", file=sys.stderr)
         sys.exit(2)
+    if finished.interrupted is not None:
+        sys.exit(128 + finished.interrupted.signum)  # the shell's convention for death by a signal
