@@ -69,12 +69,19 @@ def uninterrupted(common):
     return cli
 
 
-def interrupted_and_resumed(args, name: str, step: int, signum: int, capsys):
+def interrupted(args, name: str, step: int, signum: int, capsys):
+    """Run with a signal sent at the end of update `step`: (the CLI, what it printed, the step
+    saved in its last.ckpt)."""
     first = run_training([*args, "--run_name", name, "--trainer.callbacks+=test_train_interrupt.SignalAtStep",
                           f"--trainer.callbacks.step={step}", f"--trainer.callbacks.signum={signum}"])
     printed = capsys.readouterr().out
     checkpoint = first.run_dir / "checkpoints" / "last.ckpt"
-    saved_step = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]  # before the resume rewrites it
+    return first, printed, torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+
+
+def interrupted_and_resumed(args, name: str, step: int, signum: int, capsys):
+    first, printed, saved_step = interrupted(args, name, step, signum, capsys)  # saved_step: before the resume rewrites it
+    checkpoint = first.run_dir / "checkpoints" / "last.ckpt"
     resumed = run_training(["--config", str(first.run_dir / "config.yaml"), "--ckpt_path", str(checkpoint)])
     return first, printed, saved_step, resumed
 
@@ -106,3 +113,31 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights_and_metrics(uninte
     assert not differing, f"{where}: weights differ from the uninterrupted run's: {differing[:5]}"
     # the metrics history, every row once, equals the uninterrupted run's value for value
     assert read_rows(resumed.run_dir) == read_rows(uninterrupted.run_dir), where
+
+
+class BarAtEpochEnd(L.Callback):
+    """Records the training bar's (completed, total) at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        (bar,) = [c for c in trainer.callbacks if isinstance(c, RichProgressBar)]
+        task = bar.progress.tasks[bar.train_progress_bar_id]
+        self.seen.append((task.completed, task.total))
+
+
+def test_progress_bar_of_a_run_resumed_in_its_last_epoch_ends_full_not_past_its_total(common, capsys):
+    root, args = common
+    args = [a for a in args if a != "--trainer.enable_progress_bar=false"]
+    # 6-batch epochs, 25 steps: epochs of 6, 6, 6, 6 and 1 batches. Stopped after step 20 (epoch 3,
+    # 2 batches in), the resumed run trains the last 4 batches of epoch 3 and the 1 of epoch 4.
+    first, _, saved_step = interrupted(args, "bar", 20, int(signal.SIGINT), capsys)
+    assert saved_step == 20
+    resumed = run_training(["--config", str(first.run_dir / "config.yaml"), "--ckpt_path",
+                            str(first.run_dir / "checkpoints" / "last.ckpt"),
+                            "--trainer.callbacks+=test_train_interrupt.BarAtEpochEnd"])
+    (spy,) = [c for c in resumed.trainer.callbacks if isinstance(c, BarAtEpochEnd)]
+    assert spy.seen == [(6, 6), (1, 1)]  # not (6, 5): the stock bar's total counts only the 5 steps left

@@ -2,6 +2,10 @@
 
 Training here is scheduled in steps (the stages' sum), with `max_epochs = -1`; the stock bar
 then reads "Epoch 0/-2". This one reads "Epoch 0" and names the step budget instead.
+
+The stock bar also sizes an epoch as `min(epoch length, max_steps - global_step)` when the epoch
+starts, while it counts batches from the epoch's first one. A run resumed part-way through an
+epoch then overflows ("800/699"): this one sizes the epoch from its first batch too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,18 @@ class StepsProgressBar(RichProgressBar):
         if len(self.validation_description) > len(description):
             description = f"{description:{len(self.validation_description)}}"  # no flicker against "Validation"
         return description
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        """Size the epoch's bar once its position is known (`batch_idx` batches already done)."""
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.is_disabled or self.progress is None or self.train_progress_bar_id is None:
+            return
+        total = trainer.num_training_batches
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            total = min(total, batch_idx + remaining)
+        if self.progress.tasks[self.train_progress_bar_id].total != total:
+            self.progress.update(self.train_progress_bar_id, total=total)
 
 
 def use_steps_progress_bar(trainer) -> None:
