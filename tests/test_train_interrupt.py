@@ -20,6 +20,9 @@ import csv
 import os
 import random
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +33,8 @@ from sparse_viz.train import resume_command, run_training
 
 pytestmark = pytest.mark.slow  # 1 + 2 x 3 tiny runs, ~40 s on a shared 2-core machine
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml")
+TESTS = Path(__file__).resolve().parent
+TINY = str(TESTS.parent / "configs" / "train" / "tiny.yaml")
 TOTAL_STEPS = 25  # tiny.yaml: 10 + 5 + 10
 TIMING_COLUMNS = {"train/tokens_per_s"}
 RANDOM_STEP = random.randrange(1, TOTAL_STEPS)  # a different step each session; shown on failure
@@ -141,3 +145,86 @@ def test_progress_bar_of_a_run_resumed_in_its_last_epoch_ends_full_not_past_its_
                             "--trainer.callbacks+=test_train_interrupt.BarAtEpochEnd"])
     (spy,) = [c for c in resumed.trainer.callbacks if isinstance(c, BarAtEpochEnd)]
     assert spy.seen == [(6, 6), (1, 1)]  # not (6, 5): the stock bar's total counts only the 5 steps left
+
+
+class Slow(L.Callback):
+    """Makes each update take `seconds` longer and each validation batch `val_seconds` longer, so
+    that a test can signal a subprocess mid-run, or mid-validation."""
+
+    def __init__(self, seconds: float = 0.3, val_seconds: float = 0.0) -> None:
+        self.seconds, self.val_seconds = seconds, val_seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        time.sleep(self.val_seconds)
+
+
+def start_slow_run(args: list[str], name: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "SPARSE_VIZ_TEST_THREADS": "1",
+           "OMP_NUM_THREADS": "1"}  # the in-process runs use 1 thread (conftest): same floats
+    return subprocess.Popen([sys.executable, "-m", "sparse_viz.train", *args, "--run_name", name,
+                             "--trainer.callbacks+=test_train_interrupt.Slow", *extra],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(process: subprocess.Popen, checkpoint: Path, at_least: int, timeout: float = 240,
+                        *also: Path) -> None:
+    """Wait until `checkpoint` (or one of `also`) holds global step >= `at_least` (each file is
+    written atomically)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        for path in (checkpoint, *also):
+            try:
+                if torch.load(path, map_location="cpu", weights_only=False)["global_step"] >= at_least:
+                    return
+            except FileNotFoundError:  # not written yet, or renamed away between the two calls
+                pass
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"no checkpoint at step >= {at_least} after {timeout} s")
+
+
+def test_sigterm_to_a_running_process_writes_a_checkpoint_says_how_to_resume_and_exits_143(uninterrupted, common, tmp_path):
+    root, args = common
+    process = start_slow_run(args, "sigterm", tmp_path)
+    run_dir = root / "sigterm"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    wait_for_checkpoint(process, checkpoint, at_least=4)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+    assert 4 <= step < TOTAL_STEPS  # the step it was in when the signal came, not the last interval's
+    assert f"interrupted by SIGTERM after step {step}" in out
+    assert f"resume with: {resume_command(run_dir, checkpoint)}" in out
+    # the printed command, run as printed, continues to the uninterrupted run's weights and metrics
+    command = out.split("resume with: ", 1)[1].splitlines()[0].split()
+    assert command[:3] == ["python", "-m", "sparse_viz.train"]
+    resumed = run_training(command[3:])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
+                                                  uninterrupted.model.state_dict().values()))
+    assert read_rows(run_dir) == read_rows(uninterrupted.run_dir)
+
+
+def test_run_sigkilled_during_a_validation_resumes_with_every_metrics_row_once(uninterrupted, common, tmp_path):
+    """SIGKILL at the worst moment: after the step-20 checkpoint is written, during the validation
+    of that step (made to take 1 s), whose rows are not on disk yet. The run must resume from a
+    checkpoint whose rows are all on disk (16: the step-20 one is not complete), and end with the
+    uninterrupted run's weights and every metrics row once."""
+    root, args = common
+    process = start_slow_run(args, "sigkill", tmp_path, "--trainer.callbacks.val_seconds=0.5")
+    checkpoints = root / "sigkill" / "checkpoints"
+    wait_for_checkpoint(process, checkpoints / "last.ckpt", 20, 240, checkpoints / "last.ckpt.pending")
+    time.sleep(0.2)  # inside the 1 s validation at step 20
+    process.kill()  # SIGKILL: no handler runs
+    process.communicate(timeout=60)
+    step = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert step == 16  # the last interval checkpoint (--checkpoint_every_n_steps=4) whose step completed
+    resumed = run_training(["--config", str(root / "sigkill" / "config.yaml"), "--ckpt_path", str(checkpoints / "last.ckpt")])
+    assert resumed.trainer.global_step == TOTAL_STEPS
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
+                                                  uninterrupted.model.state_dict().values()))
+    assert read_rows(root / "sigkill") == read_rows(uninterrupted.run_dir)
