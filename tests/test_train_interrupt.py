@@ -119,6 +119,26 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights_and_metrics(uninte
     assert read_rows(resumed.run_dir) == read_rows(uninterrupted.run_dir), where
 
 
+RECALL = ["--data", "sparse_viz.data.RecallDataModule", "--data.vocab_size=32", "--data.num_pairs=4",
+          "--data.num_queries=2", "--data.train_size=40", "--data.val_size=16"]  # 5 batches an epoch
+
+
+def test_interrupted_recall_run_resumes_to_the_uninterrupted_weights_and_metrics(common, capsys):
+    """The same check for `RecallDataModule` (dict batches, generated sequences), 5-batch epochs."""
+    root, args = common
+    args = [a for a in args if not a.startswith("--trainer.limit_train_batches")] + RECALL
+    reference = run_training([*args, "--run_name", "recall-uninterrupted"])
+    step = random.randrange(1, TOTAL_STEPS)
+    first, _, saved_step = interrupted(args, "recall-stopped", step, int(signal.SIGINT), capsys)
+    assert saved_step == step
+    resumed = run_training(["--config", str(first.run_dir / "config.yaml"), "--ckpt_path",
+                            str(first.run_dir / "checkpoints" / "last.ckpt")])
+    assert resumed.trainer.global_step == TOTAL_STEPS
+    differing = [k for k, v in reference.model.state_dict().items() if not torch.equal(v, resumed.model.state_dict()[k])]
+    assert not differing, f"interrupted at step {step}: {differing[:5]}"
+    assert read_rows(resumed.run_dir) == read_rows(reference.run_dir), f"interrupted at step {step}"
+
+
 class BarAtEpochEnd(L.Callback):
     """Records the training bar's (completed, total) at the end of every epoch."""
 
