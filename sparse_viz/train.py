@@ -37,6 +37,7 @@ from sparse_viz.data.tokenizer import save_tokenizer_atomic
 from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig
 from sparse_viz.training import DSALightningModule, Schedule
+from sparse_viz.training.class_choices import unknown_class_error
 from sparse_viz.training.checkpointing import TrainingInterrupted, use_step_checkpoint
 from sparse_viz.training.module import stages_from_dicts
 from sparse_viz.training.progress import use_steps_progress_bar
@@ -69,7 +70,13 @@ class SparseVizCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse, then check everything that is cheap to check before any seed, data or model work."""
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            unknown = unknown_class_error(str(error))
+            if unknown is None:
+                raise
+            raise UserInputError(unknown) from None
         model = self.config.model
         try:
             stages = stages_from_dicts(model.stages) if model.stages is not None else None
@@ -150,6 +157,7 @@ def run_training(args: list[str] | None = None) -> SparseVizCLI:
         parser_kwargs={
             "default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else [],
             "exit_on_error": False,
+            "allow_abbrev": False,  # `--trainer.max_step=30` is an error, not max_steps
         },
         args=args,
     )
@@ -192,7 +200,9 @@ def user_error_in_chain(error: BaseException) -> BaseException | None:
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
-    return text if len(text) < 400 else text[:397] + "..."
+    if isinstance(error, UserInputError):
+        return text  # written as one line, whole (a list of valid choices can be long)
+    return text if len(text) < 400 else text[:397] + "..."  # jsonargparse's paragraphs
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from sparse_viz.model.selectors import select_keys
 from sparse_viz.train import run_training
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml")
+REPO = str(Path(__file__).resolve().parents[1])
+TINY = str(Path(REPO) / "configs" / "train" / "tiny.yaml")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -105,7 +107,9 @@ def test_resume_continues_in_the_same_run_directory(tiny_run, tmp_path):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sparse_viz.train", *args], cwd=cwd,
+    # this checkout's package, not whichever one is installed (cwd is a temporary folder)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "sparse_viz.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -124,6 +128,14 @@ BAD_INPUTS = [
     (["--data.seq_len=128"], "max_seq_len"),
     (["--data.corpus=/no/such/corpus"], "/no/such/corpus"),
     (["--model.no_such_option=3"], "no_such_option"),
+    # an abbreviation is not expanded (it would silently be --trainer.max_steps)
+    (["--trainer.max_step=30"], "unrecognized arguments: --trainer.max_step=30"),
+    # an unknown class names the ones that exist
+    (["--data", "sparse_viz.data.NoSuch"],
+     ("unknown data module 'sparse_viz.data.NoSuch'", "sparse_viz.data.RecallDataModule, sparse_viz.data.TextDataModule")),
+    (["--trainer.callbacks+=sparse_viz.tracking.NoSuchCallback"],
+     ("unknown callback 'sparse_viz.tracking.NoSuchCallback'", "sparse_viz.tracking.SelectionAnalysisCallback",
+      "ModelCheckpoint", "EarlyStopping")),
 ]
 
 
@@ -138,7 +150,8 @@ def test_bad_input_is_one_line_exit_2_and_no_run_directory(extra, fragment, smal
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr[-2000:]
-    assert fragment in lines[0]
+    for part in (fragment,) if isinstance(fragment, str) else fragment:
+        assert part in lines[0], lines[0]
     assert not root.exists() or not any(root.iterdir())
 
 
