@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,10 @@ MODEL_CONFIG_FIELDS = [field.name for field in dataclasses.fields(ModelConfig)]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+# Set by rank 0 for the processes Lightning's DDP launcher starts (they inherit its environment),
+# so that every process writes to the run directory rank 0 chose (a name with the time in it
+# would differ). Processes started by an external launcher (torchrun, SLURM) need --run_name.
+RUN_DIR_ENV = "SPARSE_VIZ_RUN_DIR"
 
 
 def prepared_vocab_size(datamodule: L.LightningDataModule) -> int:
@@ -98,6 +103,9 @@ class SparseVizCLI(LightningCLI):
         self.config.trainer.default_root_dir = str(self.run_dir)
 
     def _choose_run_dir(self) -> Path:
+        if RUN_DIR_ENV in os.environ:
+            # A process Lightning started for another device: rank 0 chose the directory.
+            return Path(os.environ[RUN_DIR_ENV])
         ckpt_path = self.config.get("ckpt_path")
         if ckpt_path:
             ckpt = Path(ckpt_path)
@@ -167,10 +175,15 @@ def run_training(args: list[str] | None = None) -> SparseVizCLI:
         if isinstance(cli.datamodule, TextDataModule):
             save_tokenizer_atomic(cli.datamodule.tokenizer, cli.run_dir / "tokenizer.json")
     cli.interrupted = None
+    inherited = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(cli.run_dir)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     except TrainingInterrupted as stop:
         cli.interrupted = stop
+    finally:  # a later run in this process chooses its own directory
+        if inherited is None:
+            os.environ.pop(RUN_DIR_ENV, None)
     if cli.trainer.is_global_zero:  # one announcement, not one per process
         if cli.interrupted is not None:
             print(f"{cli.interrupted}: checkpoint {cli.interrupted.checkpoint}")

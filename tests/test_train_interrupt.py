@@ -41,13 +41,14 @@ RANDOM_STEP = random.randrange(1, TOTAL_STEPS)  # a different step each session;
 
 
 class SignalAtStep(L.Callback):
-    """Sends `signum` to this process at the end of update `step` (as Ctrl-C or `kill` would)."""
+    """Sends `signum` to this process at the end of update `step` (as Ctrl-C or `kill` would);
+    with `rank`, only in the process of that global rank."""
 
-    def __init__(self, step: int = -1, signum: int = int(signal.SIGINT)) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int = -1, signum: int = int(signal.SIGINT), rank: int | None = None) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
 

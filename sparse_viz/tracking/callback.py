@@ -398,7 +398,8 @@ class SelectionAnalysisCallback(L.Callback):
             selected_by_attention=attention == "sparse" and traces[0].selected is not None,
             token_lookup=self._token_lookup, epoch=int(trainer.current_epoch),
             val_loss=self._val_loss, val_loss_step=self._val_step,
-            tokens_per_s=self._tokens / self._train_seconds if self._train_seconds > 0 else None,
+            # this process's tokens times the number of processes (each trains a batch that size)
+            tokens_per_s=self._tokens * trainer.world_size / self._train_seconds if self._train_seconds > 0 else None,
             snapshot_seconds=time.perf_counter() - started)
         written = self.store.append(record, arrays)
         self._tokens, self._train_seconds = 0, 0.0
