@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,16 @@ pytestmark = pytest.mark.slow  # three 2-process runs: ~100 s on a shared 2-core
 TESTS = Path(__file__).resolve().parent
 TINY = str(TESTS.parent / "configs" / "train" / "tiny.yaml")
 STEPS, STOP_AT = 6, 4
+
+
+class RecordRunDir(L.Callback):
+    """Writes the run directory this process uses to `<out>/rank<global rank>.txt`."""
+
+    def __init__(self, out: str = "") -> None:
+        self.out = out
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        Path(self.out, f"rank{trainer.global_rank}.txt").write_text(str(trainer.default_root_dir))
 
 
 def run_ddp(root: Path, cache: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -61,7 +72,8 @@ def ddp(tmp_path_factory):
     """The uninterrupted 2-process run, and one stopped by SIGINT in rank 0 only and resumed."""
     base = tmp_path_factory.mktemp("ddp")
     cache = base / "cache"
-    whole = run_ddp(base / "whole", cache, cwd=base)
+    whole = run_ddp(base / "whole", cache, "--trainer.callbacks+=test_train_ddp.RecordRunDir",
+                    f"--trainer.callbacks.out={base}", cwd=base)
     assert whole.returncode == 0, whole.stderr[-3000:]
     stopped = run_ddp(base / "stopped", cache, "--trainer.callbacks+=test_train_interrupt.SignalAtStep",
                       f"--trainer.callbacks.step={STOP_AT}", "--trainer.callbacks.rank=0", cwd=base)
@@ -81,6 +93,8 @@ def test_two_processes_write_one_run_directory_and_announce_it_once(ddp):
     made = [p for p in (base / "whole").iterdir()]
     assert len(made) == 1 and made[0].is_dir()  # rank 1 did not make (or name) another one
     assert announced(whole) == [str(made[0])]
+    # and both processes used it (a sharded checkpoint, e.g. FSDP's, is written by every process)
+    assert [(base / f"rank{r}.txt").read_text() for r in (0, 1)] == [str(made[0])] * 2
     assert (made[0] / "checkpoints" / "last.ckpt").is_file() and (made[0] / "metrics.csv").is_file()
 
 
