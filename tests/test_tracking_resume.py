@@ -45,7 +45,7 @@ def train(args: list[str], cache: Path) -> subprocess.CompletedProcess:
 def test_kill_and_resume_has_exactly_one_line_per_snapshot_step(tmp_path):
     cache, root = tmp_path / "cache", tmp_path / "runs"
     killed = train(["--run_root", str(root), "--run_name", "r", "--trainer.callbacks+=test_tracking_resume.KillAtStep",
-                    "--trainer.callbacks.step=17"], cache)
+                    "--trainer.callbacks.step=17", "--checkpoint_every_n_steps=10"], cache)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = root / "r"
     store = RunStore(run)
