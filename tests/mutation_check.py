@@ -348,6 +348,50 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_dsa_checkpoint_probes.py::test_masking_a_dsa_checkpoint_equals_brute_force_with_its_selection",),
         "masking a DSA checkpoint lets the final query see keys its selection dropped",
     ),
+    # ------------------------------------------------------------------ training: exact resume, DDP, CLI
+    Mutation(
+        "data_position_not_restored", "sparse_viz/data/resumable.py",
+        'self._resume_at = {"epoch": int(state["epoch"]), "batches": batches}',
+        "self._resume_at = None",
+        ("tests/test_resumable_data.py::test_a_loader_restored_from_state_dict_continues_with_the_next_batch",
+         "tests/test_train_interrupt.py::test_interrupted_run_resumes_to_the_uninterrupted_weights_and_metrics"),
+        "a resumed run restarts its epoch's order: batches seen twice, others never",
+    ),
+    Mutation(
+        "checkpoint_promoted_before_its_step_is_logged", "sparse_viz/training/checkpointing.py",
+        "            self._write_pending(trainer)\n        if signum and not done:",
+        "            self._write_pending(trainer)\n            self._promote(trainer)\n        if signum and not done:",
+        ("tests/test_train_interrupt.py::test_run_sigkilled_during_a_validation_resumes_with_every_metrics_row_once",),
+        "last.ckpt written before its step's validation rows: a kill then loses them for good",
+    ),
+    Mutation(
+        "progress_bar_total_from_remaining_steps", "sparse_viz/training/progress.py",
+        "total = min(total, batch_idx + remaining)",
+        "total = min(total, remaining)",
+        ("tests/test_train_interrupt.py::test_progress_bar_of_a_run_resumed_in_its_last_epoch_ends_full_not_past_its_total",),
+        "the bar of a run resumed part-way through an epoch overflows (800/699)",
+    ),
+    Mutation(
+        "tokens_per_s_of_one_process", "sparse_viz/training/module.py",
+        "tokens = batch_tokens(batch) * self.trainer.world_size",
+        "tokens = batch_tokens(batch)",
+        ("tests/test_training_throughput.py",),
+        "tokens/s under DDP counts one process's batch",
+    ),
+    Mutation(
+        "ddp_rank_chooses_its_own_run_dir", "sparse_viz/train.py",
+        "if RUN_DIR_ENV in os.environ:",
+        "if False:",
+        ("tests/test_train_ddp.py::test_two_processes_write_one_run_directory_and_announce_it_once",),
+        "rank 1 names a run directory of its own (the time differs) that does not exist",
+    ),
+    Mutation(
+        "abbreviated_options_expanded", "sparse_viz/train.py",
+        '"allow_abbrev": False,',
+        '"allow_abbrev": True,',
+        ("tests/test_train.py::test_bad_input_is_one_line_exit_2_and_no_run_directory",),
+        "--trainer.max_step=30 silently means --trainer.max_steps=30",
+    ),
 ]
 
 
