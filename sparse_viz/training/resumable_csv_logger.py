@@ -3,6 +3,11 @@
 Lightning's CSV writer removes an existing `metrics.csv` when it starts (and warns). On resume
 from a checkpoint at global step S, this logger keeps the rows logged before S, drops the rows
 at or after S (they will be logged again), and appends from there.
+
+Lightning rewrites the whole file in place when a new column appears (a first validation, a new
+metric); a process killed during that rewrite would lose the history. Here the rewrite goes to a
+temporary file that replaces the old one, so the file is always complete. (A kill during an
+append can leave a partial last row: it is after the last checkpoint, so a resume drops it.)
 """
 
 from __future__ import annotations
@@ -27,14 +32,25 @@ class _AppendingExperimentWriter(ExperimentWriter):
         with open(self.metrics_file_path, newline="") as handle:
             reader = csv.DictReader(handle)
             fieldnames = list(reader.fieldnames or [])
-            kept = [row for row in reader if row.get("step") and int(float(row["step"])) < self._resume_step]
+            # A row cut short by a kill has None for its missing fields (its step may be cut too).
+            kept = [row for row in reader if None not in row.values() and None not in row
+                    and row.get("step") and int(float(row["step"])) < self._resume_step]
         self.metrics_keys = sorted(fieldnames)
-        tmp = self.metrics_file_path + ".tmp"
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(tmp, self.metrics_file_path)
+        _write_rows_atomic(self.metrics_file_path, self.metrics_keys, kept)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        _write_rows_atomic(self.metrics_file_path, fieldnames, rows)
+
+
+def _write_rows_atomic(path: str, fieldnames: list[str], rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 class ResumableCSVLogger(CSVLogger):
