@@ -1,12 +1,13 @@
 """`sparse_viz.data.resumable`: the training order, its resumption part-way through an epoch, and
-the validation split across processes, against torch's own `DistributedSampler` and plain
-`range`s as the references."""
+the validation split across processes. References: torch's own shuffling `DataLoader` (the order
+of each epoch), `DistributedSampler`'s rule for splitting it (pad by repeating the start, every
+world-th index), plain `range`s."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from sparse_viz.data.resumable import train_loader, val_loader
 
@@ -18,10 +19,12 @@ def dataset() -> TensorDataset:
 
 
 def reference_order(epoch: int, world: int = 1, rank: int = 0) -> list[int]:
-    """Torch's DistributedSampler order (what `EpochShuffleSampler` promises to reproduce)."""
-    sampler = DistributedSampler(dataset(), num_replicas=world, rank=rank, shuffle=True, seed=SEED)
-    sampler.set_epoch(epoch)
-    return list(sampler)
+    """A fresh shuffling DataLoader seeded `SEED + epoch` (for epoch 0: the loader the data
+    modules used before), split across `world` processes as DistributedSampler splits."""
+    loader = DataLoader(dataset(), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED + epoch))
+    order = flat(loader)
+    padded = order + order[: -len(order) % world or 0]
+    return padded[rank::world]
 
 
 def flat(batches) -> list[int]:
@@ -29,7 +32,7 @@ def flat(batches) -> list[int]:
 
 
 @pytest.mark.parametrize("world, rank", [(1, 0), (2, 0), (2, 1)])
-def test_every_epoch_is_distributed_samplers_permutation_for_seed_plus_epoch(world, rank):
+def test_every_epoch_is_a_fresh_loaders_order_for_seed_plus_epoch_split_across_processes(world, rank):
     class FakeTrainer:
         world_size, global_rank = world, rank
 

@@ -1,12 +1,17 @@
 """Data loaders whose position is part of a checkpoint, and that shard themselves across processes.
 
-Training order: epoch `e` visits the training set in the permutation `torch.randperm(n,
-generator=manual_seed(seed + e))`, the order `torch.utils.data.DistributedSampler` uses, split
-across processes the same way (padded to a multiple of the process count, process `r` takes every
-`world_size`-th index from `r`). The loader counts the batches it has handed out in the current
-epoch; Lightning saves that count in every checkpoint (`state_dict`) and gives it back on resume
-(`load_state_dict`), and the resumed epoch then starts at the next batch of the same permutation.
-So a run resumed at any step sees exactly the batches an uninterrupted run sees.
+Training order: epoch `e` visits the training set in the order a fresh
+`DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed + e))` visits it (which
+draws its workers' base seed from the generator, then a `randperm`). Epoch 0 is therefore the
+order this project trained in before runs could resume, and every later epoch is a new
+permutation that depends only on (seed, epoch). Across processes it is split as
+`torch.utils.data.DistributedSampler` splits: padded to a multiple of the process count by
+repeating its start, process `r` takes every `world_size`-th index from `r`.
+
+The loader counts the batches it has handed out in the current epoch; Lightning saves that count
+in every checkpoint (`state_dict`) and gives it back on resume (`load_state_dict`), and the
+resumed epoch then starts at the next batch of the same permutation. So a run resumed at any
+step sees exactly the batches an uninterrupted run sees.
 
 Validation order: every sequence once, in order; process `r` of `world_size` takes indices
 `r, r + world_size, ...` with no padding, so a sum over processes counts each sequence once.
@@ -20,11 +25,29 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
+def epoch_permutation(size: int, seed: int, epoch: int) -> list[int]:
+    """The training order of epoch `epoch` (see the module docstring).
+
+    Args:
+        size: sequences in the training set.
+        seed: the data module's seed.
+        epoch: the epoch (0-based).
+
+    Returns:
+        A permutation of range(size).
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the DataLoader's worker base seed
+    return torch.randperm(size, generator=generator).tolist()
+
+
 class EpochShuffleSampler(DistributedSampler):
-    """`DistributedSampler`'s shuffled order (seed + epoch), able to start an epoch part-way.
+    """This process's share of `epoch_permutation(len(dataset), seed, epoch)`, able to start an
+    epoch part-way.
 
     Args:
         dataset: the training set (only its length is used).
@@ -38,7 +61,9 @@ class EpochShuffleSampler(DistributedSampler):
         self.skip = 0  # indices of this process to leave out at the start of the next iteration
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())  # this process's share of epoch self.epoch, in order
+        indices = epoch_permutation(len(self.dataset), self.seed, self.epoch)
+        indices += indices[: self.total_size - len(indices)]  # DistributedSampler's padding
+        indices = indices[self.rank : self.total_size : self.num_replicas]  # (num_samples,)
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
 
