@@ -12,7 +12,9 @@ default) or `sparse_viz.data.RecallDataModule`; `--data.<option>` sets that clas
 
 Each run gets its own directory `<run_root>/<run_name>/` (default `results/<config>-<time>/`)
 with the resolved `config.yaml`, `checkpoints/`, `metrics.csv`, and what the callbacks write.
-A resumed run continues in the directory its checkpoint lives in. Bad input (unknown option,
+A resumed run continues in the directory its checkpoint lives in, exactly where it stopped
+(`sparse_viz.training.checkpointing`: `last.ckpt` every `--checkpoint_every_n_steps` steps and on
+Ctrl-C / SIGTERM, after which the resume command is printed and the exit status is 130 / 143). Bad input (unknown option,
 malformed YAML, unknown selector, missing corpus, ...) is one line on stderr, exit status 2, and
 no run directory.
 """
