@@ -118,6 +118,11 @@ class SparseVizCLI(LightningCLI):
         root = Path(self.config.run_root)
         if self.config.get("run_name"):
             return root / self.config.run_name
+        launched = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "SLURM_NTASKS"))
+        if launched > 1:
+            # Each process would name a directory after its own clock; nothing can agree on one yet.
+            raise UserInputError(f"{launched} processes started by a cluster launcher (WORLD_SIZE / SLURM_NTASKS): "
+                                 "give --run_name so that they all write to one run directory")
         configs = self.config.get("config") or []
         stem = Path(str(configs[-1])).stem if configs else "default"
         name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"

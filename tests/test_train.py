@@ -106,9 +106,9 @@ def test_resume_continues_in_the_same_run_directory(tiny_run, tmp_path):
     assert len(steps) == len(set(steps)) and max(steps) > max(step for step, _ in before)
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, **env_extra: str) -> subprocess.CompletedProcess:
     # this checkout's package, not whichever one is installed (cwd is a temporary folder)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), **env_extra}
     return subprocess.run([sys.executable, "-m", "sparse_viz.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -153,6 +153,21 @@ def test_bad_input_is_one_line_exit_2_and_no_run_directory(extra, fragment, smal
     for part in (fragment,) if isinstance(fragment, str) else fragment:
         assert part in lines[0], lines[0]
     assert not root.exists() or not any(root.iterdir())
+
+
+@pytest.mark.slow
+def test_processes_of_a_cluster_launcher_without_a_run_name_are_refused(small_corpus, tmp_path):
+    """torchrun / srun start every process themselves: named after each one's clock, their run
+    directories would differ, so a run name is required (one line, exit 2, nothing written)."""
+    root = tmp_path / "runs"
+    args = ["--config", TINY, "--run_root", str(root), f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--data.corpus={small_corpus}"]
+    for env in ({"WORLD_SIZE": "2"}, {"SLURM_NTASKS": "4"}):
+        result = run_cli(*args, cwd=tmp_path, **env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "give --run_name" in lines[0], result.stderr[-2000:]
+        assert not root.exists() or not any(root.iterdir())
 
 
 @pytest.mark.slow
