@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from sparse_viz.analysis.batch import DEFAULT_OUTPUT as DEFAULT_BATCH_OUTPUT
 from sparse_viz.analysis.index_spec import parse_index_spec
@@ -412,8 +413,11 @@ def add_sparse_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
     parser.add_argument("--windows", type=int, default=4, help="windows of held-out text (default 4)")
     parser.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="keys per query (default 16 32 64 128)")
-    parser.add_argument("--selectors", nargs="+", default=["dense", "local", "sink_local", "random", "oracle"],
-                        help="which selectors (default: dense local sink_local random oracle)")
+    parser.add_argument("--selectors", nargs="+", default=None,
+                        help="which selectors (default: dense local sink_local random oracle, and topk with --indexers)")
+    parser.add_argument("--indexers", default=None,
+                        help="a retrofit run's checkpoint (results/<run>/checkpoints/last.ckpt): its trained "
+                             "Lightning Indexers give the topk selector")
     parser.add_argument("--sink-tokens", type=int, default=4, help="sinks of sink_local (default 4)")
     parser.add_argument("--dense-layers", type=int, default=0, help="keep the first N layers dense (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selector")
@@ -427,11 +431,18 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
     """Held-out perplexity of the model with each layer attending to k selected keys, per selector."""
     from sparse_viz.model.config import SELECTORS
 
+    if args.selectors is None:
+        args.selectors = ["dense"] + (["topk"] if args.indexers else []) + ["local", "sink_local", "random", "oracle"]
     unknown = sorted(set(args.selectors) - set(SELECTORS))
     if unknown:
         raise UserInputError(f"unknown selector(s) {', '.join(unknown)}; choose from {', '.join(SELECTORS)}")
-    if "topk" in args.selectors:
-        raise UserInputError("selector topk needs trained indexers, which this command cannot load yet")
+    if "topk" in args.selectors and not args.indexers:
+        raise UserInputError("selector topk needs trained indexers: --indexers results/<retrofit run>/checkpoints/last.ckpt")
+    if args.indexers and not Path(args.indexers).is_file():
+        raise UserInputError(f"indexer checkpoint not found: {args.indexers}")
+    if args.indexers and not Path(args.model).is_dir():
+        raise UserInputError(f"--indexers needs --model to be the Hugging Face model directory they were trained on, "
+                             f"got {args.model!r}")
     if any(k < 1 for k in args.k):
         raise UserInputError(f"--k values must be >= 1, got {args.k}")
     if args.seq_len < 2 or args.windows < 1 or args.dense_layers < 0:
@@ -442,15 +453,23 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
     from sparse_viz.analysis.sparse_eval.outputs import write_sparse_eval_outputs
     from sparse_viz.analysis.sparse_eval.windows import held_out_windows
     from sparse_viz.pretrained.loading import load_model
+    from sparse_viz.pretrained.retrofit_indexers import load_retrofit_indexers
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     if loaded.adapter.max_positions is not None and args.seq_len > loaded.adapter.max_positions:
         raise UserInputError(f"--seq-len {args.seq_len} is longer than the model's context of {loaded.adapter.max_positions}")
+    indexers, indexer_settings = None, {}
+    if args.indexers:
+        indexers = load_retrofit_indexers(args.indexers, args.model, loaded.adapter)
+        indexers.to(device=loaded.device, dtype=loaded.dtype).eval()
+        indexer_settings = dict(indexer_rope_dim=indexers.settings["rope_dim"],
+                                indexer_rope_theta=indexers.settings["rope_theta"])
     windows, documents = held_out_windows(loaded.tokenizer, args.corpus, args.windows, args.seq_len)
     result = evaluate_selectors(loaded, windows.to(loaded.device), k=args.k, selectors=args.selectors,
                                 sink_tokens=args.sink_tokens, seed=args.seed, dense_layers=args.dense_layers,
-                                progress=True)
-    result.metadata.update({"corpus": args.corpus, "documents": documents})
+                                indexers=indexers, progress=True, **indexer_settings)
+    result.metadata.update({"corpus": args.corpus, "documents": documents, "indexers": args.indexers,
+                            "indexer_settings": None if indexers is None else indexers.settings})
     write_sparse_eval_outputs(output, result, report=not args.no_report)
     print(result.table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"written to {output}")
