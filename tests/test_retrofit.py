@@ -44,7 +44,7 @@ def retrofit(make, top_k: int = 6, warmup_kl: str = "full", seed: int = 0):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("warmup_kl", ["full", "blockwise"])
+@pytest.mark.parametrize("warmup_kl", ["full", "blocks", "checkpointed"])
 def test_warmup_kl_targets_the_models_eager_attention_summed_over_heads(name, warmup_kl):
     model, reference, ids = retrofit(MODELS[name], warmup_kl=warmup_kl)
     eager = reference(input_ids=ids, output_attentions=True).attentions  # per layer (B, H, T, T)

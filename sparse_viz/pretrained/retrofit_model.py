@@ -40,6 +40,7 @@ from sparse_viz.pretrained.retrofit_indexers import RetrofitIndexers
 RETROFIT_ATTENTION = "sparse_viz_retrofit"
 ATTENTIONS = ("dense", "sparse")
 INDEXER_LOSSES = (None, "all", "selected")
+WARMUP_KL_PATHS = ("full", "blocks", "checkpointed")
 
 
 @dataclass
@@ -66,15 +67,16 @@ class RetrofitModel(nn.Module):
         indexers: `RetrofitIndexers` sized for it.
         top_k: keys per query in the sparse attention.
         block_size: queries per block of the indexer's top-k (and of the blockwise warm-up KL).
-        warmup_kl: "full" = the warm-up KL from each layer's (B, H, T, T) attention
-            probabilities, which then also give the attention output (eager attention; the
-            fastest on CPU up to a few thousand tokens, O(T^2) memory per layer while it runs);
-            "blockwise" = by checkpointed query blocks beside the model's SDPA (no T x T
-            tensor kept; recomputed in backward; for long T).
+        warmup_kl: how the warm-up KL is computed. "full": from each layer's (B, H, T, T)
+            attention probabilities, which then also give the attention output (eager
+            attention). "blocks": by query blocks beside the model's SDPA, each block's target
+            computed once over the keys up to its last query (about half the pairs), its graph
+            kept for backward. "checkpointed": the same blocks, recomputed in backward (one
+            block's (B, block, H_I, T) logits alive at a time; for long T)."
     """
 
     def __init__(self, model: nn.Module, indexers: RetrofitIndexers, top_k: int = 64, block_size: int = 256,
-                 warmup_kl: str = "full") -> None:
+                 warmup_kl: str = "blocks") -> None:
         super().__init__()
         if top_k < 1:
             raise UserInputError(f"k must be >= 1, got {top_k}")
@@ -83,8 +85,8 @@ class RetrofitModel(nn.Module):
         self.adapter = ArchitectureAdapter.for_model(model)
         self.top_k = int(top_k)
         self.block_size = int(block_size)
-        if warmup_kl not in ("full", "blockwise"):
-            raise UserInputError(f"warmup_kl must be full or blockwise, got {warmup_kl!r}")
+        if warmup_kl not in WARMUP_KL_PATHS:
+            raise UserInputError(f"warmup_kl must be one of {', '.join(WARMUP_KL_PATHS)}, got {warmup_kl!r}")
         self.warmup_kl = warmup_kl
         windows = [i for i in range(self.adapter.n_layers) if self.adapter.sliding_window(i)]
         if windows:
@@ -212,7 +214,8 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         index_scores, _ = indexer(normed, *run.indexer_rope)  # (B, T, T); -inf on future keys
         run.kl[layer] = indexer_kl(target, index_scores, torch.isfinite(index_scores)).mean()
     elif run.indexer_loss == "all":
-        run.kl[layer] = blockwise_causal_kl(*projected, q, k, run.block_size).mean()
+        recompute = owner.warmup_kl == "checkpointed"
+        run.kl[layer] = blockwise_causal_kl(*projected, q, k, run.block_size, recompute=recompute).mean()
     elif run.indexer_loss == "selected":
         if selected is None:
             raise ValueError("indexer_loss='selected' needs attention='sparse'")

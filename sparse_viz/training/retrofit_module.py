@@ -46,6 +46,8 @@ class RetrofitLightningModule(StagedLightningModule):
         indexer_rope_dim: leading dims of q_I / k_I that get RoPE (even, <= indexer_dim).
         indexer_rope_theta: RoPE base of those dims; None = the model's own.
         indexer_block_size: queries per block of the indexer's top-k and warm-up KL.
+        warmup_kl: how the warm-up KL is computed: "blocks" (default), "full" or "checkpointed"
+            (the least memory, for long sequences); see `RetrofitModel`.
         sink_tokens: sinks of the `sink_local` baseline the tracking callback compares with.
         stages: `warmup` and/or `sparse` stages as dicts (see `Stage`); default a 300-step warm-up.
         finetune_model: in `sparse` stages, also train the model's own weights with the LM loss
@@ -65,6 +67,7 @@ class RetrofitLightningModule(StagedLightningModule):
         indexer_rope_dim: int = 32,
         indexer_rope_theta: float | None = None,
         indexer_block_size: int = 256,
+        warmup_kl: str = "blocks",
         sink_tokens: int = 4,
         stages: list[dict[str, Any]] | None = None,
         finetune_model: bool = False,
@@ -89,7 +92,8 @@ class RetrofitLightningModule(StagedLightningModule):
         if top_k < 1:
             raise UserInputError(f"top_k must be >= 1, got {top_k}")
         if not Path(model_path).is_dir():
-            raise UserInputError(f"model directory {model_path!r} does not exist")
+            hint = " (scripts/setup.sh --dev converts SmolLM2-135M there)" if "smollm2" in str(model_path) else ""
+            raise UserInputError(f"model directory {model_path!r} does not exist{hint}")
         loaded = load_model(model_path, device="cpu", dtype=dtype, attn_implementation="sdpa")
         adapter = loaded.adapter
         model_vocab = int(loaded.model.get_input_embeddings().weight.shape[0])
@@ -97,7 +101,8 @@ class RetrofitLightningModule(StagedLightningModule):
             raise UserInputError(f"the data's tokenizer has {vocab_size} tokens, the model at {model_path!r} embeds "
                                  f"{model_vocab}: use the model's own tokenizer (data.tokenizer_path)")
         indexers = RetrofitIndexers.for_model(adapter, indexer_heads, indexer_dim, indexer_rope_dim, indexer_rope_theta)
-        self.model = RetrofitModel(loaded.model, indexers, top_k=top_k, block_size=indexer_block_size)
+        self.model = RetrofitModel(loaded.model, indexers, top_k=top_k, block_size=indexer_block_size,
+                                   warmup_kl=warmup_kl)
         self.model_identity = {"model_path": str(model_path), "model_fingerprint": model_fingerprint(model_path),
                                "indexer_settings": dict(indexers.settings)}
         n_heads = adapter.n_heads if adapter.hidden_size % adapter.n_heads == 0 else 1
