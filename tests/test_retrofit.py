@@ -276,3 +276,30 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(retrofit_run, 
     result = subprocess.run([sys.executable, "-m", "sparse_viz.train", *args], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2 and "use the model's own tokenizer" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_is_not_a_causal_lm_is_refused(retrofit_run, tmp_path):
+    encoder = tmp_path / "bert"
+    encoder.mkdir()
+    (encoder / "config.json").write_text('{"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, '
+                                         '"num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 300}')
+    args = [a for a in retrofit_run["args"] if not a.startswith(("--run_root", "--run_name", "--model.model_path"))]
+    args += [f"--run_root={tmp_path / 'runs'}", f"--model.model_path={encoder}"]
+    result = subprocess.run([sys.executable, "-m", "sparse_viz.train", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "unsupported architecture 'bert'" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_evaluation_text_too_short_for_the_windows_is_refused(retrofit_run, tmp_path):
+    output = tmp_path / "eval"
+    result = subprocess.run([sys.executable, "-m", "sparse_viz.analysis", "sparse-eval", "--model",
+                             str(retrofit_run["model"]), "--indexers",
+                             str(retrofit_run["run"] / "checkpoints" / "last.ckpt"), "--corpus",
+                             str(retrofit_run["corpus"]), "--seq-len", "128", "--windows", "500", "--k", "8",
+                             "--output", str(output), "--device", "cpu"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "500 windows of 128 need 64000" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and not output.exists()
