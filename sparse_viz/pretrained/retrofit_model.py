@@ -8,8 +8,8 @@ work on the small model:
 - `attention="dense"`: the model's own attention (transformers' SDPA function);
   `indexer_loss="all"` adds each layer's warm-up KL(p || softmax(I)) over all causal keys, p =
   the layer's attention probabilities summed over all query heads (GQA included) and
-  L1-normalised, computed by checkpointed query blocks (`blockwise_causal_kl`): no (B, H, T, T)
-  tensor is kept, and no gradient reaches the model.
+  L1-normalised, computed by query blocks (`blockwise_causal_kl`; `warmup_kl` chooses how): no
+  (B, H, T, T) tensor outlives its layer, and no gradient reaches the model.
 - `attention="sparse"`: every head of a layer attends to the same top-k keys of the layer's
   indexer (causal; rows with t + 1 <= k dense); `indexer_loss="selected"` adds the KL on the
   selected set against the sparse attention actually used, from a detached input.
