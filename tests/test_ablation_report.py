@@ -75,6 +75,49 @@ def test_heads_cli_writes_csv_npz_pngs_and_report(heads_run, model_dir):
     assert render_ablation_report(copy).read_text() == html
 
 
+def _tokens_of(text):
+    """The tiny model's tokens of `text`, from its own tokenizer (the reference for metadata)."""
+    _, tokenizer = tiny_qwen3()
+    ids = tokenizer(text)["input_ids"]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def test_heads_metadata_records_the_command_and_the_definitions(heads_run, model_dir):
+    """metadata.json (README: "definitions, timings") holds the command's own arguments."""
+    metadata = json.loads((heads_run / "metadata.json").read_text())
+    assert metadata["command"] == "heads" and metadata["analysis"] == "heads"
+    assert metadata["model"] == str(model_dir)
+    assert metadata["prompts"] == [HOSTILE]
+    arguments = metadata["arguments"]
+    assert arguments["sweep"] is True and arguments["batch_size"] == 5
+    assert arguments["prediction_positions"] == [-1, 3] and arguments["output"] == str(heads_run)
+    assert metadata["tokens"] == [_tokens_of(HOSTILE)]
+    assert metadata["timings"]["load_seconds"] >= 0 and metadata["timings"]["analysis_seconds"] > 0
+    table = pd.read_csv(heads_run / "head_ablation.csv")
+    metric_columns = {"kl_divergence", "frac_top1_changed", "delta_logprob_top1"} & set(table.columns)
+    assert metric_columns <= set(metadata["definitions"])  # every metric column is defined
+
+
+@pytest.mark.parametrize("what", [["--ablate", "1.o_proj:0,1", "--mode", "stochastic", "--samples", "2"],
+                                  ["--sweep", "0.o_proj:0-2"]])
+def test_component_metadata_records_the_command(model_dir, tmp_path, capsys, what):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["components", "--model", str(model_dir), "--prompt", "abcdefgh", *what,
+                            "--no-patterns", "--output", str(out)], capsys)
+    assert code == 0, err
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["command"] == "components" and metadata["prompts"] == ["abcdefgh"]
+    assert metadata["analysis"] == ("component_sweep" if "--sweep" in what else "components")
+    key = "sweep" if "--sweep" in what else "ablate"
+    assert metadata["arguments"][key] == [what[1]]
+    if "--mode" in what:
+        assert metadata["arguments"]["mode"] == "stochastic" and metadata["arguments"]["samples"] == 2
+    assert metadata["tokens"] == [_tokens_of("abcdefgh")]
+    assert set(metadata["timings"]) == {"load_seconds", "analysis_seconds"}
+    csv = pd.read_csv(out / ("component_sweep.csv" if "--sweep" in what else "component_ablation.csv"))
+    assert {"kl_divergence", "frac_top1_changed", "reconstruction_kl"} <= set(csv.columns) & set(metadata["definitions"])
+
+
 @pytest.mark.browser
 def test_head_report_heatmap_click_shows_patterns_and_predictions(heads_run, chromium):  # noqa: F811
     with open_report(chromium, heads_run / "report.html") as report:
