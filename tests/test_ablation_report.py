@@ -141,6 +141,51 @@ def test_head_report_heatmap_click_shows_patterns_and_predictions(heads_run, chr
         report.screenshot("head_ablation_report")
 
 
+def _legend(page, selector):
+    legend = page.locator(selector)
+    assert legend.count() == 1, selector
+    return float(legend.get_attribute("data-min")), float(legend.get_attribute("data-max"))
+
+
+def _visible(token: str) -> str:
+    """How the page shows a token (SV.tokenLabel, cut to 10 characters)."""
+    shown = token.replace("\n", "\u21b5").replace("\t", "\u21e5").replace(" ", "\u00b7")
+    return shown if len(shown) <= 10 else shown[:9] + "\u2026"
+
+
+@pytest.mark.browser
+def test_head_report_explains_itself_colour_scales_and_token_labels(heads_run, chromium):  # noqa: F811
+    """The layer x head grid has a colour scale spanning 0 .. the largest effect in the CSV;
+    each pattern has a colour scale and token labels on both axes; the per-position KL bars
+    name their tokens."""
+    table = pd.read_csv(heads_run / "head_ablation.csv")
+    singles = table[table["kind"] == "head"]
+    tokens = _tokens_of(HOSTILE)
+    with open_report(chromium, heads_run / "report.html") as report:
+        page = report.page
+        assert _legend(page, "#heatmap svg.color-legend") == pytest.approx((0, singles["kl_divergence"].max()), rel=1e-6)
+        page.select_option("#metric-select", "delta_logprob_top1")
+        assert _legend(page, "#heatmap svg.color-legend") == pytest.approx((0, singles["delta_logprob_top1"].min()), rel=1e-6)
+        page.select_option("#metric-select", "frac_top1_changed")
+        assert _legend(page, "#heatmap svg.color-legend") == pytest.approx((0, singles["frac_top1_changed"].max()), rel=1e-6)
+        # the heatmap fills the panel rather than a narrow strip
+        grid_width = page.evaluate("() => document.querySelector('#heatmap svg:not(.color-legend)').getBoundingClientRect().width")
+        assert grid_width >= 4 * 60
+        for kind in ("baseline", "ablated"):
+            assert _legend(page, f'figure[data-kind="{kind}"] svg.color-legend') == (0, 1)
+        low, high = _legend(page, 'figure[data-kind="diff"] svg.color-legend')
+        assert low == -high and high > 0
+        for axis in ("y-tokens", "x-tokens"):
+            labels = page.locator(f'figure[data-kind="baseline"] svg.{axis} text.tok-label')
+            shown = {int(labels.nth(i).get_attribute("data-position")): labels.nth(i).text_content() for i in range(labels.count())}
+            assert len(shown) >= len(tokens) // 3 and 0 in shown
+            assert shown == {t: _visible(tokens[t]) for t in shown}
+        bars = page.locator("#kl-positions text.tok-label")
+        shown = {int(bars.nth(i).get_attribute("data-position")): bars.nth(i).text_content() for i in range(bars.count())}
+        assert len(shown) >= len(tokens) // 3 and shown == {t: _visible(tokens[t]) for t in shown}
+        report.screenshot("head_ablation_report_scales")
+
+
 @pytest.mark.browser
 def test_component_report_shows_the_adversarial_masks(model_dir, tmp_path, capsys, chromium):  # noqa: F811
     out = tmp_path / "components"

@@ -35,25 +35,32 @@
 
   // --- heatmap (single-head ablations) -----------------------------------------------------
   const singles = ablations.map((a, i) => ({ a, i })).filter((d) => d.a.kind === "head");
+  const METRIC_LABELS = { kl_divergence: "KL(baseline || ablated)", frac_top1_changed: "share of top-1 changed",
+    delta_logprob_top1: "Δ log-prob of baseline top-1" };
   function drawHeatmap() {
     const root = d3.select("#heatmap");
     root.selectAll("*").remove();
-    const cell = 22, left = 46, top = 22;
+    // Cells share the panel's width (22 to 72 px wide) instead of a narrow fixed strip.
+    const left = 46, top = 22, cellH = 22;
+    const room = (root.node().clientWidth || 900) - left - 20;
+    const cellW = Math.max(22, Math.min(72, Math.floor(room / Math.max(data.n_heads, 1))));
     const values = singles.map((d) => d.a[state.metric]);
     const extent = d3.extent(values);
+    // Colour from 0 (no effect) to the largest effect; Δ log-prob runs from 0 down to its minimum.
     const color = state.metric === "delta_logprob_top1"
-      ? d3.scaleSequential(d3.interpolateBlues).domain([0, -Math.min(0, extent[0]) || 1])
+      ? d3.scaleSequential(d3.interpolateBlues).domain([0, Math.min(0, extent[0]) || -1]).clamp(true)
       : d3.scaleSequential(d3.interpolateMagma).domain([0, extent[1] || 1]);
-    const svg = root.append("svg").attr("width", left + cell * data.n_heads + 10).attr("height", top + cell * data.n_layers + 10);
+    SV.colorLegend(root.append("div").node(), color, { title: METRIC_LABELS[state.metric], width: 220 });
+    const svg = root.append("svg").attr("width", left + cellW * data.n_heads + 10).attr("height", top + cellH * data.n_layers + 10);
     svg.append("g").selectAll("text").data(d3.range(data.n_heads)).join("text")
-      .attr("x", (h) => left + h * cell + cell / 2).attr("y", top - 6).attr("text-anchor", "middle").attr("font-size", 10).text((h) => h);
+      .attr("x", (h) => left + h * cellW + cellW / 2).attr("y", top - 6).attr("text-anchor", "middle").attr("font-size", 10).text((h) => `H${h}`);
     svg.append("g").selectAll("text").data(d3.range(data.n_layers)).join("text")
-      .attr("x", left - 6).attr("y", (L) => top + L * cell + cell / 2 + 3).attr("text-anchor", "end").attr("font-size", 10).text((L) => `L${L}`);
+      .attr("x", left - 6).attr("y", (L) => top + L * cellH + cellH / 2 + 3).attr("text-anchor", "end").attr("font-size", 10).text((L) => `L${L}`);
     svg.append("g").selectAll("rect").data(singles).join("rect")
       .attr("class", (d) => "cell" + (d.i === state.selected ? " selected" : ""))
-      .attr("x", (d) => left + d.a.head * cell).attr("y", (d) => top + d.a.layer * cell)
-      .attr("width", cell - 1).attr("height", cell - 1)
-      .attr("fill", (d) => color(state.metric === "delta_logprob_top1" ? -d.a[state.metric] : d.a[state.metric]))
+      .attr("x", (d) => left + d.a.head * cellW).attr("y", (d) => top + d.a.layer * cellH)
+      .attr("width", cellW - 1).attr("height", cellH - 1)
+      .attr("fill", (d) => color(d.a[state.metric]))
       .attr("data-name", (d) => d.a.name)
       .on("mousemove", (event, d) => tooltip.show(event, `head ${d.a.name}\nKL ${SV.format(d.a.kl_divergence)}\ntop-1 changed ${SV.format(d.a.frac_top1_changed, 3)}\nΔ log-prob ${SV.format(d.a.delta_logprob_top1)}`))
       .on("mouseleave", () => tooltip.hide())
@@ -161,6 +168,29 @@
     return p.bytes.subarray(start, start + T * T);
   }
 
+  // Token text along a pattern's rows (queries, left) and columns (keys, bottom); with many
+  // tokens only every n-th is labelled so labels never overlap.
+  const PATTERN_PX = 280, LABEL_PX = 11;
+  function drawTokenAxes(figure, T) {
+    const tokens = data.tokens[state.seq] || [];
+    const band = d3.scaleBand().domain(d3.range(T)).range([0, PATTERN_PX]);
+    const every = Math.max(1, Math.ceil(LABEL_PX / band.step()));
+    const shown = d3.range(0, T, every);
+    const label = (t) => { const s = SV.tokenLabel(tokens[t] ?? ""); return s.length > 10 ? s.slice(0, 9) + "…" : s; };
+    const size = Math.min(10, band.step() * every - 1);
+    d3.select(figure).select("svg.y-tokens").selectAll("*").remove();
+    d3.select(figure).select("svg.y-tokens").selectAll("text").data(shown).join("text")
+      .attr("class", "tok-label").attr("data-position", (t) => t)
+      .attr("x", 76).attr("y", (t) => band(t) + band.bandwidth() / 2).attr("dy", "0.35em")
+      .attr("text-anchor", "end").attr("font-size", size).text(label);
+    d3.select(figure).select("svg.x-tokens").selectAll("*").remove();
+    d3.select(figure).select("svg.x-tokens").selectAll("text").data(shown).join("text")
+      .attr("class", "tok-label").attr("data-position", (t) => t)
+      .attr("transform", (t) => `translate(${band(t) + band.bandwidth() / 2},4) rotate(-60)`)
+      .attr("dy", "0.35em").attr("text-anchor", "end").attr("font-size", size).text(label);
+  }
+
+  const PROBABILITY = d3.scaleSequential(d3.interpolateViridis).domain([0, 1]);
   function drawPatterns() {
     const a = ablations[state.selected];
     const caption = document.getElementById("pattern-caption");
@@ -178,9 +208,20 @@
       for (let k = 0; k < T * T; k++) { diff[k] = q[k] - b[k]; scale = Math.max(scale, Math.abs(diff[k])); }
     }
     drawCanvas(document.getElementById("diff-canvas"), diff, T, scale);
+    for (const figure of document.querySelectorAll(".abl-patterns figure")) {
+      drawTokenAxes(figure, T);
+      const slot = figure.querySelector(".legend-slot");
+      slot.replaceChildren();
+      const full = scale / 255;
+      // The same white -> pure red / blue ramps drawCanvas paints with, in probability units.
+      const colour = figure.dataset.kind === "diff"
+        ? d3.scaleLinear().domain([-full, 0, full]).range(["rgb(0,0,255)", "rgb(255,255,255)", "rgb(255,0,0)"])
+        : PROBABILITY;
+      SV.colorLegend(slot, colour, { title: figure.dataset.kind === "diff" ? "ablated − baseline" : "attention probability", width: 200 });
+    }
     text(document.getElementById("diff-caption"), `ablated − baseline (red +, blue −; full colour = ${SV.format(scale / 255, 2)})`);
     text(caption, L === null || !base ? "No attention patterns in this page for this ablation (see the .npz file)."
-      : `Layer ${L}, head ${state.head}, sequence ${state.seq}: rows = query position, columns = key position.` +
+      : `Layer ${L}, head ${state.head}, sequence ${state.seq}: rows = query token, columns = key token.` +
         (q ? "" : " No ablated pattern in this page for this layer."));
   }
 
@@ -190,10 +231,10 @@
     root.selectAll("*").remove();
     const values = (a.kl_per_position[state.seq] || []);
     const tokens = data.tokens[state.seq] || [];
-    const T = values.length, width = Math.max(300, Math.min(1100, T * 14)), height = 80;
+    const T = values.length, width = Math.max(300, Math.min(1100, T * 14)), height = 80, below = 64;
     const x = d3.scaleBand().domain(d3.range(T)).range([40, width]).padding(0.1);
     const y = d3.scaleLinear([0, d3.max(values, (v) => v || 0) || 1], [height, 5]);
-    const svg = root.append("svg").attr("width", width + 10).attr("height", height + 20);
+    const svg = root.append("svg").attr("width", width + 10).attr("height", height + below + 14);
     svg.append("g").selectAll("rect").data(values).join("rect")
       .attr("x", (v, t) => x(t)).attr("width", x.bandwidth()).attr("y", (v) => y(v || 0)).attr("height", (v) => height - y(v || 0))
       .attr("fill", "#3b6fd8")
@@ -202,6 +243,15 @@
       })
       .on("mouseleave", () => tooltip.hide());
     svg.append("g").attr("transform", "translate(40,0)").call(d3.axisLeft(y).ticks(3));
+    // The input token under each bar (every n-th when they would overlap).
+    const every = Math.max(1, Math.ceil(LABEL_PX / x.step()));
+    svg.append("g").attr("class", "x-tokens").selectAll("text").data(d3.range(0, T, every)).join("text")
+      .attr("class", "tok-label").attr("data-position", (t) => t)
+      .attr("transform", (t) => `translate(${x(t) + x.bandwidth() / 2},${height + 6}) rotate(-60)`)
+      .attr("dy", "0.35em").attr("text-anchor", "end").attr("font-size", 10)
+      .text((t) => { const s = SV.tokenLabel(tokens[t] ?? ""); return s.length > 10 ? s.slice(0, 9) + "…" : s; });
+    svg.append("text").attr("x", width).attr("y", height + below + 10).attr("text-anchor", "end").attr("font-size", 11)
+      .attr("fill", "#667085").text("input token (KL of the prediction made there)");
   }
 
   function drawPredictions() {
