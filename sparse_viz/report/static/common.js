@@ -24,7 +24,7 @@ const SV = {
     const lo = domain[0], hi = domain[domain.length - 1];
     const top = title ? 14 : 2;
     const svg = d3.select(parent).append("svg").attr("class", "color-legend")
-      .attr("width", width + 24).attr("height", top + 26).attr("data-min", lo).attr("data-max", hi)
+      .attr("width", Math.max(width + 24, 14 + 6.2 * title.length)).attr("height", top + 26).attr("data-min", lo).attr("data-max", hi)
       .attr("data-title", title);
     SV._legendCount = (SV._legendCount || 0) + 1;
     const id = `sv-legend-${SV._legendCount}`;

@@ -184,11 +184,26 @@
     for (let t = 0; t < V.T; t++) {
       for (const x of selectionOf(t)) { ctx.fillStyle = colour(x.shade); ctx.fillRect(x.key * cell, t * cell, cell, cell); }
     }
+    drawHeatmapScale();
     const t = query();
     if (t !== null && t < V.T) {
       ctx.strokeStyle = "#d92d20"; ctx.lineWidth = 1;
       ctx.strokeRect(0.5, t * cell + 0.5, canvas.width - 1, Math.max(cell - 1, 1));
     }
+  }
+
+  // The heatmap's colour scale in the units of the chosen measure: attention shades are
+  // sqrt(p) (so small probabilities stay visible), the axis is in p; indexer scores are shaded
+  // within each query row, from the row's lowest to its highest selected score.
+  function drawHeatmapScale() {
+    const slot = document.getElementById("heatmap-scale");
+    slot.replaceChildren();
+    const byScore = state.shade === "score";
+    const scale = byScore ? (v) => colour(v) : (p) => colour(Math.sqrt(p));
+    scale.domain = () => [0, 1];
+    const title = byScore ? "indexer score within the query's row (0 = its lowest, 1 = its highest)"
+      : `${state.shade === "attn" ? "attention used" : "dense attention"} probability on the key (shade ∝ √p)`;
+    SV.colorLegend(slot, scale, { title, width: 260 });
   }
 
   // ------------------------------------------------------------------ top tokens
@@ -238,7 +253,7 @@
     const box = d3.select("#charts");
     box.selectAll("*").remove();
     markers.length = 0;
-    const width = 320, height = 140, margin = { top: 8, right: 10, bottom: 22, left: 46 };
+    const width = 320, height = 154, margin = { top: 8, right: 10, bottom: 34, left: 46 };
     const x = d3.scaleLinear().domain(d3.extent(data.steps)).range([margin.left, width - margin.right]);
     if (data.steps.length === 1) x.domain([data.steps[0] - 1, data.steps[0] + 1]);
     for (const chart of CHARTS) {
@@ -253,6 +268,10 @@
       const y = d3.scaleLinear().domain([lo, hi]).nice().range([height - margin.bottom, margin.top]);
       const svg = div.append("svg").attr("width", width).attr("height", height);
       svg.append("g").attr("class", "axis").attr("transform", `translate(0,${height - margin.bottom})`).call(d3.axisBottom(x).ticks(5));
+      svg.append("text").attr("class", "x-label").attr("x", (margin.left + width - margin.right) / 2).attr("y", height - 4)
+        .attr("text-anchor", "middle").text("training step");
+      svg.append("rect").attr("class", "plot-area").attr("x", margin.left).attr("y", margin.top)
+        .attr("width", width - margin.left - margin.right).attr("height", height - margin.top - margin.bottom).attr("fill", "none");
       svg.append("g").attr("class", "axis").attr("transform", `translate(${margin.left},0)`).call(d3.axisLeft(y).ticks(4));
       const marker = svg.append("line").attr("class", "marker").attr("y1", margin.top).attr("y2", height - margin.bottom);
       markers.push({ marker, x });
@@ -264,11 +283,16 @@
           .attr("cx", (p) => x(p.step)).attr("cy", (p) => y(p.value)).attr("r", 2.6).attr("fill", s.colour)
           .on("mouseenter", (event, p) => tip.show(event, `${s.label} · step ${p.step} (${p.stage}): ${SV.format(p.value)}`))
           .on("mouseleave", () => tip.hide());
-        if (series.length > 1) {
-          svg.append("text").attr("class", "legend-item").attr("x", width - margin.right).attr("y", margin.top + 10 + 11 * i)
-            .attr("text-anchor", "end").attr("fill", s.colour).text(s.label);
-        }
       });
+      // The legend is a row under the chart, never drawn over the curves.
+      if (series.length > 1) {
+        const legend = div.append("div").attr("class", "chart-legend");
+        for (const s of series) {
+          const item = legend.append("span").attr("class", "legend-item");
+          item.append("span").attr("class", "swatch").style("background", s.colour);
+          item.append("span").text(s.label);
+        }
+      }
     }
   }
   function updateMarkers() {
