@@ -307,3 +307,21 @@ def test_several_prompts_padded_metrics_cover_every_sequence(tmp_path, capsys):
             h.remove()
         kls.append((base.exp() * (base - abl)).sum(-1)[0])
     assert table.loc[0, "kl_divergence"] == pytest.approx(float(torch.cat(kls).mean()), rel=1e-3)
+
+
+@pytest.mark.parametrize("T", [6, 70])
+def test_pattern_png_has_token_labels_and_a_colour_scale(T):
+    from sparse_viz.report.ablation import patterns_figure
+
+    rng = np.random.default_rng(0)
+    tokens = [f" t{i}" for i in range(T)]
+    fig = patterns_figure(rng.random((2, T, T)), rng.random((2, T, T)), tokens, "layer 1")
+    fig.canvas.draw()
+    first_column, bottom_left = fig.axes[0], fig.axes[2]  # axes are row-major: (0,0), (0,1), (1,0), (1,1)
+    for labels, ticks in ((first_column.get_yticklabels(), first_column.get_yticks()),
+                          (bottom_left.get_xticklabels(), bottom_left.get_xticks())):
+        shown = {int(t): label.get_text() for t, label in zip(ticks, labels)}
+        assert 0 in shown and len(shown) >= min(T, 20)
+        assert shown == {t: tokens[t].replace(" ", "\u00b7") for t in shown}
+    (colorbar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert colorbar.get_ylabel() == "attention probability" and colorbar.get_ylim() == (0, 1)

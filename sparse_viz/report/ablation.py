@@ -185,26 +185,45 @@ def _pyplot():
     return plt
 
 
+def _token_ticks(ax, tokens: list[str], T: int, most: int = 32) -> None:
+    """Token text on both axes of a (T, T) pattern (queries down, keys across); with more than
+    `most` tokens only every n-th is labelled, so labels stay readable."""
+    every = max(1, -(-T // most))
+    positions = list(range(0, T, every))
+    labels = [(tokens[t] if t < len(tokens) else "").replace("\n", "\u21b5").replace(" ", "\u00b7")[:10] for t in positions]
+    ax.set_xticks(positions, labels, rotation=90, fontsize=6)
+    ax.set_yticks(positions, labels, fontsize=6)
+
+
 def patterns_figure(baseline: np.ndarray, ablated: np.ndarray, tokens: list[str], title: str):
-    """Baseline (top row) vs ablated (bottom row) attention of every head of one layer.
+    """Baseline (top row) vs ablated (bottom row) attention of every head of one layer, with the
+    tokens on the axes of the first column and the last row, and a colour scale.
 
     Args:
         baseline, ablated: (H, T, T) for ONE sequence.
+        tokens: the sequence's token strings (labels).
+        title: the figure title.
+
+    Returns:
+        The matplotlib figure.
     """
     plt = _pyplot()
     H, T, _ = baseline.shape
-    fig, axes = plt.subplots(2, H, figsize=(2.0 * H + 1, 4.6), squeeze=False)
+    fig, axes = plt.subplots(2, H, figsize=(2.2 * H + 2.2, 5.6), squeeze=False, layout="constrained")
     for h in range(H):
         for row, (pattern, label) in enumerate(((baseline, "baseline"), (ablated, "ablated"))):
             ax = axes[row, h]
-            ax.imshow(pattern[h], vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
+            image = ax.imshow(pattern[h], vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+            _token_ticks(ax, tokens, T)
+            if h > 0:
+                ax.set_yticklabels([])
             if row == 0:
+                ax.set_xticklabels([])
                 ax.set_title(f"head {h}", fontsize=9)
             if h == 0:
-                ax.set_ylabel(label, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+                ax.set_ylabel(f"{label}: query", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention probability")
+    fig.suptitle(title + " (columns: key token)", fontsize=10)
     return fig
 
 
