@@ -136,4 +136,15 @@ def test_impact_report_hover_shows_the_query_row_and_hostile_tokens_stay_text(mo
         assert page.locator("img").count() == 0
         assert HOSTILE in page.locator("#summary").text_content()
         page.select_option("#layer-select", "2")
+        # the matrix names its tokens on both axes (the tokenizer's own tokens, as the page shows them)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokens = [tokenizer.decode([i]) for i in tokenizer(f"Hi {HOSTILE} there, friend.")["input_ids"]]
+        for axis in ("#matrix-rows", "#matrix-cols"):
+            labels = page.locator(f"{axis} text.tok-label")
+            shown = {int(labels.nth(i).get_attribute("data-position")): labels.nth(i).text_content()
+                     for i in range(labels.count())}
+            assert 0 in shown and len(shown) >= len(tokens) // 3
+            assert shown == {t: tokens[t].replace(" ", "\u00b7")[:10] for t in shown}
         report.screenshot("impact")

@@ -168,26 +168,9 @@
     return p.bytes.subarray(start, start + T * T);
   }
 
-  // Token text along a pattern's rows (queries, left) and columns (keys, bottom); with many
-  // tokens only every n-th is labelled so labels never overlap.
   const PATTERN_PX = 280, LABEL_PX = 11;
   function drawTokenAxes(figure, T) {
-    const tokens = data.tokens[state.seq] || [];
-    const band = d3.scaleBand().domain(d3.range(T)).range([0, PATTERN_PX]);
-    const every = Math.max(1, Math.ceil(LABEL_PX / band.step()));
-    const shown = d3.range(0, T, every);
-    const label = (t) => { const s = SV.tokenLabel(tokens[t] ?? ""); return s.length > 10 ? s.slice(0, 9) + "…" : s; };
-    const size = Math.min(10, band.step() * every - 1);
-    d3.select(figure).select("svg.y-tokens").selectAll("*").remove();
-    d3.select(figure).select("svg.y-tokens").selectAll("text").data(shown).join("text")
-      .attr("class", "tok-label").attr("data-position", (t) => t)
-      .attr("x", 76).attr("y", (t) => band(t) + band.bandwidth() / 2).attr("dy", "0.35em")
-      .attr("text-anchor", "end").attr("font-size", size).text(label);
-    d3.select(figure).select("svg.x-tokens").selectAll("*").remove();
-    d3.select(figure).select("svg.x-tokens").selectAll("text").data(shown).join("text")
-      .attr("class", "tok-label").attr("data-position", (t) => t)
-      .attr("transform", (t) => `translate(${band(t) + band.bandwidth() / 2},4) rotate(-60)`)
-      .attr("dy", "0.35em").attr("text-anchor", "end").attr("font-size", size).text(label);
+    SV.tokenAxes(figure.querySelector("svg.y-tokens"), figure.querySelector("svg.x-tokens"), data.tokens[state.seq] || [], T, PATTERN_PX);
   }
 
   const PROBABILITY = d3.scaleSequential(d3.interpolateViridis).domain([0, 1]);

@@ -40,6 +40,26 @@ const SV = {
       .call((g) => g.select(".domain").remove());
     return svg;
   },
+  // Token text along a (T x T) matrix drawn `px` pixels square: rows (queries) in the SVG
+  // `left`, columns (keys) in the SVG `bottom`, every n-th token when they would overlap. Each
+  // label is a <text class="tok-label" data-position=t>, its text set with .text() (never markup).
+  tokenAxes(left, bottom, tokens, T, px) {
+    const band = d3.scaleBand().domain(d3.range(T)).range([0, px]);
+    const every = Math.max(1, Math.ceil(11 / band.step()));
+    const shown = d3.range(0, T, every);
+    const size = Math.min(10, band.step() * every - 1);
+    const label = (t) => { const s = SV.tokenLabel(tokens[t] ?? ""); return s.length > 10 ? s.slice(0, 9) + "\u2026" : s; };
+    d3.select(left).selectAll("*").remove();
+    d3.select(left).selectAll("text").data(shown).join("text")
+      .attr("class", "tok-label").attr("data-position", (t) => t)
+      .attr("x", 76).attr("y", (t) => band(t) + band.bandwidth() / 2).attr("dy", "0.35em")
+      .attr("text-anchor", "end").attr("font-size", size).text(label);
+    d3.select(bottom).selectAll("*").remove();
+    d3.select(bottom).selectAll("text").data(shown).join("text")
+      .attr("class", "tok-label").attr("data-position", (t) => t)
+      .attr("transform", (t) => `translate(${band(t) + band.bandwidth() / 2},4) rotate(-60)`)
+      .attr("dy", "0.35em").attr("text-anchor", "end").attr("font-size", size).text(label);
+  },
   // Tells the browser tests (tests/browser.py) and benchmarks that the first render is done.
   // The performance mark times navigation -> first render (bench/bench_report_load.py).
   markReady() { performance.mark("sv-ready"); document.body.dataset.ready = "1"; },
