@@ -247,6 +247,9 @@ def test_component_sweep_cli_and_report(model_dir, tmp_path, capsys, chromium): 
     (["heads", "--ablate-kv", "0.5"], "kv head 5 out of range"),
     (["heads"], "nothing to ablate"),
     (["components", "--ablate", "0.q_proj:99"], "outside 0-31"),
+    # an unknown module name lists the valid forms (short and full paths)
+    (["components", "--ablate", "0.foo_proj:1"], "PROJ one of q_proj, k_proj, v_proj, o_proj"),
+    (["components", "--sweep", "model.layers.0.mlp.up"], "e.g. model.layers.0.self_attn.q_proj,"),
     (["components", "--ablate", "0.q_proj:1", "--mode", "stochastic", "--ci-default", "2"], "ci-default must lie in"),
     (["components", "--sweep", "0.q_proj:40"], "outside 0-31"),
     (["components", "--sweep", "0.q_proj", "--mode", "adversarial"], "--sweep runs deterministic ablations only"),
