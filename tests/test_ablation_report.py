@@ -203,6 +203,7 @@ def test_component_report_shows_the_adversarial_masks(model_dir, tmp_path, capsy
         assert not page.locator("#masks-panel").is_hidden()
         bars = page.locator("#masks svg.mask-chart rect")
         assert bars.count() == 32
+        assert page.locator("#masks svg.mask-chart text.x-label").text_content() == "component index, 0-31 (×: ablated)"
         heights = page.evaluate("() => Array.from(document.querySelectorAll('#masks svg.mask-chart rect')).map(r => [r.getAttribute('fill'), +r.getAttribute('height')])")
         assert [h for f, h in heights if f == "#d62728"] == [0, 0]  # ablated: mask 0
         assert [h / 70 for f, h in heights if f != "#d62728"] == pytest.approx(mask[2:].tolist(), abs=1e-5)  # THE adversarial masks
@@ -233,6 +234,10 @@ def test_component_sweep_cli_and_report(model_dir, tmp_path, capsys, chromium): 
         assert not page.locator("#sweep-panel").is_hidden() and page.locator("#masks-panel").is_hidden()
         assert page.locator("#sweep svg.sweep-chart").count() == 2
         assert page.locator("#sweep rect.bar").count() == 38
+        assert page.locator("#sweep svg.sweep-chart text.x-label").all_text_contents() == [
+            "component index (each ablated alone)"] * 2
+        ticks = page.locator("#sweep svg.sweep-chart").nth(1).locator(".x-axis .tick text").all_text_contents()
+        assert ticks[0] == "0" and set(ticks) <= {str(c) for c in range(32)} and len(ticks) >= 5
         page.locator('#sweep rect.bar[data-name="0.o_proj:3"]').click()
         assert page.locator("#detail-title").text_content().startswith("Ablation 0.o_proj:3")
         assert page.locator("#ablation-table tbody tr.selected td").first.text_content() == "0.o_proj:3"

@@ -81,7 +81,7 @@
       const x = d3.scaleBand().domain(items.map((d) => d.c)).range([48, width]).padding(0.05);
       const y = d3.scaleLinear([0, d3.max(items, (d) => d.a.kl_divergence) || 1], [height + 5, 5]);
       root.append("div").attr("class", "muted").text(entry.module);
-      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 24).attr("class", "sweep-chart");
+      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 48).attr("class", "sweep-chart");
       svg.append("g").selectAll("rect").data(items).join("rect")
         .attr("class", "bar").attr("data-name", (d) => d.a.name)
         .attr("x", (d) => x(d.c)).attr("width", x.bandwidth())
@@ -91,6 +91,13 @@
         .on("mouseleave", () => tooltip.hide())
         .on("click", (event, d) => select(d.i));
       svg.append("g").attr("transform", "translate(48,0)").call(d3.axisLeft(y).ticks(3));
+      // Component indices under the bars (about ten of them) and what the axes are.
+      const every = Math.max(1, Math.ceil(items.length / 10));
+      svg.append("g").attr("class", "x-axis").attr("transform", `translate(0,${height + 5})`)
+        .call(d3.axisBottom(x).tickValues(items.filter((d, k) => k % every === 0).map((d) => d.c)).tickSize(3));
+      svg.append("text").attr("class", "x-label").attr("x", (48 + width) / 2).attr("y", height + 40).attr("text-anchor", "middle")
+        .attr("font-size", 11).attr("fill", "#667085").text("component index (each ablated alone)");
+      svg.append("text").attr("x", 0).attr("y", 0).attr("font-size", 11).attr("fill", "#667085").attr("transform", `translate(12,${height / 2 + 20}) rotate(-90)`).text("KL");
     }
   }
 
@@ -106,7 +113,7 @@
       const width = Math.max(300, Math.min(900, mask.length * 6)), height = 70;
       const x = d3.scaleBand().domain(d3.range(mask.length)).range([40, width]).padding(0.05);
       root.append("div").attr("class", "muted").text(module);
-      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 20).attr("class", "mask-chart");
+      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 38).attr("class", "mask-chart");
       svg.append("g").selectAll("rect").data(mask).join("rect")
         .attr("x", (v, c) => x(c)).attr("width", x.bandwidth())
         .attr("y", (v) => 5 + height * (1 - v)).attr("height", (v) => height * v)
@@ -116,6 +123,8 @@
         .attr("x", (c) => x(c) + x.bandwidth() / 2).attr("y", height + 16).attr("text-anchor", "middle")
         .attr("font-size", 10).attr("fill", "#d62728").text("×");
       svg.append("g").attr("transform", `translate(40,0)`).call(d3.axisLeft(d3.scaleLinear([0, 1], [5 + height, 5])).ticks(2));
+      svg.append("text").attr("class", "x-label").attr("x", (40 + width) / 2).attr("y", height + 32).attr("text-anchor", "middle")
+        .attr("font-size", 11).attr("fill", "#667085").text(`component index, 0-${mask.length - 1} (×: ablated)`);
     }
   }
 
