@@ -429,8 +429,14 @@ def run_impact(args: argparse.Namespace) -> object:
                                  attention=args.attention)
     report_layers = parse_index_spec(args.report_layers, max(result.layers) + 1, what="report-layers")
     write_impact_outputs(output, result, report=not args.no_report, report_layers=report_layers)
-    summary = result.agreement.groupby(["k", "selector"])[["impact_recall_at_k", "impact_share"]].mean()
-    print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
+    if result.agreement.empty:
+        # Rows with t + 1 <= k keep every key under any selector: nothing to compare.
+        print(f"note: no query of the {len(result.tokens)}-token prompt sees more than k keys for any --k "
+              f"{' '.join(map(str, args.k))}, so no selection is compared (the impact matrix is still written); "
+              "give a longer prompt or a smaller --k", file=sys.stderr)
+    else:
+        summary = result.agreement.groupby(["k", "selector"])[["impact_recall_at_k", "impact_share"]].mean()
+        print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"{len(result.layers)} layer(s) x {len(result.tokens)} tokens written to {output}")
     return result
 
