@@ -112,3 +112,26 @@ def test_charts_and_heatmap_explain_themselves(chromium, report_path):  # noqa: 
         page.select_option("#shade-select", "dense")
         assert "probability" in page.locator("#heatmap-scale svg.color-legend").get_attribute("data-title")
         report.screenshot("training_report_scales")
+
+
+@pytest.mark.browser
+def test_a_chart_with_nothing_recorded_says_why(chromium, tmp_path):  # noqa: F811
+    """A run without validation losses or indexer KL (e.g. a baseline selector, killed before its
+    first validation): those charts carry a sentence saying why, the others still draw."""
+    import json
+
+    run = write_synthetic_run(tmp_path / "run", n_snapshots=3, tokens=TOKENS)
+    history = run / "analysis" / "history.jsonl"
+    records = [json.loads(line) for line in history.read_text().splitlines()]
+    records = [{k: v for k, v in r.items() if "val_loss" not in k and "indexer_kl" not in k} for r in records]
+    history.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with open_report(chromium, render_training_report(run)) as report:
+        page = report.page
+        charts = page.locator("#charts .tr-chart")
+        loss = charts.filter(has_text="validation loss")
+        assert loss.locator("svg").count() == 0
+        assert "no validation has run yet" in loss.locator(".not-recorded").text_content()
+        kl = charts.filter(has_text="KL(p")
+        assert "no Lightning Indexer" in kl.locator(".not-recorded").text_content()
+        assert page.locator("#charts .not-recorded").count() == 2
+        report.screenshot("training_report_not_recorded")

@@ -225,14 +225,14 @@
       ["mass_at_k", "indexer", "#3b6fd8"], ["mass_at_k_oracle", "oracle", "#2e7d32"],
       ["mass_at_k_sink_local", "sink+local", "#8e44ad"], ["mass_at_k_local", "local", "#e67e22"],
       ["mass_at_k_random", "random", "#7f8c8d"]] },
-    { title: "recall@k of the dense top-k", series: [["recall_at_k", "recall@k", "#c0392b"]] },
-    { title: "KL(p ‖ softmax(I)) (nats)", series: [["indexer_kl", "KL", "#3b6fd8"]] },
+    { title: "recall@k of the dense top-k", why: "no key selection in this run (dense attention keeps every key)", series: [["recall_at_k", "recall@k", "#c0392b"]] },
+    { title: "KL(p ‖ softmax(I)) (nats)", why: "no Lightning Indexer in this run (this selector does not use one)", series: [["indexer_kl", "KL", "#3b6fd8"]] },
     { title: "attention entropy (nats)", series: [["entropy_sparse", "used", "#3b6fd8"], ["entropy_dense", "dense", "#7f8c8d"]] },
-    { title: "Jaccard with the previous snapshot", series: [["jaccard_prev", "Jaccard", "#3b6fd8"]] },
-    { title: "selection biases", series: [["sink_share", "sink share", "#8e44ad"], ["local_share", "local-window share", "#e67e22"]] },
-    { title: "indexer score mean", series: [["score_mean", "mean", "#3b6fd8"], ["score_std", "std", "#7f8c8d"]] },
-    { title: "validation loss", global: true, series: [["val_loss", "val loss", "#101828"]] },
-    { title: "training tokens/s", global: true, series: [["tokens_per_s", "tokens/s", "#101828"]] },
+    { title: "Jaccard with the previous snapshot", why: "needs two snapshots with a key selection", series: [["jaccard_prev", "Jaccard", "#3b6fd8"]] },
+    { title: "selection biases", why: "no key selection in this run (dense attention keeps every key)", series: [["sink_share", "sink share", "#8e44ad"], ["local_share", "local-window share", "#e67e22"]] },
+    { title: "indexer score mean", why: "no Lightning Indexer in this run (this selector does not use one)", series: [["score_mean", "mean", "#3b6fd8"], ["score_std", "std", "#7f8c8d"]] },
+    { title: "validation loss", global: true, why: "no validation has run yet (it runs every trainer.val_check_interval steps)", series: [["val_loss", "val loss", "#101828"]] },
+    { title: "training tokens/s", global: true, why: "measured from the second snapshot on", series: [["tokens_per_s", "tokens/s", "#101828"]] },
   ];
   if (answers.size) {
     CHARTS.unshift(
@@ -261,7 +261,7 @@
         .filter((s) => s.values && s.values.some((v) => v !== null));
       const div = box.append("div").attr("class", "tr-chart");
       div.append("h3").text(chart.title);
-      if (!series.length) { div.append("p").attr("class", "tr-legend").text("not recorded"); continue; }
+      if (!series.length) { div.append("p").attr("class", "tr-legend not-recorded").text(`not recorded: ${chart.why || "this run has no such value"}`); continue; }
       const all = series.flatMap((s) => s.values.filter((v) => v !== null));
       let [lo, hi] = d3.extent(all);
       if (lo === hi) { lo -= 0.5; hi += 0.5; }
