@@ -107,10 +107,14 @@ def workspace(tmp_path_factory, smollm2_dir) -> Path:
     return root
 
 
-def substitute(argv: list[str], workspace: Path, run_dir: str | None) -> list[str]:
-    """Fill the README's placeholders: <run> (a run made by the README's own first training
-    line), DIR (any checkpoint: the SmolLM2 it converts), QWEN3_VL_DIR (the tiny Qwen3-VL),
-    "..." (your prompt)."""
+def substitute(argv: list[str], workspace: Path, runs: list[str]) -> list[str]:
+    """Fill the README's placeholders: <run> (a run the README's own training lines made: for
+    resuming, the first one, the embedded default; for anything else that reads a run, the
+    latest, i.e. the run of the training line just before it), DIR (any checkpoint: the SmolLM2
+    it converts), QWEN3_VL_DIR (the tiny Qwen3-VL), "..." (your prompt)."""
+    run_dir = None
+    if runs:
+        run_dir = runs[0] if "--ckpt_path" in argv else runs[-1]
     out = []
     for word in argv:
         if "<run>" in word:
@@ -152,11 +156,11 @@ def test_every_readme_command_runs(workspace, monkeypatch, capsys):
     with report.html; an output folder with report.html and metadata.json)."""
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run_dir = None
+    runs = []  # run directories announced by the README's training lines, in order
     ran, failures = [], []
     for readme_argv in python_commands():
         module, args = readme_argv[0], readme_argv[1:]
-        for argv in expand([module, *substitute(args, workspace, run_dir)]):
+        for argv in expand([module, *substitute(args, workspace, runs)]):
             extra = SHORTER.get((module, None), []) + SHORTER.get((module, argv[1] if len(argv) > 1 else None), [])
             if "--help" in argv:
                 extra = []
@@ -177,7 +181,7 @@ def test_every_readme_command_runs(workspace, monkeypatch, capsys):
                 if not announced or not (workspace / announced[-1] / "report.html").is_file():
                     failures.append(f"no run directory with report.html announced: {line}")
                 else:
-                    run_dir = run_dir or announced[-1]
+                    runs.append(announced[-1])
             elif "--output" in argv:
                 output = workspace / argv[argv.index("--output") + 1]
                 missing = [name for name in ("report.html", "metadata.json") if not (output / name).is_file()]
