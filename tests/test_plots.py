@@ -261,3 +261,13 @@ def test_panels_without_an_indexer_say_why_instead_of_standing_empty():
         assert ax.get_legend() is None
         assert not ax.get_lines() and not ax.containers
         assert any(reason in text.get_text() for text in ax.texts), (ax.get_title(), [t.get_text() for t in ax.texts])
+
+
+def test_a_dense_runs_selection_frequency_panel_says_why_it_is_empty(figures_input):
+    """A dense run stores NaN selection frequencies (nothing is selected): no empty lines, no
+    legend, a sentence instead."""
+    history, snapshots = figures_input
+    dense = {step: {**arrays, "pos_freq": np.full_like(arrays["pos_freq"], np.nan)} for step, arrays in snapshots.items()}
+    position = attention_patterns_figure(history, dense).axes[0]
+    assert not position.get_lines() and position.get_legend() is None
+    assert any("no key selection recorded" in t.get_text() for t in position.texts)

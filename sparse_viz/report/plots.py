@@ -149,13 +149,14 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
     chosen = [i for i in _pick(len(history)) if steps[i] in snapshots]
     for j, i in enumerate(chosen):
         freq = _layer_mean(snapshots[steps[i]]["pos_freq"])
-        ax.plot(np.arange(len(freq)), freq, color=viridis(j / max(len(chosen) - 1, 1)), lw=1.2,
-                label=f"step {steps[i]}")
-    if chosen:
+        if np.isfinite(freq).any():  # a dense run records no selection: nothing to draw
+            ax.plot(np.arange(len(freq)), freq, color=viridis(j / max(len(chosen) - 1, 1)), lw=1.2,
+                    label=f"step {steps[i]}")
+    if ax.get_lines():
         _legend(ax)
     else:
-        _empty(ax, "no snapshot arrays")
-    ax.set_title(f"Selection frequency by key position ({over})")
+        _empty(ax, "no key selection recorded\n(dense attention selects every key)" if chosen else "no snapshot arrays")
+    ax.set_title(f"Selection frequency by key position\n({over})")
     ax.set_xlabel("key position s")
     ax.set_ylabel("P(s selected | visible), informative rows")
 
@@ -164,7 +165,7 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
     _shade_stages(ax, history)
     ax.plot(steps, _series(history, "entropy_sparse"), "o-", label="attention used (sparse)", ms=3)
     ax.plot(steps, _series(history, "entropy_dense"), "s--", label="dense attention", ms=3)
-    ax.set_title(f"Attention entropy over steps ({over})")
+    ax.set_title(f"Attention entropy over steps\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("entropy (nats, mean over heads and queries)")
     _legend(ax)
@@ -187,8 +188,8 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
     if drawn:
         _legend(ax)
     else:
-        _empty(ax, "no indexer scores in this run (no Lightning Indexer, or no snapshot arrays)")
-    ax.set_title("Indexer score distribution I[t, s], s <= t (all layers pooled)")
+        _empty(ax, "no indexer scores in this run\n(no Lightning Indexer, or no snapshot arrays)")
+    ax.set_title("Indexer score distribution I[t, s], s <= t\n(all layers pooled)")
     ax.set_xlabel("score")
     ax.set_ylabel("share of (t, s) pairs")
 
@@ -204,7 +205,7 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
         ax.plot(steps, recall, "-", color="#c0392b", lw=1, alpha=0.8, label="recall@k indexer")
     ax.plot(steps, _series(history, "keys_share"), ":", color="#101828", lw=1, label="keys attended / visible")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"Selection quality and efficiency ({over})")
+    ax.set_title(f"Selection quality and efficiency\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("share")
     _legend(ax, fontsize=7)
@@ -238,7 +239,7 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
         _legend(ax, fontsize=7)
     else:
         _empty(ax, "too few heads to cluster")
-    ax.set_title("Head attention patterns (PCA of distance profiles, KMeans; every head of every layer)")
+    ax.set_title("Head attention patterns (PCA of distance profiles, KMeans)\n(every head of every layer)")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
 
@@ -251,7 +252,7 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
         fig.colorbar(scatter, ax=ax, label="training step")
     else:
         _empty(ax, "no validation loss recorded yet")
-    ax.set_title(f"Selection quality vs validation loss (mass@k: {over})")
+    ax.set_title(f"Selection quality vs validation loss\n(mass@k: {over})")
     ax.set_xlabel("mass@k of the indexer's selection")
     ax.set_ylabel("validation loss (latest at the snapshot)")
     return fig
@@ -279,8 +280,8 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
     if ax.get_lines():
         _legend(ax)
     else:
-        _empty(ax, "no indexer heads in this run (no Lightning Indexer, or no snapshot arrays)")
-    ax.set_title(f"Indexer head specialisation (1 - normalised entropy; {over})")
+        _empty(ax, "no indexer heads in this run\n(no Lightning Indexer, or no snapshot arrays)")
+    ax.set_title(f"Indexer head specialisation (1 - normalised entropy)\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("specialisation (0 spread, 1 one key)")
 
@@ -295,8 +296,8 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
         ax.plot(steps, _series(history, "score_max"), ":", color="#667085")
         _legend(ax)
     else:
-        _empty(ax, "no indexer scores in this run (no Lightning Indexer)")
-    ax.set_title(f"Indexer score evolution ({over})")
+        _empty(ax, "no indexer scores in this run\n(no Lightning Indexer)")
+    ax.set_title(f"Indexer score evolution\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("I[t, s]")
 
@@ -312,8 +313,8 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
         ax.set_ylim(0, 1.02)
         _legend(ax)
     else:
-        _empty(ax, "no key selection recorded (dense attention selects every key)")
-    ax.set_title(f"Selection bias and stability ({over})")
+        _empty(ax, "no key selection recorded\n(dense attention selects every key)")
+    ax.set_title(f"Selection bias and stability\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("share")
 
@@ -335,10 +336,10 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
             if absent:
                 ax.set_xlabel(f"not in the probe batch, so not shown: {', '.join(absent)}", color="#667085")
         else:
-            _empty(ax, "no token types recorded")
+            _empty(ax, "no selected-key token types recorded\n(dense attention selects every key)")
     else:
         _empty(ax, "no snapshot arrays")
-    ax.set_title(f"Selected token types ({over})")
+    ax.set_title(f"Selected token types\n({over})")
     ax.set_ylabel("share of selections / of visible keys")
     return fig
 
