@@ -135,3 +135,24 @@ def test_a_chart_with_nothing_recorded_says_why(chromium, tmp_path):  # noqa: F8
         assert "no Lightning Indexer" in kl.locator(".not-recorded").text_content()
         assert page.locator("#charts .not-recorded").count() == 2
         report.screenshot("training_report_not_recorded")
+
+
+@pytest.mark.browser
+def test_a_run_without_key_selection_says_so_instead_of_an_empty_matrix(chromium, tmp_path):  # noqa: F811
+    """The dense baseline stores no selection (every slot padded): the selection matrix says why
+    it has no colour, and shows no colour scale for it."""
+    import numpy as np
+
+    from sparse_viz.tracking.store import RunStore
+
+    run = write_synthetic_run(tmp_path / "run", n_snapshots=2, tokens=TOKENS)
+    store = RunStore(run)
+    for step in store.steps():
+        arrays = dict(store.load_snapshot(step))
+        arrays["show_selected"] = np.full_like(arrays["show_selected"], -1)
+        np.savez_compressed(store.snapshot_path(step), **arrays)
+    with open_report(chromium, render_training_report(run)) as report:
+        page = report.page
+        note = page.locator("#heatmap-note")
+        assert note.is_visible() and "No key selection recorded" in note.text_content()
+        assert page.locator("#heatmap-scale svg").count() == 0

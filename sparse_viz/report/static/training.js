@@ -181,10 +181,17 @@
     ctx.fillStyle = "#eaecf0";
     ctx.beginPath(); ctx.moveTo(0, 0); ctx.lineTo(cell, 0); ctx.lineTo(V.T * cell, (V.T - 1) * cell);
     ctx.lineTo(V.T * cell, V.T * cell); ctx.lineTo(0, V.T * cell); ctx.closePath(); ctx.fill();
+    let drawn = 0;
     for (let t = 0; t < V.T; t++) {
-      for (const x of selectionOf(t)) { ctx.fillStyle = colour(x.shade); ctx.fillRect(x.key * cell, t * cell, cell, cell); }
+      for (const x of selectionOf(t)) { ctx.fillStyle = colour(x.shade); ctx.fillRect(x.key * cell, t * cell, cell, cell); drawn++; }
     }
-    drawHeatmapScale();
+    // A run without a key selection (the dense baseline) has nothing to colour: say so, and
+    // drop the colour scale rather than show one for an empty matrix.
+    const note = document.getElementById("heatmap-note");
+    note.hidden = drawn > 0;
+    note.textContent = drawn ? "" : "No key selection recorded at this snapshot and layer: this run's attention is dense " +
+      "(every visible key, shown grey), so there is nothing to colour.";
+    if (drawn) drawHeatmapScale(); else document.getElementById("heatmap-scale").replaceChildren();
     const t = query();
     if (t !== null && t < V.T) {
       ctx.strokeStyle = "#d92d20"; ctx.lineWidth = 1;
