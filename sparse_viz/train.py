@@ -42,6 +42,7 @@ from sparse_viz.model import ModelConfig
 from sparse_viz.training import Schedule
 from sparse_viz.training.module import stages_from_dicts
 from sparse_viz.training.progress import use_steps_progress_bar
+from sparse_viz.training.quiet import silence_third_party_notices
 from sparse_viz.training.resumable_csv_logger import ResumableCSVLogger
 
 MODEL_CONFIG_FIELDS = [field.name for field in dataclasses.fields(ModelConfig)]
@@ -145,6 +146,7 @@ class SparseVizCLI(LightningCLI):
 
 def run_training(args: list[str] | None = None) -> SparseVizCLI:
     """Parse `args` (default: the command line), train, and return the CLI (model, data, run_dir)."""
+    silence_third_party_notices()
     cli = SparseVizCLI(
         L.LightningModule,
         L.LightningDataModule,
