@@ -7,7 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
-pip() { python -m pip install -q --disable-pip-version-check "$@"; }
+# Every install is constrained to the versions the tests last passed with (constraints.txt,
+# written by scripts/freeze_constraints.py); pyproject.toml keeps the ranges. A minor release
+# of a dependency (transformers renamed an argument the sweeps use) cannot slip in.
+pip() { python -m pip install -q --disable-pip-version-check -c constraints.txt "$@"; }
 
 # torch first and pinned: the local CPU wheel. An unpinned torch pulls GBs of CUDA packages.
 python -c "import torch" 2>/dev/null || pip torch==2.13.0

@@ -7,8 +7,11 @@
     python -m sparse_viz.train --config configs/train/recall.yaml              # associative recall
     python -m sparse_viz.train --data sparse_viz.data.RecallDataModule --data.num_pairs=16
 
-`--data` is a class path (LightningCLI's subclass mode): `sparse_viz.data.TextDataModule` (the
-default) or `sparse_viz.data.RecallDataModule`; `--data.<option>` sets that class's options.
+`--model` and `--data` are class paths (LightningCLI's subclass mode): the model is
+`sparse_viz.training.DSALightningModule` (the default: the project's own DSA transformer) or
+`sparse_viz.training.RetrofitLightningModule` (Lightning Indexers on a frozen pretrained model,
+configs/train/retrofit_smollm2.yaml); the data `sparse_viz.data.TextDataModule` (the default) or
+`sparse_viz.data.RecallDataModule`. `--model.<option>` / `--data.<option>` set that class's options.
 
 Each run gets its own directory `<run_root>/<run_name>/` (default `results/<config>-<time>/`)
 with the resolved `config.yaml`, `checkpoints/`, `metrics.csv`, and what the callbacks write.
@@ -39,11 +42,12 @@ from sparse_viz.data import TextDataModule
 from sparse_viz.data.tokenizer import save_tokenizer_atomic
 from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig
-from sparse_viz.training import DSALightningModule, Schedule
+from sparse_viz.training import Schedule
 from sparse_viz.training.class_choices import unknown_class_error
 from sparse_viz.training.checkpointing import TrainingInterrupted, use_step_checkpoint
 from sparse_viz.training.module import stages_from_dicts
 from sparse_viz.training.progress import use_steps_progress_bar
+from sparse_viz.training.quiet import silence_third_party_notices
 from sparse_viz.training.resumable_csv_logger import ResumableCSVLogger
 
 MODEL_CONFIG_FIELDS = [field.name for field in dataclasses.fields(ModelConfig)]
@@ -73,7 +77,8 @@ class SparseVizCLI(LightningCLI):
         parser.add_argument("--checkpoint_every_n_steps", type=PositiveInt, default=50,
                             help="Steps between writes of <run>/checkpoints/last.ckpt (also written at the end "
                                  "and on Ctrl-C / SIGTERM), independent of validation.")
-        parser.link_arguments("data", "model.vocab_size", compute_fn=prepared_vocab_size, apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=prepared_vocab_size,
+                              apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse, then check everything that is cheap to check before any seed, data or model work."""
@@ -84,18 +89,19 @@ class SparseVizCLI(LightningCLI):
             if unknown is None:
                 raise
             raise UserInputError(unknown) from None
-        model = self.config.model
+        model = self.config.model.get("init_args", self.config.model)  # subclass mode: {class_path, init_args}
         try:
-            stages = stages_from_dicts(model.stages) if model.stages is not None else None
+            stages = stages_from_dicts(model.stages) if model.get("stages") is not None else None
             if stages is not None:
                 Schedule(stages)
-            ModelConfig(**{k: model[k] for k in MODEL_CONFIG_FIELDS if k in model})
+            if self.config.model.get("class_path", "").endswith("DSALightningModule"):
+                ModelConfig(**{k: model[k] for k in MODEL_CONFIG_FIELDS if k in model})
         except ValueError as error:
             raise UserInputError(str(error)) from None
         data = self.config.data
-        data_args = data.get("init_args", data)  # subclass mode: {class_path, init_args}
+        data_args = data.get("init_args", data)
         seq_len = data_args.get("seq_len")
-        if seq_len is not None and seq_len > model.max_seq_len:
+        if seq_len is not None and model.get("max_seq_len") is not None and seq_len > model.max_seq_len:
             raise UserInputError(
                 f"data.seq_len={seq_len} is larger than model.max_seq_len={model.max_seq_len}"
             )
@@ -163,9 +169,11 @@ class SparseVizCLI(LightningCLI):
 
 def run_training(args: list[str] | None = None) -> SparseVizCLI:
     """Parse `args` (default: the command line), train, and return the CLI (model, data, run_dir)."""
+    silence_third_party_notices()
     cli = SparseVizCLI(
-        DSALightningModule,
+        L.LightningModule,
         L.LightningDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
         save_config_kwargs={"overwrite": True},

@@ -392,6 +392,47 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_train.py::test_bad_input_is_one_line_exit_2_and_no_run_directory",),
         "--trainer.max_step=30 silently means --trainer.max_steps=30",
     ),
+    # ------------------------------------------------------------------ installs and reports that explain themselves
+    Mutation(
+        "setup_installs_without_the_constraints",
+        "scripts/setup.sh",
+        ' -c constraints.txt "$@"; }',
+        ' "$@"; }',
+        ("tests/test_install_constraints.py::test_setup_script_installs_everything_with_the_constraints",),
+        "a fresh machine resolves the newest releases instead of the versions the tests passed with",
+    ),
+    Mutation(
+        "plot_legends_drawn_on_the_data",
+        PLOTS,
+        'ax.legend(fontsize=fontsize, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)',
+        "ax.legend(fontsize=fontsize, ncol=ncol)",
+        ("tests/test_plots.py::test_panels_say_they_average_layers_and_legends_sit_beside_the_data",),
+        "training PNG legends cover curves",
+    ),
+    Mutation(
+        "masking_sink_toggle_ignored",
+        "sparse_viz/report/static/masking.js",
+        "const counted = (i) => !(state.excludeFirst && rowPositions[Math.floor(i / layers.length)] === 0);",
+        "const counted = (i) => true;",
+        ("tests/test_masking_report.py::test_sink_position_can_be_left_out_of_the_colour_scale",),
+        "the masking report's sink toggle leaves the colour scale dominated by position 0",
+    ),
+    Mutation(
+        "head_grid_colour_scale_fixed_at_one",
+        "sparse_viz/report/static/ablation.js",
+        ": d3.scaleSequential(d3.interpolateMagma).domain([0, extent[1] || 1]);",
+        ": d3.scaleSequential(d3.interpolateMagma).domain([0, 1]);",
+        ("tests/test_ablation_report.py::test_head_report_explains_itself_colour_scales_and_token_labels",),
+        "the layer x head grid's colours (and its scale) stop at 1 whatever the largest KL",
+    ),
+    Mutation(
+        "ablation_metadata_without_the_arguments",
+        "sparse_viz/analysis/cli.py",
+        '"prompts": prompts, "arguments": arguments,',
+        '"prompts": prompts,',
+        ("tests/test_ablation_report.py::test_heads_metadata_records_the_command_and_the_definitions",),
+        "heads/components metadata.json does not say how the command was run",
+    ),
 ]
 
 

@@ -75,6 +75,49 @@ def test_heads_cli_writes_csv_npz_pngs_and_report(heads_run, model_dir):
     assert render_ablation_report(copy).read_text() == html
 
 
+def _tokens_of(text):
+    """The tiny model's tokens of `text`, from its own tokenizer (the reference for metadata)."""
+    _, tokenizer = tiny_qwen3()
+    ids = tokenizer(text)["input_ids"]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def test_heads_metadata_records_the_command_and_the_definitions(heads_run, model_dir):
+    """metadata.json (README: "definitions, timings") holds the command's own arguments."""
+    metadata = json.loads((heads_run / "metadata.json").read_text())
+    assert metadata["command"] == "heads" and metadata["analysis"] == "heads"
+    assert metadata["model"] == str(model_dir)
+    assert metadata["prompts"] == [HOSTILE]
+    arguments = metadata["arguments"]
+    assert arguments["sweep"] is True and arguments["batch_size"] == 5
+    assert arguments["prediction_positions"] == [-1, 3] and arguments["output"] == str(heads_run)
+    assert metadata["tokens"] == [_tokens_of(HOSTILE)]
+    assert metadata["timings"]["load_seconds"] >= 0 and metadata["timings"]["analysis_seconds"] > 0
+    table = pd.read_csv(heads_run / "head_ablation.csv")
+    metric_columns = {"kl_divergence", "frac_top1_changed", "delta_logprob_top1"} & set(table.columns)
+    assert metric_columns <= set(metadata["definitions"])  # every metric column is defined
+
+
+@pytest.mark.parametrize("what", [["--ablate", "1.o_proj:0,1", "--mode", "stochastic", "--samples", "2"],
+                                  ["--sweep", "0.o_proj:0-2"]])
+def test_component_metadata_records_the_command(model_dir, tmp_path, capsys, what):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["components", "--model", str(model_dir), "--prompt", "abcdefgh", *what,
+                            "--no-patterns", "--output", str(out)], capsys)
+    assert code == 0, err
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["command"] == "components" and metadata["prompts"] == ["abcdefgh"]
+    assert metadata["analysis"] == ("component_sweep" if "--sweep" in what else "components")
+    key = "sweep" if "--sweep" in what else "ablate"
+    assert metadata["arguments"][key] == [what[1]]
+    if "--mode" in what:
+        assert metadata["arguments"]["mode"] == "stochastic" and metadata["arguments"]["samples"] == 2
+    assert metadata["tokens"] == [_tokens_of("abcdefgh")]
+    assert set(metadata["timings"]) == {"load_seconds", "analysis_seconds"}
+    csv = pd.read_csv(out / ("component_sweep.csv" if "--sweep" in what else "component_ablation.csv"))
+    assert {"kl_divergence", "frac_top1_changed", "reconstruction_kl"} <= set(csv.columns) & set(metadata["definitions"])
+
+
 @pytest.mark.browser
 def test_head_report_heatmap_click_shows_patterns_and_predictions(heads_run, chromium):  # noqa: F811
     with open_report(chromium, heads_run / "report.html") as report:
@@ -98,6 +141,51 @@ def test_head_report_heatmap_click_shows_patterns_and_predictions(heads_run, chr
         report.screenshot("head_ablation_report")
 
 
+def _legend(page, selector):
+    legend = page.locator(selector)
+    assert legend.count() == 1, selector
+    return float(legend.get_attribute("data-min")), float(legend.get_attribute("data-max"))
+
+
+def _visible(token: str) -> str:
+    """How the page shows a token (SV.tokenLabel, cut to 10 characters)."""
+    shown = token.replace("\n", "\u21b5").replace("\t", "\u21e5").replace(" ", "\u00b7")
+    return shown if len(shown) <= 10 else shown[:9] + "\u2026"
+
+
+@pytest.mark.browser
+def test_head_report_explains_itself_colour_scales_and_token_labels(heads_run, chromium):  # noqa: F811
+    """The layer x head grid has a colour scale spanning 0 .. the largest effect in the CSV;
+    each pattern has a colour scale and token labels on both axes; the per-position KL bars
+    name their tokens."""
+    table = pd.read_csv(heads_run / "head_ablation.csv")
+    singles = table[table["kind"] == "head"]
+    tokens = _tokens_of(HOSTILE)
+    with open_report(chromium, heads_run / "report.html") as report:
+        page = report.page
+        assert _legend(page, "#heatmap svg.color-legend") == pytest.approx((0, singles["kl_divergence"].max()), rel=1e-6)
+        page.select_option("#metric-select", "delta_logprob_top1")
+        assert _legend(page, "#heatmap svg.color-legend") == pytest.approx((0, singles["delta_logprob_top1"].min()), rel=1e-6)
+        page.select_option("#metric-select", "frac_top1_changed")
+        assert _legend(page, "#heatmap svg.color-legend") == pytest.approx((0, singles["frac_top1_changed"].max()), rel=1e-6)
+        # the heatmap fills the panel rather than a narrow strip
+        grid_width = page.evaluate("() => document.querySelector('#heatmap svg:not(.color-legend)').getBoundingClientRect().width")
+        assert grid_width >= 4 * 60
+        for kind in ("baseline", "ablated"):
+            assert _legend(page, f'figure[data-kind="{kind}"] svg.color-legend') == (0, 1)
+        low, high = _legend(page, 'figure[data-kind="diff"] svg.color-legend')
+        assert low == -high and high > 0
+        for axis in ("y-tokens", "x-tokens"):
+            labels = page.locator(f'figure[data-kind="baseline"] svg.{axis} text.tok-label')
+            shown = {int(labels.nth(i).get_attribute("data-position")): labels.nth(i).text_content() for i in range(labels.count())}
+            assert len(shown) >= len(tokens) // 3 and 0 in shown
+            assert shown == {t: _visible(tokens[t]) for t in shown}
+        bars = page.locator("#kl-positions text.tok-label")
+        shown = {int(bars.nth(i).get_attribute("data-position")): bars.nth(i).text_content() for i in range(bars.count())}
+        assert len(shown) >= len(tokens) // 3 and shown == {t: _visible(tokens[t]) for t in shown}
+        report.screenshot("head_ablation_report_scales")
+
+
 @pytest.mark.browser
 def test_component_report_shows_the_adversarial_masks(model_dir, tmp_path, capsys, chromium):  # noqa: F811
     out = tmp_path / "components"
@@ -115,6 +203,7 @@ def test_component_report_shows_the_adversarial_masks(model_dir, tmp_path, capsy
         assert not page.locator("#masks-panel").is_hidden()
         bars = page.locator("#masks svg.mask-chart rect")
         assert bars.count() == 32
+        assert page.locator("#masks svg.mask-chart text.x-label").text_content() == "component index, 0-31 (×: ablated)"
         heights = page.evaluate("() => Array.from(document.querySelectorAll('#masks svg.mask-chart rect')).map(r => [r.getAttribute('fill'), +r.getAttribute('height')])")
         assert [h for f, h in heights if f == "#d62728"] == [0, 0]  # ablated: mask 0
         assert [h / 70 for f, h in heights if f != "#d62728"] == pytest.approx(mask[2:].tolist(), abs=1e-5)  # THE adversarial masks
@@ -145,6 +234,10 @@ def test_component_sweep_cli_and_report(model_dir, tmp_path, capsys, chromium): 
         assert not page.locator("#sweep-panel").is_hidden() and page.locator("#masks-panel").is_hidden()
         assert page.locator("#sweep svg.sweep-chart").count() == 2
         assert page.locator("#sweep rect.bar").count() == 38
+        assert page.locator("#sweep svg.sweep-chart text.x-label").all_text_contents() == [
+            "component index (each ablated alone)"] * 2
+        ticks = page.locator("#sweep svg.sweep-chart").nth(1).locator(".x-axis .tick text").all_text_contents()
+        assert ticks[0] == "0" and set(ticks) <= {str(c) for c in range(32)} and len(ticks) >= 5
         page.locator('#sweep rect.bar[data-name="0.o_proj:3"]').click()
         assert page.locator("#detail-title").text_content().startswith("Ablation 0.o_proj:3")
         assert page.locator("#ablation-table tbody tr.selected td").first.text_content() == "0.o_proj:3"
@@ -159,6 +252,9 @@ def test_component_sweep_cli_and_report(model_dir, tmp_path, capsys, chromium): 
     (["heads", "--ablate-kv", "0.5"], "kv head 5 out of range"),
     (["heads"], "nothing to ablate"),
     (["components", "--ablate", "0.q_proj:99"], "outside 0-31"),
+    # an unknown module name lists the valid forms (short and full paths)
+    (["components", "--ablate", "0.foo_proj:1"], "PROJ one of q_proj, k_proj, v_proj, o_proj"),
+    (["components", "--sweep", "model.layers.0.mlp.up"], "e.g. model.layers.0.self_attn.q_proj,"),
     (["components", "--ablate", "0.q_proj:1", "--mode", "stochastic", "--ci-default", "2"], "ci-default must lie in"),
     (["components", "--sweep", "0.q_proj:40"], "outside 0-31"),
     (["components", "--sweep", "0.q_proj", "--mode", "adversarial"], "--sweep runs deterministic ablations only"),
@@ -219,3 +315,21 @@ def test_several_prompts_padded_metrics_cover_every_sequence(tmp_path, capsys):
             h.remove()
         kls.append((base.exp() * (base - abl)).sum(-1)[0])
     assert table.loc[0, "kl_divergence"] == pytest.approx(float(torch.cat(kls).mean()), rel=1e-3)
+
+
+@pytest.mark.parametrize("T", [6, 70])
+def test_pattern_png_has_token_labels_and_a_colour_scale(T):
+    from sparse_viz.report.ablation import patterns_figure
+
+    rng = np.random.default_rng(0)
+    tokens = [f" t{i}" for i in range(T)]
+    fig = patterns_figure(rng.random((2, T, T)), rng.random((2, T, T)), tokens, "layer 1")
+    fig.canvas.draw()
+    first_column, bottom_left = fig.axes[0], fig.axes[2]  # axes are row-major: (0,0), (0,1), (1,0), (1,1)
+    for labels, ticks in ((first_column.get_yticklabels(), first_column.get_yticks()),
+                          (bottom_left.get_xticklabels(), bottom_left.get_xticks())):
+        shown = {int(t): label.get_text() for t, label in zip(ticks, labels)}
+        assert 0 in shown and len(shown) >= min(T, 20)
+        assert shown == {t: tokens[t].replace(" ", "\u00b7") for t in shown}
+    (colorbar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert colorbar.get_ylabel() == "attention probability" and colorbar.get_ylim() == (0, 1)

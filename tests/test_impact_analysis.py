@@ -136,4 +136,51 @@ def test_impact_report_hover_shows_the_query_row_and_hostile_tokens_stay_text(mo
         assert page.locator("img").count() == 0
         assert HOSTILE in page.locator("#summary").text_content()
         page.select_option("#layer-select", "2")
+        # the matrix names its tokens on both axes (the tokenizer's own tokens, as the page shows them)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokens = [tokenizer.decode([i]) for i in tokenizer(f"Hi {HOSTILE} there, friend.")["input_ids"]]
+        for axis in ("#matrix-rows", "#matrix-cols"):
+            labels = page.locator(f"{axis} text.tok-label")
+            shown = {int(labels.nth(i).get_attribute("data-position")): labels.nth(i).text_content()
+                     for i in range(labels.count())}
+            assert 0 in shown and len(shown) >= len(tokens) // 3
+            assert shown == {t: tokens[t].replace(" ", "\u00b7")[:10] for t in shown}
         report.screenshot("impact")
+
+
+def test_agreement_png_legend_beside_the_panels_and_an_empty_table_says_why():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from sparse_viz.report.impact import agreement_plot
+
+    rows = [{"layer": layer, "selector": selector, "k": k, "impact_recall_at_k": 0.1 * layer + 0.2,
+             "impact_share": 0.5, "spearman": None, "n_queries": 3}
+            for k in (2, 4) for selector in ("attention_mass", "local", "random") for layer in range(3)]
+    fig = agreement_plot(pd.DataFrame(rows))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["attention_mass", "local", "random"]
+    box = legend.get_window_extent(renderer)
+    for ax in fig.axes:
+        area = ax.get_window_extent(renderer)
+        assert not (box.x0 < area.x1 and area.x0 < box.x1 and box.y0 < area.y1 and area.y0 < box.y1)
+        assert ax.get_legend() is None
+    plt.close(fig)
+
+    empty = pd.DataFrame(columns=["layer", "selector", "k", "impact_recall_at_k", "impact_share", "spearman", "n_queries"])
+    fig = agreement_plot(empty)
+    assert not fig.legends and any("nothing to compare" in t.get_text() for t in fig.axes[0].texts)
+    plt.close(fig)
+
+
+def test_impact_with_every_k_above_the_prompt_says_so(model_dir, tmp_path, capsys):
+    out = tmp_path / "impact"
+    result = run_analysis_cli(["impact", "--model", str(model_dir), "--prompt", "abc", "--k", "8",
+                               "--no-report", "--output", str(out)], capsys)
+    assert result.returncode == 0, result.stderr
+    assert "no selection is compared" in result.stderr and "Empty DataFrame" not in result.stdout
+    assert (out / "agreement.png").is_file() and (out / "impact.npz").is_file()

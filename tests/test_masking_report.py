@@ -230,6 +230,37 @@ def test_colour_cap_saturates_the_cells_above_the_percentile(chromium, report_pa
 
 
 @pytest.mark.browser
+def test_sink_position_can_be_left_out_of_the_colour_scale(chromium, report_path):  # noqa: F811
+    """Position 0 holds the view's maximum (9.0, an attention sink's pattern): the page says so,
+    names --exclude-first-token, and its toggle rescales the colours to the other positions'
+    maximum, position 0's cells saturating."""
+    frame, path = report_path
+    view = frame[(frame.generation_step == NUM_STEPS - 1) & (frame.variant == "Full")]
+    rest = view[view.token_position > 0]
+    with open_report(chromium, path) as report:
+        page = report.page
+        legend = page.locator("#legend svg.color-legend")
+        assert float(legend.get_attribute("data-max")) == pytest.approx(view.l2_distance.max(), rel=1e-4)
+        note = page.locator("#sink-note")
+        assert note.is_visible() and "--exclude-first-token" in note.text_content()
+        page.locator("#exclude-first").check()
+        assert float(legend.get_attribute("data-max")) == pytest.approx(rest.l2_distance.max(), rel=1e-4)
+        top = rest.loc[rest.l2_distance.idxmax()]
+        assert cell(page, int(top.token_position), int(top.layer)).evaluate(
+            "e => getComputedStyle(e).backgroundColor") == YLORRD_HIGH
+        above = view[(view.token_position == 0) & (view.l2_distance > rest.l2_distance.max())]
+        assert len(above) >= 1
+        for _, row in above.iterrows():
+            target = cell(page, 0, int(row.layer))
+            assert target.evaluate("e => getComputedStyle(e).backgroundColor") == YLORRD_HIGH
+            assert "saturated" in target.get_attribute("class")
+        report.screenshot("masking_report_sink_excluded")
+        page.locator("#exclude-first").uncheck()
+        assert float(legend.get_attribute("data-max")) == pytest.approx(view.l2_distance.max(), rel=1e-4)
+        assert page.locator("table.heatmap td.saturated").count() == 0
+
+
+@pytest.mark.browser
 def test_metric_toggle_switches_to_cosine_distance(chromium, report_path):  # noqa: F811
     frame, path = report_path
     last = NUM_STEPS - 1

@@ -143,9 +143,10 @@ def test_scores_kl_and_gradients_at_the_selected_keys_equal_the_full_path(kernel
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_blockwise_warmup_kl_and_gradients_equal_the_full_path(block_size):
-    """KL(sum_h p_dense[t, :] || softmax(I[t, :])) over all causal keys, by checkpointed blocks."""
+def test_blockwise_warmup_kl_and_gradients_equal_the_full_path(block_size, recompute):
+    """KL(sum_h p_dense[t, :] || softmax(I[t, :])) over all causal keys, by blocks (checkpointed or kept)."""
     T, H, hd = 23, 2, 6
     indexer, x, cos, sin = indexer_and_input(T)
     q_main, k_main = torch.randn(2, H, T, hd), torch.randn(2, H, T, hd)  # the main attention's q, k
@@ -153,7 +154,7 @@ def test_blockwise_warmup_kl_and_gradients_equal_the_full_path(block_size):
     full, _ = indexer(x, cos, sin)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     reference = indexer_kl(causal_attention_probs(q_main, k_main).sum(1), full, causal)  # (B, T)
-    rows = blockwise_causal_kl(*indexer.project(x, cos, sin), q_main, k_main, block_size)
+    rows = blockwise_causal_kl(*indexer.project(x, cos, sin), q_main, k_main, block_size, recompute=recompute)
 
     torch.testing.assert_close(rows, reference, rtol=1e-5, atol=1e-6)
     for got, want in zip(indexer_grads(indexer, rows.mean()), indexer_grads(indexer, reference.mean())):

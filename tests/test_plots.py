@@ -168,13 +168,20 @@ def test_indexer_behavior_panels_show_the_stored_values(figures_input):
                         ("Jaccard with previous snapshot", "jaccard_prev")):
         np.testing.assert_allclose(shown[label][1], history_series(history, name), rtol=1e-9, equal_nan=True)
 
-    # token types at the last snapshot: selected share next to the base rate, per type
+    # token types at the last snapshot: selected share next to the base rate, per type present
+    # in the probe (base rate > 0); the absent ones are named under the panel, not drawn empty
     last = snapshots[steps[-1]]
+    base_rate = layer_mean(last["type_base"])
+    present = [i for i, b in enumerate(base_rate) if b > 0]
+    absent = [TOKEN_TYPES[i] for i, b in enumerate(base_rate) if not b > 0]
+    assert absent, "the synthetic probe should lack some token type (as Shakespeare lacks digits)"
     selected_bars, base_bars = types.containers
     assert selected_bars.get_label() == f"selected keys (step {steps[-1]})"
-    np.testing.assert_allclose([b.get_height() for b in selected_bars], layer_mean(last["type_share"]), rtol=1e-6)
-    np.testing.assert_allclose([b.get_height() for b in base_bars], layer_mean(last["type_base"]), rtol=1e-6)
-    assert [t.get_text() for t in types.get_xticklabels()] == list(TOKEN_TYPES)
+    np.testing.assert_allclose([b.get_height() for b in selected_bars],
+                               [layer_mean(last["type_share"])[i] for i in present], rtol=1e-6)
+    np.testing.assert_allclose([b.get_height() for b in base_bars], [base_rate[i] for i in present], rtol=1e-6)
+    assert [t.get_text() for t in types.get_xticklabels()] == [TOKEN_TYPES[i] for i in present]
+    assert all(name in types.get_xlabel() for name in absent)
 
 
 def test_selection_heatmap_colours_exactly_the_selected_cells_by_dense_attention(run_dir):
@@ -204,3 +211,63 @@ def test_stage_bands_span_each_stage_from_its_first_snapshot_to_the_next_stages(
     bands = [(p.get_x(), p.get_x() + p.get_width(), to_hex(p.get_facecolor())) for p in entropy.patches]
     assert bands == [(0, 20, STAGE_COLOURS["dense"]), (20, 30, STAGE_COLOURS["warmup"]),
                      (30, 40, STAGE_COLOURS["sparse"])]
+
+
+# ------------------------------------------------------------------- figures that explain themselves
+def _drawn(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("make", [attention_patterns_figure, indexer_behavior_figure])
+def test_panels_say_they_average_layers_and_legends_sit_beside_the_data(figures_input, make):
+    """Each panel names what it shows over layers (the HTML shows layer by layer, so a PNG
+    number must not pass for one layer's); every legend lies outside every data area; the
+    stage bands have a legend naming the stages in the order they ran, in their colours."""
+    history, snapshots = figures_input
+    n_layers = next(iter(snapshots.values()))["pos_freq"].shape[0]
+    fig = make(history, snapshots)
+    renderer = _drawn(fig)
+    panels = [ax for ax in fig.axes if ax.get_title()]  # colour bars have no title
+    for ax in panels:
+        assert f"mean over the {n_layers} layers" in ax.get_title() or "layers pooled" in ax.get_title() \
+            or "every layer" in ax.get_title(), ax.get_title()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + list(fig.legends)
+    assert len(legends) >= 3
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in panels:
+            assert not _overlaps(box, ax.get_window_extent(renderer)), (legend.get_texts()[0].get_text(), ax.get_title())
+    (stages,) = fig.legends
+    order = list(dict.fromkeys(r["stage"] for r in history))
+    assert [t.get_text() for t in stages.get_texts()] == [f"{stage} stage" for stage in order]
+    assert [to_hex(p.get_facecolor()) for p in stages.get_patches()] == [STAGE_COLOURS[s] for s in order]
+
+
+def test_panels_without_an_indexer_say_why_instead_of_standing_empty():
+    """A dense baseline's history (no indexer scores, no selection scalars): the indexer panels
+    carry a sentence saying why they are empty, and no empty legend box."""
+    history = [{"step": s, "stage": "dense", "entropy_dense": 1.0, "entropy_sparse": 1.0} for s in (0, 10, 20)]
+    fig = indexer_behavior_figure(history, {})
+    specialisation, score, biases, types = fig.axes[:4]
+    for ax, reason in ((specialisation, "no indexer"), (score, "no indexer"), (biases, "no key selection"),
+                       (types, "no snapshot arrays")):
+        assert ax.get_legend() is None
+        assert not ax.get_lines() and not ax.containers
+        assert any(reason in text.get_text() for text in ax.texts), (ax.get_title(), [t.get_text() for t in ax.texts])
+
+
+def test_a_dense_runs_selection_frequency_panel_says_why_it_is_empty(figures_input):
+    """A dense run stores NaN selection frequencies (nothing is selected): no empty lines, no
+    legend, a sentence instead."""
+    history, snapshots = figures_input
+    dense = {step: {**arrays, "pos_freq": np.full_like(arrays["pos_freq"], np.nan)} for step, arrays in snapshots.items()}
+    position = attention_patterns_figure(history, dense).axes[0]
+    assert not position.get_lines() and position.get_legend() is None
+    assert any("no key selection recorded" in t.get_text() for t in position.texts)

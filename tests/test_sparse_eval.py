@@ -113,3 +113,21 @@ def test_sparse_eval_report_draws_lines_per_selector(model_dir, corpus, tmp_path
         assert page.locator("#ppl-table tbody tr").count() == 8
         page.select_option("#metric-select", "recall_at_k")
         report.screenshot("sparse_eval")
+
+
+def test_perplexity_png_legend_lies_beside_the_axes():
+    import matplotlib.pyplot as plt
+
+    from sparse_viz.report.sparse_eval import perplexity_plot
+
+    table = pd.DataFrame([{"selector": "dense", "k": 0, "perplexity": 30.0}] + [
+        {"selector": s, "k": k, "perplexity": 30.0 + 1000.0 / k * (i + 1)}
+        for i, s in enumerate(("local", "sink_local", "random", "oracle")) for k in (16, 32, 64)])
+    fig = perplexity_plot(table)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    legend, area = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.x0 >= area.x1  # right of the plotting area, not on it
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["local", "sink_local", "random", "oracle", "dense"]
+    plt.close(fig)

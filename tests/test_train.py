@@ -133,6 +133,9 @@ BAD_INPUTS = [
     # an unknown class names the ones that exist
     (["--data", "sparse_viz.data.NoSuch"],
      ("unknown data module 'sparse_viz.data.NoSuch'", "sparse_viz.data.RecallDataModule, sparse_viz.data.TextDataModule")),
+    (["--model", "sparse_viz.training.NoSuchModule"],
+     ("unknown model 'sparse_viz.training.NoSuchModule'",
+      "sparse_viz.training.DSALightningModule, sparse_viz.training.RetrofitLightningModule")),
     (["--trainer.callbacks+=sparse_viz.tracking.NoSuchCallback"],
      ("unknown callback 'sparse_viz.tracking.NoSuchCallback'", "sparse_viz.tracking.SelectionAnalysisCallback",
       "ModelCheckpoint", "EarlyStopping")),

@@ -118,6 +118,11 @@ def test_overlay_renders_and_the_layer_slider_and_metric_toggle_work(chromium, t
         assert float(cell.get_attribute("data-value")) == pytest.approx(l2_value(0, 0, 1, 2))
         page.locator("#layer-slider").fill("2")
         assert float(cell.get_attribute("data-value")) == pytest.approx(l2_value(0, 2, 1, 2))
+        # image 0's colour scale spans its cells' values at this layer (a drawn scale, not words)
+        legend = page.locator("svg[data-image='0']").locator("xpath=..").locator("svg.color-legend")
+        expected = [l2_value(0, 2, r, c) for r in range(2) for c in range(3)]
+        assert float(legend.get_attribute("data-min")) == pytest.approx(min(expected))
+        assert float(legend.get_attribute("data-max")) == pytest.approx(max(expected))
         # the brightest cell of the layer is the largest value
         fills = page.locator("svg[data-image='0'] rect.cell").evaluate_all("els => els.map(e => e.getAttribute('fill'))")
         assert len(set(fills)) == 6

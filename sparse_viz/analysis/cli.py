@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from sparse_viz.analysis.batch import DEFAULT_OUTPUT as DEFAULT_BATCH_OUTPUT
 from sparse_viz.analysis.index_spec import parse_index_spec
@@ -222,7 +224,7 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
 
 
 def _inputs(args: argparse.Namespace, loaded):
-    """(N, T) input ids and attention mask (None when nothing is padded) of every prompt."""
+    """(N, T) input ids, attention mask (None when nothing is padded) and the prompt texts."""
     from sparse_viz.pretrained.prompts import encode_prompts
 
     prompts = [resolve_prompt(args)]
@@ -234,7 +236,31 @@ def _inputs(args: argparse.Namespace, loaded):
             raise UserInputError(f"cannot read --prompt-lines file {args.prompt_lines!r}: {type(error).__name__}") from error
     ids, mask = encode_prompts(loaded.tokenizer, prompts, loaded.device, chat=args.chat,
                                max_positions=loaded.adapter.max_positions)
-    return ids, (None if bool(mask.all()) else mask)
+    return ids, (None if bool(mask.all()) else mask), prompts
+
+
+def run_metadata(args: argparse.Namespace, loaded, prompts: list[str], load_seconds: float) -> dict:
+    """What an ablation command ran, for its metadata.json: the model, the prompts, every
+    command-line argument as parsed, and the load time.
+
+    Args:
+        args: the parsed command line.
+        loaded: the `LoadedModel`.
+        prompts: the prompt texts, in batch order.
+        load_seconds: time to load the model.
+
+    Returns:
+        {command, model, model_type, device, dtype, attention, prompts, arguments, timings}.
+    """
+    from sparse_viz.analysis.masking.experiment import attention_label
+
+    arguments = {key: value for key, value in vars(args).items() if key != "command"}
+    return {
+        "command": args.command, "model": str(loaded.name_or_path), "model_type": loaded.adapter.model_type,
+        "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+        "attention": attention_label(loaded.adapter), "prompts": prompts, "arguments": arguments,
+        "timings": {"load_seconds": round(load_seconds, 4)},
+    }
 
 
 # -- heads ------------------------------------------------------------------------------------
@@ -256,6 +282,7 @@ def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_heads(args: argparse.Namespace):
+    from sparse_viz.analysis.ablation.components import with_analysis_seconds
     from sparse_viz.analysis.ablation.heads import (
         AttentionLayout,
         build_ablations,
@@ -271,10 +298,13 @@ def run_heads(args: argparse.Namespace):
     check_replaceable(output)
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         attention=args.attention)
+    load_seconds = time.perf_counter() - started
     layout = AttentionLayout.of(loaded.model)
-    input_ids, attention_mask = _inputs(args, loaded)
+    input_ids, attention_mask, prompts = _inputs(args, loaded)
+    analysis_started = time.perf_counter()
     T = input_ids.shape[1]
     positions = parse_index_spec(args.positions, T, what="positions")
     pattern_layers = None
@@ -287,7 +317,9 @@ def run_heads(args: argparse.Namespace):
                                  batch_size=args.batch_size, patterns=not args.no_patterns,
                                  pattern_layers=pattern_layers, prediction_positions=args.prediction_positions,
                                  tokenizer=loaded.tokenizer, progress=True)
-    write_head_ablation_outputs(result, output, title=f"Head ablation: {loaded.name_or_path}{attention_suffix(loaded)}")
+    metadata = with_analysis_seconds(run_metadata(args, loaded, prompts, load_seconds), analysis_started)
+    write_head_ablation_outputs(result, output, title=f"Head ablation: {loaded.name_or_path}{attention_suffix(loaded)}",
+                                metadata=metadata)
     top = result.table.sort_values("kl_divergence", ascending=False).head(10)
     print(top[["ablation", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
     print(f"{len(result.table)} ablation(s) written to {output}")
@@ -335,14 +367,16 @@ def run_components(args: argparse.Namespace):
         print("warning: --mode adversarial with SVD components and --ci-default 1 leaves PGD nothing to vary: "
               "the result equals --mode deterministic. Give --ci-default < 1 or --decomposition with ci values.",
               file=sys.stderr)
+    started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         attention=args.attention)
-    input_ids, attention_mask = _inputs(args, loaded)
+    input_ids, attention_mask, prompts = _inputs(args, loaded)
+    metadata = run_metadata(args, loaded, prompts, time.perf_counter() - started)
     if args.sweep:
         table = run_component_sweep(
             loaded.model, input_ids, args.sweep, tokenizer=loaded.tokenizer, attention_mask=attention_mask,
             decomposition=args.decomposition, batch_size=args.batch_size, patterns=not args.no_patterns,
-            prediction_positions=args.prediction_positions, output_dir=output,
+            prediction_positions=args.prediction_positions, output_dir=output, metadata=metadata,
             title=f"Component sweep: {loaded.name_or_path}{attention_suffix(loaded)}")
         top = table.sort_values("kl_divergence", ascending=False).head(10)
         print(top[["ablation", "component_norm", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
@@ -353,7 +387,7 @@ def run_components(args: argparse.Namespace):
         decomposition=args.decomposition,
         mode=args.mode, n_samples=args.samples, ci_default=args.ci_default, pgd_steps=args.pgd_steps,
         pgd_step_size=args.pgd_step_size, seed=args.seed, patterns=not args.no_patterns,
-        prediction_positions=args.prediction_positions, output_dir=output,
+        prediction_positions=args.prediction_positions, output_dir=output, metadata=metadata,
         title=f"Component ablation ({args.mode}): {loaded.name_or_path}{attention_suffix(loaded)}")
     print(table.T.to_string(header=False))
     print(f"written to {output}")
@@ -396,8 +430,14 @@ def run_impact(args: argparse.Namespace) -> object:
                                  attention=args.attention)
     report_layers = parse_index_spec(args.report_layers, max(result.layers) + 1, what="report-layers")
     write_impact_outputs(output, result, report=not args.no_report, report_layers=report_layers)
-    summary = result.agreement.groupby(["k", "selector"])[["impact_recall_at_k", "impact_share"]].mean()
-    print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
+    if result.agreement.empty:
+        # Rows with t + 1 <= k keep every key under any selector: nothing to compare.
+        print(f"note: no query of the {len(result.tokens)}-token prompt sees more than k keys for any --k "
+              f"{' '.join(map(str, args.k))}, so no selection is compared (the impact matrix is still written); "
+              "give a longer prompt or a smaller --k", file=sys.stderr)
+    else:
+        summary = result.agreement.groupby(["k", "selector"])[["impact_recall_at_k", "impact_share"]].mean()
+        print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"{len(result.layers)} layer(s) x {len(result.tokens)} tokens written to {output}")
     return result
 
@@ -412,8 +452,11 @@ def add_sparse_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
     parser.add_argument("--windows", type=int, default=4, help="windows of held-out text (default 4)")
     parser.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="keys per query (default 16 32 64 128)")
-    parser.add_argument("--selectors", nargs="+", default=["dense", "local", "sink_local", "random", "oracle"],
-                        help="which selectors (default: dense local sink_local random oracle)")
+    parser.add_argument("--selectors", nargs="+", default=None,
+                        help="which selectors (default: dense local sink_local random oracle, and topk with --indexers)")
+    parser.add_argument("--indexers", default=None,
+                        help="a retrofit run's checkpoint (results/<run>/checkpoints/last.ckpt): its trained "
+                             "Lightning Indexers give the topk selector")
     parser.add_argument("--sink-tokens", type=int, default=4, help="sinks of sink_local (default 4)")
     parser.add_argument("--dense-layers", type=int, default=0, help="keep the first N layers dense (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selector")
@@ -427,11 +470,18 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
     """Held-out perplexity of the model with each layer attending to k selected keys, per selector."""
     from sparse_viz.model.config import SELECTORS
 
+    if args.selectors is None:
+        args.selectors = ["dense"] + (["topk"] if args.indexers else []) + ["local", "sink_local", "random", "oracle"]
     unknown = sorted(set(args.selectors) - set(SELECTORS))
     if unknown:
         raise UserInputError(f"unknown selector(s) {', '.join(unknown)}; choose from {', '.join(SELECTORS)}")
-    if "topk" in args.selectors:
-        raise UserInputError("selector topk needs trained indexers, which this command cannot load yet")
+    if "topk" in args.selectors and not args.indexers:
+        raise UserInputError("selector topk needs trained indexers: --indexers results/<retrofit run>/checkpoints/last.ckpt")
+    if args.indexers and not Path(args.indexers).is_file():
+        raise UserInputError(f"indexer checkpoint not found: {args.indexers}")
+    if args.indexers and not Path(args.model).is_dir():
+        raise UserInputError(f"--indexers needs --model to be the Hugging Face model directory they were trained on, "
+                             f"got {args.model!r}")
     if any(k < 1 for k in args.k):
         raise UserInputError(f"--k values must be >= 1, got {args.k}")
     if args.seq_len < 2 or args.windows < 1 or args.dense_layers < 0:
@@ -442,15 +492,23 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
     from sparse_viz.analysis.sparse_eval.outputs import write_sparse_eval_outputs
     from sparse_viz.analysis.sparse_eval.windows import held_out_windows
     from sparse_viz.pretrained.loading import load_model
+    from sparse_viz.pretrained.retrofit_indexers import load_retrofit_indexers
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     if loaded.adapter.max_positions is not None and args.seq_len > loaded.adapter.max_positions:
         raise UserInputError(f"--seq-len {args.seq_len} is longer than the model's context of {loaded.adapter.max_positions}")
+    indexers, indexer_settings = None, {}
+    if args.indexers:
+        indexers = load_retrofit_indexers(args.indexers, args.model, loaded.adapter)
+        indexers.to(device=loaded.device, dtype=loaded.dtype).eval()
+        indexer_settings = dict(indexer_rope_dim=indexers.settings["rope_dim"],
+                                indexer_rope_theta=indexers.settings["rope_theta"])
     windows, documents = held_out_windows(loaded.tokenizer, args.corpus, args.windows, args.seq_len)
     result = evaluate_selectors(loaded, windows.to(loaded.device), k=args.k, selectors=args.selectors,
                                 sink_tokens=args.sink_tokens, seed=args.seed, dense_layers=args.dense_layers,
-                                progress=True)
-    result.metadata.update({"corpus": args.corpus, "documents": documents})
+                                indexers=indexers, progress=True, **indexer_settings)
+    result.metadata.update({"corpus": args.corpus, "documents": documents, "indexers": args.indexers,
+                            "indexer_settings": None if indexers is None else indexers.settings})
     write_sparse_eval_outputs(output, result, report=not args.no_report)
     print(result.table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"written to {output}")

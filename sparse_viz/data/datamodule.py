@@ -104,7 +104,9 @@ class TextDataModule(L.LightningDataModule):
                 f"{tokenizer_lib.BYTE_ALPHABET_SIZE} bytes + {len(tokenizer_lib.SPECIAL_TOKENS)} "
                 f"special token(s) = {tokenizer_lib.MIN_VOCAB_SIZE}"
             )
-        self.save_hyperparameters()
+        # A given tokenizer fixes the vocabulary: the requested size would only contradict the
+        # model's (linked) vocab_size when Lightning merges the two sets of hyperparameters.
+        self.save_hyperparameters(ignore=["vocab_size"] if tokenizer_path is not None else None)
         self.corpus_name = corpus
         self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)

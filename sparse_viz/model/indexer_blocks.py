@@ -184,6 +184,7 @@ def blockwise_causal_kl(
     q: torch.Tensor,
     k: torch.Tensor,
     block_size: int = INDEXER_BLOCK,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """Per-row KL(p_t || softmax(I_t)) over all causal keys, by query blocks (the warm-up loss).
 
@@ -195,6 +196,10 @@ def blockwise_causal_kl(
         q_i: (B, T, H_I, d_I), k_i: (B, T, d_I), w_i: (B, T, H_I) from `LightningIndexer.project`.
         q, k: (B, H, T, hd) the main attention's rotated queries and keys (detached here).
         block_size: queries per block (> 0).
+        recompute: checkpoint each block (backward recomputes it: one block's logits alive at a
+            time). False keeps every block's graph (about half the full path's (B, T, H_I, T)
+            logits, since a block reads only keys up to its last query) and computes each
+            block's target once: faster where that memory is affordable.
 
     Returns:
         (B, T) float32 KL per query row, differentiable in q_i, k_i and w_i.
@@ -207,7 +212,7 @@ def blockwise_causal_kl(
     for start in range(0, T, block_size):
         end = min(start + block_size, T)
         args = (q_i[:, start:end], k_i[:, :end], w_i[:, start:end], q[:, :, start:end], k[:, :, :end], start)
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q_i, k_i, w_i)):
+        if recompute and torch.is_grad_enabled() and any(x.requires_grad for x in (q_i, k_i, w_i)):
             rows.append(checkpoint(_block_kl, *args, use_reentrant=False))
         else:
             rows.append(_block_kl(*args))

@@ -1,4 +1,4 @@
-"""Files of a head- or component-ablation run: CSV, patterns .npz, PNGs and report.html.
+"""Files of a head- or component-ablation run: CSV, patterns .npz, metadata.json, PNGs and report.html.
 
 Everything is written into a temporary sibling folder and moved into place at the end, so a
 failed run never leaves a half-written output folder.
@@ -111,6 +111,41 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+# What every column of the ablation CSVs means (written into metadata.json's "definitions").
+METRIC_DEFINITIONS = {
+    "kl_divergence": "KL(baseline || ablated) = sum_v p (log p - log q), p and q the next-token distributions "
+                     "without and with the ablation, averaged over ALL positions of ALL sequences",
+    "kl_max_position": "the largest per-position KL(baseline || ablated)",
+    "frac_top1_changed": "share of positions whose argmax next token differs after the ablation",
+    "delta_logprob_top1": "mean change of the ablated model's logit of the baseline's top-1 token "
+                          "(ablated - baseline), over all positions",
+    "reconstruction_kl": "components only: KL(original || all components kept), how far the decomposition "
+                         "itself already is from the model",
+    "component_norm": "component sweep only: the norm of the component's rank-1 weight",
+}
+
+
+def _write_metadata(out: Path, analysis: str, result, notes: list[str], metadata: dict[str, Any] | None) -> None:
+    """metadata.json: what ran (`metadata`, from the caller: model, prompt, arguments, timings)
+    and how to read the results (the metric definitions and the report's notes).
+
+    Args:
+        out: the staging output folder.
+        analysis: "heads", "components" or "component_sweep".
+        result: the study's result (its tokens are recorded).
+        notes: the report's notes (definitions specific to this run).
+        metadata: the caller's keys; they come first, the definitions last.
+    """
+    import json
+
+    document = {
+        "analysis": analysis, **(metadata or {}),
+        "tokens": [list(t) for t in result.tokens],
+        "definitions": {**METRIC_DEFINITIONS, "notes": notes},
+    }
+    write_text_atomic(out / "metadata.json", json.dumps(document, ensure_ascii=False, indent=1, default=str))
+
+
 def _write_report(out: Path, payload: dict[str, Any]) -> None:
     import json
 
@@ -150,26 +185,45 @@ def _pyplot():
     return plt
 
 
+def _token_ticks(ax, tokens: list[str], T: int, most: int = 32) -> None:
+    """Token text on both axes of a (T, T) pattern (queries down, keys across); with more than
+    `most` tokens only every n-th is labelled, so labels stay readable."""
+    every = max(1, -(-T // most))
+    positions = list(range(0, T, every))
+    labels = [(tokens[t] if t < len(tokens) else "").replace("\n", "\u21b5").replace(" ", "\u00b7")[:10] for t in positions]
+    ax.set_xticks(positions, labels, rotation=90, fontsize=6)
+    ax.set_yticks(positions, labels, fontsize=6)
+
+
 def patterns_figure(baseline: np.ndarray, ablated: np.ndarray, tokens: list[str], title: str):
-    """Baseline (top row) vs ablated (bottom row) attention of every head of one layer.
+    """Baseline (top row) vs ablated (bottom row) attention of every head of one layer, with the
+    tokens on the axes of the first column and the last row, and a colour scale.
 
     Args:
         baseline, ablated: (H, T, T) for ONE sequence.
+        tokens: the sequence's token strings (labels).
+        title: the figure title.
+
+    Returns:
+        The matplotlib figure.
     """
     plt = _pyplot()
     H, T, _ = baseline.shape
-    fig, axes = plt.subplots(2, H, figsize=(2.0 * H + 1, 4.6), squeeze=False)
+    fig, axes = plt.subplots(2, H, figsize=(2.2 * H + 2.2, 5.6), squeeze=False, layout="constrained")
     for h in range(H):
         for row, (pattern, label) in enumerate(((baseline, "baseline"), (ablated, "ablated"))):
             ax = axes[row, h]
-            ax.imshow(pattern[h], vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
+            image = ax.imshow(pattern[h], vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+            _token_ticks(ax, tokens, T)
+            if h > 0:
+                ax.set_yticklabels([])
             if row == 0:
+                ax.set_xticklabels([])
                 ax.set_title(f"head {h}", fontsize=9)
             if h == 0:
-                ax.set_ylabel(label, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+                ax.set_ylabel(f"{label}: query", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention probability")
+    fig.suptitle(title + " (columns: key token)", fontsize=10)
     return fig
 
 
@@ -303,8 +357,17 @@ def _write_sweep_files(out: Path, result, stem: str, plots: bool) -> None:
                     _save_fig(fig, out / "plots" / f"patterns_{_slug(name)}_layer{L}_seq{n}.png")
 
 
-def write_head_ablation_outputs(result, output_dir, *, title: str = "Head ablation", plots: bool = True) -> Path:
-    """Write head_ablation.csv, head_ablation_patterns.npz, predictions.json, plots/*.png, report.html.
+def write_head_ablation_outputs(result, output_dir, *, title: str = "Head ablation", plots: bool = True,
+                                metadata: dict[str, Any] | None = None) -> Path:
+    """Write head_ablation.csv, head_ablation_patterns.npz, predictions.json, metadata.json,
+    plots/*.png, report.html.
+
+    Args:
+        result: a `HeadAblationResult`.
+        output_dir: the folder, replaced atomically.
+        title: the report's title.
+        plots: write the PNGs.
+        metadata: what ran (model, prompt, arguments, timings), written into metadata.json.
 
     Returns:
         The output folder.
@@ -314,7 +377,9 @@ def write_head_ablation_outputs(result, output_dir, *, title: str = "Head ablati
         if plots and (result.table["kind"] == "head").sum() > 1:
             _save_fig(head_heatmap_figure(result.table, result.layout.n_layers, result.layout.n_heads),
                       out / "plots" / "head_ablation_heatmap.png")
-        _write_report(out, head_ablation_payload(result, title))
+        payload = head_ablation_payload(result, title)
+        _write_metadata(out, "heads", result, payload["notes"], metadata)
+        _write_report(out, payload)
     return Path(output_dir)
 
 
@@ -377,8 +442,21 @@ def masks_figure(masks: dict[str, np.ndarray], ablated: dict[str, list[int]], ti
     return fig
 
 
-def write_component_ablation_outputs(result, output_dir, *, title: str = "Component ablation", plots: bool = True) -> Path:
-    """Write component_ablation.csv, component_ablation_patterns.npz, predictions.json, plots, report.html."""
+def write_component_ablation_outputs(result, output_dir, *, title: str = "Component ablation", plots: bool = True,
+                                     metadata: dict[str, Any] | None = None) -> Path:
+    """Write component_ablation.csv, component_ablation_patterns.npz, predictions.json,
+    metadata.json, plots, report.html.
+
+    Args:
+        result: a `ComponentAblationResult`.
+        output_dir: the folder, replaced atomically.
+        title: the report's title.
+        plots: write the PNGs.
+        metadata: what ran (model, prompt, arguments, timings), written into metadata.json.
+
+    Returns:
+        The output folder.
+    """
     import json
 
     with _OutputDir(output_dir) as out:
@@ -403,7 +481,9 @@ def write_component_ablation_outputs(result, output_dir, *, title: str = "Compon
                     fig = patterns_figure(result.baseline_patterns[L][0], result.ablated_patterns[L][0], result.tokens[0],
                                           f"{result.mode} component ablation: layer {L} attention, sequence 0")
                     _save_fig(fig, out / "plots" / f"patterns_layer{L}_seq0.png")
-        _write_report(out, component_ablation_payload(result, title))
+        payload = component_ablation_payload(result, title)
+        _write_metadata(out, "components", result, payload["notes"], metadata)
+        _write_report(out, payload)
     return Path(output_dir)
 
 
@@ -461,11 +541,26 @@ def component_sweep_figure(result):
     return fig
 
 
-def write_component_sweep_outputs(result, output_dir, *, title: str = "Component sweep", plots: bool = True) -> Path:
-    """Write component_sweep.csv, component_sweep_patterns.npz, predictions.json, plots, report.html."""
+def write_component_sweep_outputs(result, output_dir, *, title: str = "Component sweep", plots: bool = True,
+                                  metadata: dict[str, Any] | None = None) -> Path:
+    """Write component_sweep.csv, component_sweep_patterns.npz, predictions.json, metadata.json,
+    plots, report.html.
+
+    Args:
+        result: a `ComponentSweepResult`.
+        output_dir: the folder, replaced atomically.
+        title: the report's title.
+        plots: write the PNGs.
+        metadata: what ran (model, prompt, arguments, timings), written into metadata.json.
+
+    Returns:
+        The output folder.
+    """
     with _OutputDir(output_dir) as out:
         _write_sweep_files(out, result, "component_sweep", plots)
         if plots:
             _save_fig(component_sweep_figure(result), out / "plots" / "component_sweep.png")
-        _write_report(out, component_sweep_payload(result, title))
+        payload = component_sweep_payload(result, title)
+        _write_metadata(out, "component_sweep", result, payload["notes"], metadata)
+        _write_report(out, payload)
     return Path(output_dir)

@@ -21,14 +21,35 @@ MAX_REPORT_LAYERS = 6  # each embedded layer is two lower-triangular T x T matri
 
 
 def agreement_figure(agreement: pd.DataFrame, path: Path) -> Path:
-    """impact-recall@k against layer, one line per selector, one panel per k."""
+    """Write agreement.png (`agreement_plot`) to `path` and return `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = agreement_plot(agreement)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def agreement_plot(agreement: pd.DataFrame):
+    """impact-recall@k against layer, one line per selector, one panel per k.
+
+    The selectors' legend sits right of the panels (never on a line); with no agreement rows
+    (every query sees at most k keys, so every selection is the whole row) the one panel says so.
+
+    Args:
+        agreement: the agreement table (layer, selector, k, impact_recall_at_k, ...).
+
+    Returns:
+        The matplotlib figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ks = sorted(agreement["k"].unique())
-    fig, axes = plt.subplots(1, max(len(ks), 1), figsize=(4.2 * max(len(ks), 1), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, max(len(ks), 1), figsize=(4.2 * max(len(ks), 1) + 1.6, 3.6), squeeze=False,
+                             sharey=True, layout="constrained")
     for ax, k in zip(axes[0], ks):
         part = agreement[agreement["k"] == k]
         for name, rows in part.groupby("selector", sort=False):
@@ -40,12 +61,19 @@ def agreement_figure(agreement: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("impact-recall@k (mean over queries)")
-    axes[0][-1].legend(loc="lower right", fontsize=8, framealpha=0.9)
+    if not ks:
+        axes[0][0].text(0.5, 0.5, "no query sees more than k keys for any k given:\nevery selection keeps the whole row, "
+                        "nothing to compare\n(a longer prompt or a smaller --k)", ha="center", va="center",
+                        transform=axes[0][0].transAxes, color="#667085")
+        axes[0][0].set_xticks([])
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, title="selector")
     fig.suptitle("Share of each query's k highest-impact keys that a selection keeps", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def report_layers(layers: list[int], wanted: list[int] | None = None) -> list[int]:

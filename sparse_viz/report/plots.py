@@ -77,7 +77,42 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#667085")
+    """A panel with nothing to draw says why, instead of standing empty."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#667085", wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _legend(ax, fontsize: int = 8, ncol: int = 1) -> None:
+    """The panel's legend beside it (right of the axes), so it never covers a curve; nothing
+    when the panel has no labelled artist (an empty legend box says nothing)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def _stage_legend(fig: Figure, history: Sequence[dict]) -> None:
+    """One legend for the stage bands, below the panels: the stages in the order they ran."""
+    from matplotlib.patches import Patch
+
+    stages = list(dict.fromkeys(str(r.get("stage")) for r in history if r.get("stage") is not None))
+    if stages:
+        handles = [Patch(facecolor=STAGE_COLOURS.get(stage, "#ffffff"), edgecolor="#98a2b3", label=f"{stage} stage")
+                   for stage in stages]
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles) + 1, fontsize=9,
+                   title="panel background: the training stage at that step", title_fontsize=9)
+
+
+def _n_layers(snapshots: dict[int, dict]) -> int | None:
+    """Layers in the stored arrays (None without snapshot arrays)."""
+    for arrays in snapshots.values():
+        if "pos_freq" in arrays:
+            return int(np.asarray(arrays["pos_freq"]).shape[0])
+    return None
+
+
+def _layers_note(snapshots: dict[int, dict]) -> str:
+    n = _n_layers(snapshots)
+    return "mean over layers" if n is None else f"mean over the {n} layers"
 
 
 def _layer_mean(array: np.ndarray) -> np.ndarray:
@@ -98,9 +133,13 @@ def _pick(n: int, most: int = 6) -> list[int]:
 def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -> Figure:
     """The 6 panels: position frequency, entropy, score distribution, quality/efficiency,
     head pattern clustering (PCA + KMeans), selection quality vs validation loss."""
-    fig = Figure(figsize=(18, 10), layout="constrained")
+    fig = Figure(figsize=(22, 10.5), layout="constrained")
     axes = fig.subplots(2, 3)
     steps = _steps(history)
+    over = _layers_note(snapshots)
+    fig.suptitle(f"Selection and attention over training: every panel shows the {over} "
+                 "(report.html shows each layer)", fontsize=12)
+    _stage_legend(fig, history)
     import matplotlib
 
     viridis = matplotlib.colormaps["viridis"]
@@ -110,13 +149,14 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
     chosen = [i for i in _pick(len(history)) if steps[i] in snapshots]
     for j, i in enumerate(chosen):
         freq = _layer_mean(snapshots[steps[i]]["pos_freq"])
-        ax.plot(np.arange(len(freq)), freq, color=viridis(j / max(len(chosen) - 1, 1)), lw=1.2,
-                label=f"step {steps[i]}")
-    if chosen:
-        ax.legend(fontsize=8)
+        if np.isfinite(freq).any():  # a dense run records no selection: nothing to draw
+            ax.plot(np.arange(len(freq)), freq, color=viridis(j / max(len(chosen) - 1, 1)), lw=1.2,
+                    label=f"step {steps[i]}")
+    if ax.get_lines():
+        _legend(ax)
     else:
-        _empty(ax, "no snapshot arrays")
-    ax.set_title("Selection frequency by key position")
+        _empty(ax, "no key selection recorded\n(dense attention selects every key)" if chosen else "no snapshot arrays")
+    ax.set_title(f"Selection frequency by key position\n({over})")
     ax.set_xlabel("key position s")
     ax.set_ylabel("P(s selected | visible), informative rows")
 
@@ -125,10 +165,10 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
     _shade_stages(ax, history)
     ax.plot(steps, _series(history, "entropy_sparse"), "o-", label="attention used (sparse)", ms=3)
     ax.plot(steps, _series(history, "entropy_dense"), "s--", label="dense attention", ms=3)
-    ax.set_title("Attention entropy over steps")
+    ax.set_title(f"Attention entropy over steps\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("entropy (nats, mean over heads and queries)")
-    ax.legend(fontsize=8)
+    _legend(ax)
 
     # 3. indexer score distribution (first / middle / last snapshot, all layers pooled)
     ax = axes[0, 2]
@@ -146,10 +186,10 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
                   color=viridis(j / 2), lw=1.5)
         drawn = True
     if drawn:
-        ax.legend(fontsize=8)
+        _legend(ax)
     else:
-        _empty(ax, "no indexer")
-    ax.set_title("Indexer score distribution I[t, s], s <= t")
+        _empty(ax, "no indexer scores in this run\n(no Lightning Indexer, or no snapshot arrays)")
+    ax.set_title("Indexer score distribution I[t, s], s <= t\n(all layers pooled)")
     ax.set_xlabel("score")
     ax.set_ylabel("share of (t, s) pairs")
 
@@ -165,10 +205,10 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
         ax.plot(steps, recall, "-", color="#c0392b", lw=1, alpha=0.8, label="recall@k indexer")
     ax.plot(steps, _series(history, "keys_share"), ":", color="#101828", lw=1, label="keys attended / visible")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Selection quality and efficiency")
+    ax.set_title(f"Selection quality and efficiency\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("share")
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, fontsize=7)
 
     # 5. attention pattern clustering: PCA + KMeans over per-head distance profiles
     ax = axes[1, 1]
@@ -195,11 +235,11 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
             scatter = ax.scatter(xy[sel, 0], xy[sel, 1], c=colour_steps[sel], cmap="viridis",
                                  vmin=steps.min(), vmax=max(steps.max(), steps.min() + 1),
                                  marker=markers[c % 4], s=22, label=f"cluster {c}", alpha=0.85)
-        fig.colorbar(scatter, ax=ax, label="training step")
-        ax.legend(fontsize=7)
+        fig.colorbar(scatter, ax=ax, label="training step", location="left")
+        _legend(ax, fontsize=7)
     else:
         _empty(ax, "too few heads to cluster")
-    ax.set_title("Head attention patterns (PCA of distance profiles, KMeans)")
+    ax.set_title("Head attention patterns (PCA of distance profiles, KMeans)\n(every head of every layer)")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
 
@@ -212,7 +252,7 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
         fig.colorbar(scatter, ax=ax, label="training step")
     else:
         _empty(ax, "no validation loss recorded yet")
-    ax.set_title("Selection quality vs validation loss")
+    ax.set_title(f"Selection quality vs validation loss\n(mass@k: {over})")
     ax.set_xlabel("mass@k of the indexer's selection")
     ax.set_ylabel("validation loss (latest at the snapshot)")
     return fig
@@ -220,10 +260,14 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
 
 def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> Figure:
     """The 4 panels: head specialisation, score mean ± std, selection biases, token types."""
-    fig = Figure(figsize=(15, 9), layout="constrained")
+    fig = Figure(figsize=(17, 9.5), layout="constrained")
     axes = fig.subplots(2, 2)
     steps = _steps(history)
     have = [s for s in steps if s in snapshots]
+    over = _layers_note(snapshots)
+    fig.suptitle(f"Indexer behaviour over training: every panel shows the {over} (report.html shows each layer)",
+                 fontsize=12)
+    _stage_legend(fig, history)
 
     # 1. indexer head specialisation (mean over layers, one line per head)
     ax = axes[0, 0]
@@ -233,8 +277,11 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
         for head in range(spec.shape[1]):
             if np.isfinite(spec[:, head]).any():
                 ax.plot(have, spec[:, head], "o-", ms=3, label=f"head {head}")
-        ax.legend(fontsize=8)
-    ax.set_title("Indexer head specialisation (1 - normalised entropy)")
+    if ax.get_lines():
+        _legend(ax)
+    else:
+        _empty(ax, "no indexer heads in this run\n(no Lightning Indexer, or no snapshot arrays)")
+    ax.set_title(f"Indexer head specialisation (1 - normalised entropy)\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("specialisation (0 spread, 1 one key)")
 
@@ -247,10 +294,10 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
         ax.fill_between(steps, mean - std, mean + std, color="#3b6fd8", alpha=0.25, label="± std")
         ax.plot(steps, _series(history, "score_min"), ":", color="#667085", label="min / max")
         ax.plot(steps, _series(history, "score_max"), ":", color="#667085")
-        ax.legend(fontsize=8)
+        _legend(ax)
     else:
-        _empty(ax, "no indexer")
-    ax.set_title("Indexer score evolution")
+        _empty(ax, "no indexer scores in this run\n(no Lightning Indexer)")
+    ax.set_title(f"Indexer score evolution\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("I[t, s]")
 
@@ -262,23 +309,37 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
         values = _series(history, name)
         if np.isfinite(values).any():
             ax.plot(steps, values, "o-", ms=3, label=label)
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
-    ax.set_title("Selection bias and stability")
+    if ax.get_lines():
+        ax.set_ylim(0, 1.02)
+        _legend(ax)
+    else:
+        _empty(ax, "no key selection recorded\n(dense attention selects every key)")
+    ax.set_title(f"Selection bias and stability\n({over})")
     ax.set_xlabel("training step")
     ax.set_ylabel("share")
 
-    # 4. selected token types at the last snapshot vs their share of visible keys
+    # 4. selected token types at the last snapshot vs their share of visible keys. A type the
+    # probe does not contain (base rate 0: no digits in Shakespeare) has nothing to show: it is
+    # left out and named under the panel instead of standing as an empty slot.
     ax = axes[1, 1]
     if have:
         last = snapshots[have[-1]]
         share, base = _layer_mean(last["type_share"]), _layer_mean(last["type_base"])
-        x = np.arange(len(TOKEN_TYPES))
-        ax.bar(x - 0.2, share, width=0.4, label=f"selected keys (step {have[-1]})", color="#3b6fd8")
-        ax.bar(x + 0.2, base, width=0.4, label="visible keys (base rate)", color="#d0d5dd")
-        ax.set_xticks(x, TOKEN_TYPES, rotation=20)
-        ax.legend(fontsize=8)
-    ax.set_title("Selected token types")
+        present = [i for i in range(len(TOKEN_TYPES)) if np.isfinite(base[i]) and base[i] > 0]
+        absent = [TOKEN_TYPES[i] for i in range(len(TOKEN_TYPES)) if i not in present]
+        if present:
+            x = np.arange(len(present))
+            ax.bar(x - 0.2, share[present], width=0.4, label=f"selected keys (step {have[-1]})", color="#3b6fd8")
+            ax.bar(x + 0.2, base[present], width=0.4, label="visible keys (base rate)", color="#d0d5dd")
+            ax.set_xticks(x, [TOKEN_TYPES[i] for i in present], rotation=20)
+            _legend(ax)
+            if absent:
+                ax.set_xlabel(f"not in the probe batch, so not shown: {', '.join(absent)}", color="#667085")
+        else:
+            _empty(ax, "no selected-key token types recorded\n(dense attention selects every key)")
+    else:
+        _empty(ax, "no snapshot arrays")
+    ax.set_title(f"Selected token types\n({over})")
     ax.set_ylabel("share of selections / of visible keys")
     return fig
 
@@ -299,9 +360,10 @@ def ground_truth_figure(history: list[dict]) -> Figure:
     a last panel: the probe's answer accuracy."""
     n_layers = 1 + max((int(name[1:].split("/")[0]) for r in history for name in r
                         if name.startswith("L") and name.endswith("/gt_mass")), default=0)
-    fig = Figure(figsize=(5 * (n_layers + 1), 4), layout="constrained")
+    fig = Figure(figsize=(6.5 * (n_layers + 1), 4.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, n_layers + 1))
     steps = _steps(history)
+    _stage_legend(fig, history)
     for layer in range(n_layers):
         ax = axes[layer]
         _shade_stages(ax, history)
@@ -313,7 +375,7 @@ def ground_truth_figure(history: list[dict]) -> Figure:
         ax.set_title(f"layer {layer}: ground truth in the selection")
         ax.set_xlabel("training step")
         ax.set_ylabel("share of answer positions / attention mass")
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     ax = axes[-1]
     _shade_stages(ax, history)
     accuracy = _series(history, "answer_accuracy")

@@ -16,13 +16,32 @@ from sparse_viz.report.impact import SELECTOR_COLOURS
 
 
 def perplexity_figure(table: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """Perplexity vs k (log-log), one line per selector; dense as a horizontal line."""
+    """Write perplexity.png (`perplexity_plot`) to `path` and return `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = perplexity_plot(table, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def perplexity_plot(table: pd.DataFrame, title: str = ""):
+    """Perplexity vs k (log-log), one line per selector; dense as a horizontal line; the legend
+    beside the axes, so it never covers a curve.
+
+    Args:
+        table: the perplexity table (selector, k, perplexity).
+        title: the axes title (default: what the panel shows).
+
+    Returns:
+        The matplotlib figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2), layout="constrained")
     dense = table[table["selector"] == "dense"]
     for name, rows in table[table["selector"] != "dense"].groupby("selector", sort=False):
         rows = rows.sort_values("k")
@@ -35,11 +54,8 @@ def perplexity_figure(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     ax.set_ylabel("perplexity (held-out)")
     ax.set_title(title or "Perplexity with each layer attending to k selected keys", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return fig
 
 
 def sparse_eval_payload(table: pd.DataFrame, layers: pd.DataFrame, metadata: dict) -> dict:

@@ -43,80 +43,26 @@ def stages_from_dicts(items: list[dict[str, Any]]) -> list[Stage]:
     return stages
 
 
-class DSALightningModule(L.LightningModule):
-    """Language-model training with DeepSeek Sparse Attention and a stage schedule.
+class StagedLightningModule(L.LightningModule):
+    """Language-model training through a DSA stage schedule, whatever the model.
 
-    The `--model.*` options of `python -m sparse_viz.train` are this constructor's arguments:
-    the `ModelConfig` fields (their descriptions below are copied from `ModelConfig`'s docstring
-    at import, so `--help` documents every option from one source) plus the training recipe.
-    `vocab_size` is linked to the data's tokenizer by the training command.
-
-    Args:
-        {model_config_args}
-        stages: the schedule, a list of `Stage` fields as dicts (`{name: dense, steps: 300,
-            lr: 3e-3, ...}`); default dense -> warmup -> sparse. `[{name: sparse, ...}]` alone
-            is the from-scratch mode. Plain dicts (not dataclasses) so that a config or command
-            line that gives `stages` replaces the whole list instead of merging item by item.
-        weight_decay: AdamW decoupled weight decay on matrices (embeddings included), not on
-            vectors (norm scales, biases).
-        betas: AdamW betas.
-        indexer_loss_weight: multiplier of the summed per-layer indexer KL. The indexer's input
-            is detached, so this only rescales the indexer's gradient.
+    A subclass sets `self.model` (with `forward(inputs, attention=, indexer_loss=)` returning a
+    `TransformerOutput`, `main_parameters()` and `indexer_parameters()`), `self.model_config`
+    and `self.schedule`, then calls `_init_training_state()`. What trains in a stage is
+    `trains_main(stage)`: the main model everywhere but `warmup` here.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 2048,
-        d_model: int = 128,
-        n_layers: int = 4,
-        n_heads: int = 4,
-        d_ff: int = 384,
-        max_seq_len: int = 256,
-        rope_theta: float = 10000.0,
-        tie_embeddings: bool = True,
-        norm_eps: float = 1e-5,
-        selector: str = "topk",
-        top_k: int = 32,
-        sink_tokens: int = 4,
-        selector_seed: int = 0,
-        use_indexer: bool = True,
-        indexer_heads: int = 4,
-        indexer_dim: int = 32,
-        indexer_rope_dim: int = 16,
-        indexer_norm_eps: float = 1e-6,
-        attention_path: str = "gathered",
-        indexer_path: str = "blockwise",
-        indexer_block_size: int = 256,
-        stages: list[dict[str, Any]] | None = None,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        indexer_loss_weight: float = 1.0,
-    ):
-        super().__init__()
-        self.save_hyperparameters()
-        try:
-            self.model_config = ModelConfig(
-                vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=rope_theta,
-                tie_embeddings=tie_embeddings, norm_eps=norm_eps, selector=selector, top_k=top_k,
-                sink_tokens=sink_tokens, selector_seed=selector_seed, use_indexer=use_indexer,
-                indexer_heads=indexer_heads, indexer_dim=indexer_dim,
-                indexer_rope_dim=indexer_rope_dim,
-                indexer_norm_eps=indexer_norm_eps, attention_path=attention_path,
-                indexer_path=indexer_path, indexer_block_size=indexer_block_size,
-            )
-            self.schedule = Schedule(stages_from_dicts(stages) if stages is not None else default_stages())
-        except ValueError as error:
-            raise UserInputError(str(error)) from None
-        if not use_indexer and any(s.name == "warmup" for s in self.schedule.stages):
-            raise UserInputError("a 'warmup' stage trains the indexer: it needs use_indexer=True")
-        self.model = SparseTransformer(self.model_config)
+    def _init_training_state(self) -> None:
         self._trainable_for: str | None = None
         self._batch_started_at: float | None = None
         self._val_loss_sum = 0.0
         self._val_token_count = 0
         self._val_answer_hits = 0
         self._val_answer_count = 0
+
+    def trains_main(self, stage: Stage) -> bool:
+        """Whether the main model learns (from the LM loss) in `stage`."""
+        return stage.trains_main
 
     # ----------------------------------------------------------------- the schedule's view
     @property
@@ -132,11 +78,11 @@ class DSALightningModule(L.LightningModule):
         return stage.indexer_loss if self.model_config.use_indexer else None
 
     def _set_trainable(self, stage: Stage) -> None:
-        """Freeze the main model in `warmup`: no graph is built through it, only the indexer learns."""
+        """Freeze the main model where it does not learn: no graph is built through it."""
         if self._trainable_for == stage.name:
             return
         for parameter in self.model.main_parameters():
-            parameter.requires_grad_(stage.trains_main)
+            parameter.requires_grad_(self.trains_main(stage))
         self._trainable_for = stage.name
 
     # ----------------------------------------------------------------- steps
@@ -156,7 +102,7 @@ class DSALightningModule(L.LightningModule):
         inputs, targets, loss_mask = split_batch(batch)  # (B, T), (B, T), (B, T) or None
         out = self.model(inputs, attention=stage.attention, indexer_loss=self._indexer_loss_mode(stage))
         lm_loss, _ = masked_cross_entropy(out.logits, targets, loss_mask)
-        loss = lm_loss if stage.trains_main else lm_loss.new_zeros(())
+        loss = lm_loss if self.trains_main(stage) else lm_loss.new_zeros(())
         if out.indexer_kl is not None:
             if not torch.isfinite(out.indexer_kl).all():
                 raise FloatingPointError(f"indexer KL is not finite: {out.indexer_kl.tolist()}")
@@ -241,6 +187,77 @@ class DSALightningModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [rate(role) for role in roles])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DSALightningModule(StagedLightningModule):
+    """Language-model training with DeepSeek Sparse Attention and a stage schedule.
+
+    The `--model.*` options of `python -m sparse_viz.train` are this constructor's arguments:
+    the `ModelConfig` fields (their descriptions below are copied from `ModelConfig`'s docstring
+    at import, so `--help` documents every option from one source) plus the training recipe.
+    `vocab_size` is linked to the data's tokenizer by the training command.
+
+    Args:
+        {model_config_args}
+        stages: the schedule, a list of `Stage` fields as dicts (`{name: dense, steps: 300,
+            lr: 3e-3, ...}`); default dense -> warmup -> sparse. `[{name: sparse, ...}]` alone
+            is the from-scratch mode. Plain dicts (not dataclasses) so that a config or command
+            line that gives `stages` replaces the whole list instead of merging item by item.
+        weight_decay: AdamW decoupled weight decay on matrices (embeddings included), not on
+            vectors (norm scales, biases).
+        betas: AdamW betas.
+        indexer_loss_weight: multiplier of the summed per-layer indexer KL. The indexer's input
+            is detached, so this only rescales the indexer's gradient.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int = 384,
+        max_seq_len: int = 256,
+        rope_theta: float = 10000.0,
+        tie_embeddings: bool = True,
+        norm_eps: float = 1e-5,
+        selector: str = "topk",
+        top_k: int = 32,
+        sink_tokens: int = 4,
+        selector_seed: int = 0,
+        use_indexer: bool = True,
+        indexer_heads: int = 4,
+        indexer_dim: int = 32,
+        indexer_rope_dim: int = 16,
+        indexer_norm_eps: float = 1e-6,
+        attention_path: str = "gathered",
+        indexer_path: str = "blockwise",
+        indexer_block_size: int = 256,
+        stages: list[dict[str, Any]] | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        indexer_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        try:
+            self.model_config = ModelConfig(
+                vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=rope_theta,
+                tie_embeddings=tie_embeddings, norm_eps=norm_eps, selector=selector, top_k=top_k,
+                sink_tokens=sink_tokens, selector_seed=selector_seed, use_indexer=use_indexer,
+                indexer_heads=indexer_heads, indexer_dim=indexer_dim,
+                indexer_rope_dim=indexer_rope_dim,
+                indexer_norm_eps=indexer_norm_eps, attention_path=attention_path,
+                indexer_path=indexer_path, indexer_block_size=indexer_block_size,
+            )
+            self.schedule = Schedule(stages_from_dicts(stages) if stages is not None else default_stages())
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
+        if not use_indexer and any(s.name == "warmup" for s in self.schedule.stages):
+            raise UserInputError("a 'warmup' stage trains the indexer: it needs use_indexer=True")
+        self.model = SparseTransformer(self.model_config)
+        self._init_training_state()
 
 
 def _model_config_args() -> str:

@@ -7,6 +7,7 @@ engine (`sweep.run_batched_sweep`) runs many per forward, each starting at its m
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from sparse_viz.analysis.ablation.component_modes import masked_forward
-from sparse_viz.analysis.ablation.components import prepare_component_run
+from sparse_viz.analysis.ablation.components import prepare_component_run, with_analysis_seconds
 from sparse_viz.analysis.ablation.decomposition import (
     Decomposition,
     component_masks,
@@ -186,6 +187,7 @@ def run_component_sweep(
     prediction_positions: Sequence[int] | None = None,
     output_dir=None,
     progress: bool = True,
+    metadata: dict | None = None,
     title: str = "Component sweep",
 ) -> pd.DataFrame:
     """Every component of the listed modules alone; the Python face of `components --sweep`.
@@ -198,6 +200,7 @@ def run_component_sweep(
         decomposition: None = SVD of `modules`; a file path = SPD-style factors; a Decomposition.
         batch_size: components per forward.
         output_dir: if given, writes component_sweep.csv, patterns .npz, PNGs and report.html.
+        metadata: with `output_dir`: what ran (model, prompt, arguments, timings), for metadata.json.
     Returns:
         DataFrame, one row per component: ablation, module, layer, component, component_norm,
         kl_divergence, kl_max_position, frac_top1_changed, delta_logprob_top1, n_positions,
@@ -205,6 +208,7 @@ def run_component_sweep(
     """
     if not modules:
         raise UserInputError("nothing to sweep: give --sweep LAYER.PROJ ...")
+    started = time.perf_counter()
     model, tokenizer, input_ids, attention_mask, decomposition = prepare_component_run(
         model, prompts, tokenizer, attention_mask, decomposition, modules)
     ablations = sweep_ablations(model, decomposition, modules)
@@ -214,5 +218,5 @@ def run_component_sweep(
     if output_dir is not None:
         from sparse_viz.report.ablation import write_component_sweep_outputs
 
-        write_component_sweep_outputs(result, output_dir, title=title)
+        write_component_sweep_outputs(result, output_dir, title=title, metadata=with_analysis_seconds(metadata, started))
     return result.table

@@ -13,6 +13,7 @@ arrays. Every component alone, batched, is `component_sweep.py`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -169,6 +170,21 @@ def prepare_component_run(model, prompts, tokenizer, attention_mask, decompositi
     return model, tokenizer, input_ids, attention_mask, decomposition
 
 
+def with_analysis_seconds(metadata: dict | None, started: float) -> dict:
+    """`metadata` with timings.analysis_seconds = the time since `started` (perf_counter).
+
+    Args:
+        metadata: the caller's metadata (its own timings, e.g. load_seconds, are kept), or None.
+        started: `time.perf_counter()` when the analysis began (after loading the model).
+
+    Returns:
+        A new dict; `metadata` is not modified.
+    """
+    metadata = dict(metadata or {})
+    metadata["timings"] = {**metadata.get("timings", {}), "analysis_seconds": round(time.perf_counter() - started, 4)}
+    return metadata
+
+
 def run_component_ablation(
     model: nn.Module,
     prompts: str | Sequence[str] | torch.Tensor,
@@ -187,6 +203,7 @@ def run_component_ablation(
     prediction_positions: Sequence[int] | None = None,
     output_dir=None,
     progress: bool = True,
+    metadata: dict | None = None,
     title: str = "Component ablation",
 ) -> pd.DataFrame:
     """Component ablation from specs; the Python face of `python -m sparse_viz.analysis components`.
@@ -200,6 +217,7 @@ def run_component_ablation(
             factors (`load_factors`); or a Decomposition.
         mode, n_samples, ci_default, pgd_steps, pgd_step_size, seed: see `component_ablation_study`.
         output_dir: if given, writes component_ablation.csv, patterns .npz, PNGs, report.html.
+        metadata: with `output_dir`: what ran (model, prompt, arguments, timings), for metadata.json.
     Returns:
         DataFrame with one row: ablation, mode, modules, n_components_ablated, kl_divergence,
         frac_top1_changed, delta_logprob_top1, kl_std_over_samples, reconstruction_kl,
@@ -207,6 +225,7 @@ def run_component_ablation(
     """
     if not components:
         raise UserInputError("nothing to ablate: give --ablate LAYER.PROJ:INDICES ...")
+    started = time.perf_counter()
     model, tokenizer, input_ids, attention_mask, decomposition = prepare_component_run(
         model, prompts, tokenizer, attention_mask, decomposition, components)
     ablated: dict[str, list[int]] = {}
@@ -220,5 +239,6 @@ def run_component_ablation(
     if output_dir is not None:
         from sparse_viz.report.ablation import write_component_ablation_outputs
 
-        write_component_ablation_outputs(result, output_dir, title=title)
+        write_component_ablation_outputs(result, output_dir, title=title,
+                                         metadata=with_analysis_seconds(metadata, started))
     return result.table

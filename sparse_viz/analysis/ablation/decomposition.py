@@ -97,7 +97,14 @@ def linear_at(model: nn.Module, path: str) -> nn.Linear:
     try:
         module = model.get_submodule(path)
     except AttributeError:
-        raise UserInputError(f"no module {path!r} in the model") from None
+        # Name the valid forms: the short one, and the full paths of layer 0's linear modules
+        # (listing every layer's would make the one-line error hundreds of names long).
+        linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        examples = [name for name in linear if re.search(r"(^|\.)0\.", name)] or linear[:8]
+        raise UserInputError(
+            f"no module {path!r} in the model: give LAYER.PROJ with PROJ one of {', '.join(PROJECTIONS)} "
+            f"(e.g. 0.o_proj), or the full path of one of its {len(linear)} linear modules, "
+            f"e.g. {', '.join(examples)}") from None
     if not isinstance(module, nn.Linear):
         raise UserInputError(f"module {path!r} is a {type(module).__name__}, not a linear projection")
     return module

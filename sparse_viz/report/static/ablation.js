@@ -35,25 +35,32 @@
 
   // --- heatmap (single-head ablations) -----------------------------------------------------
   const singles = ablations.map((a, i) => ({ a, i })).filter((d) => d.a.kind === "head");
+  const METRIC_LABELS = { kl_divergence: "KL(baseline || ablated)", frac_top1_changed: "share of top-1 changed",
+    delta_logprob_top1: "Δ log-prob of baseline top-1" };
   function drawHeatmap() {
     const root = d3.select("#heatmap");
     root.selectAll("*").remove();
-    const cell = 22, left = 46, top = 22;
+    // Cells share the panel's width (22 to 72 px wide) instead of a narrow fixed strip.
+    const left = 46, top = 22, cellH = 22;
+    const room = (root.node().clientWidth || 900) - left - 20;
+    const cellW = Math.max(22, Math.min(72, Math.floor(room / Math.max(data.n_heads, 1))));
     const values = singles.map((d) => d.a[state.metric]);
     const extent = d3.extent(values);
+    // Colour from 0 (no effect) to the largest effect; Δ log-prob runs from 0 down to its minimum.
     const color = state.metric === "delta_logprob_top1"
-      ? d3.scaleSequential(d3.interpolateBlues).domain([0, -Math.min(0, extent[0]) || 1])
+      ? d3.scaleSequential(d3.interpolateBlues).domain([0, Math.min(0, extent[0]) || -1]).clamp(true)
       : d3.scaleSequential(d3.interpolateMagma).domain([0, extent[1] || 1]);
-    const svg = root.append("svg").attr("width", left + cell * data.n_heads + 10).attr("height", top + cell * data.n_layers + 10);
+    SV.colorLegend(root.append("div").node(), color, { title: METRIC_LABELS[state.metric], width: 220 });
+    const svg = root.append("svg").attr("width", left + cellW * data.n_heads + 10).attr("height", top + cellH * data.n_layers + 10);
     svg.append("g").selectAll("text").data(d3.range(data.n_heads)).join("text")
-      .attr("x", (h) => left + h * cell + cell / 2).attr("y", top - 6).attr("text-anchor", "middle").attr("font-size", 10).text((h) => h);
+      .attr("x", (h) => left + h * cellW + cellW / 2).attr("y", top - 6).attr("text-anchor", "middle").attr("font-size", 10).text((h) => `H${h}`);
     svg.append("g").selectAll("text").data(d3.range(data.n_layers)).join("text")
-      .attr("x", left - 6).attr("y", (L) => top + L * cell + cell / 2 + 3).attr("text-anchor", "end").attr("font-size", 10).text((L) => `L${L}`);
+      .attr("x", left - 6).attr("y", (L) => top + L * cellH + cellH / 2 + 3).attr("text-anchor", "end").attr("font-size", 10).text((L) => `L${L}`);
     svg.append("g").selectAll("rect").data(singles).join("rect")
       .attr("class", (d) => "cell" + (d.i === state.selected ? " selected" : ""))
-      .attr("x", (d) => left + d.a.head * cell).attr("y", (d) => top + d.a.layer * cell)
-      .attr("width", cell - 1).attr("height", cell - 1)
-      .attr("fill", (d) => color(state.metric === "delta_logprob_top1" ? -d.a[state.metric] : d.a[state.metric]))
+      .attr("x", (d) => left + d.a.head * cellW).attr("y", (d) => top + d.a.layer * cellH)
+      .attr("width", cellW - 1).attr("height", cellH - 1)
+      .attr("fill", (d) => color(d.a[state.metric]))
       .attr("data-name", (d) => d.a.name)
       .on("mousemove", (event, d) => tooltip.show(event, `head ${d.a.name}\nKL ${SV.format(d.a.kl_divergence)}\ntop-1 changed ${SV.format(d.a.frac_top1_changed, 3)}\nΔ log-prob ${SV.format(d.a.delta_logprob_top1)}`))
       .on("mouseleave", () => tooltip.hide())
@@ -74,7 +81,7 @@
       const x = d3.scaleBand().domain(items.map((d) => d.c)).range([48, width]).padding(0.05);
       const y = d3.scaleLinear([0, d3.max(items, (d) => d.a.kl_divergence) || 1], [height + 5, 5]);
       root.append("div").attr("class", "muted").text(entry.module);
-      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 24).attr("class", "sweep-chart");
+      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 48).attr("class", "sweep-chart");
       svg.append("g").selectAll("rect").data(items).join("rect")
         .attr("class", "bar").attr("data-name", (d) => d.a.name)
         .attr("x", (d) => x(d.c)).attr("width", x.bandwidth())
@@ -84,6 +91,13 @@
         .on("mouseleave", () => tooltip.hide())
         .on("click", (event, d) => select(d.i));
       svg.append("g").attr("transform", "translate(48,0)").call(d3.axisLeft(y).ticks(3));
+      // Component indices under the bars (about ten of them) and what the axes are.
+      const every = Math.max(1, Math.ceil(items.length / 10));
+      svg.append("g").attr("class", "x-axis").attr("transform", `translate(0,${height + 5})`)
+        .call(d3.axisBottom(x).tickValues(items.filter((d, k) => k % every === 0).map((d) => d.c)).tickSize(3));
+      svg.append("text").attr("class", "x-label").attr("x", (48 + width) / 2).attr("y", height + 40).attr("text-anchor", "middle")
+        .attr("font-size", 11).attr("fill", "#667085").text("component index (each ablated alone)");
+      svg.append("text").attr("x", 0).attr("y", 0).attr("font-size", 11).attr("fill", "#667085").attr("transform", `translate(12,${height / 2 + 20}) rotate(-90)`).text("KL");
     }
   }
 
@@ -99,7 +113,7 @@
       const width = Math.max(300, Math.min(900, mask.length * 6)), height = 70;
       const x = d3.scaleBand().domain(d3.range(mask.length)).range([40, width]).padding(0.05);
       root.append("div").attr("class", "muted").text(module);
-      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 20).attr("class", "mask-chart");
+      const svg = root.append("svg").attr("width", width + 10).attr("height", height + 38).attr("class", "mask-chart");
       svg.append("g").selectAll("rect").data(mask).join("rect")
         .attr("x", (v, c) => x(c)).attr("width", x.bandwidth())
         .attr("y", (v) => 5 + height * (1 - v)).attr("height", (v) => height * v)
@@ -109,6 +123,8 @@
         .attr("x", (c) => x(c) + x.bandwidth() / 2).attr("y", height + 16).attr("text-anchor", "middle")
         .attr("font-size", 10).attr("fill", "#d62728").text("×");
       svg.append("g").attr("transform", `translate(40,0)`).call(d3.axisLeft(d3.scaleLinear([0, 1], [5 + height, 5])).ticks(2));
+      svg.append("text").attr("class", "x-label").attr("x", (40 + width) / 2).attr("y", height + 32).attr("text-anchor", "middle")
+        .attr("font-size", 11).attr("fill", "#667085").text(`component index, 0-${mask.length - 1} (×: ablated)`);
     }
   }
 
@@ -161,6 +177,12 @@
     return p.bytes.subarray(start, start + T * T);
   }
 
+  const PATTERN_PX = 280, LABEL_PX = 11;
+  function drawTokenAxes(figure, T) {
+    SV.tokenAxes(figure.querySelector("svg.y-tokens"), figure.querySelector("svg.x-tokens"), data.tokens[state.seq] || [], T, PATTERN_PX);
+  }
+
+  const PROBABILITY = d3.scaleSequential(d3.interpolateViridis).domain([0, 1]);
   function drawPatterns() {
     const a = ablations[state.selected];
     const caption = document.getElementById("pattern-caption");
@@ -178,9 +200,20 @@
       for (let k = 0; k < T * T; k++) { diff[k] = q[k] - b[k]; scale = Math.max(scale, Math.abs(diff[k])); }
     }
     drawCanvas(document.getElementById("diff-canvas"), diff, T, scale);
+    for (const figure of document.querySelectorAll(".abl-patterns figure")) {
+      drawTokenAxes(figure, T);
+      const slot = figure.querySelector(".legend-slot");
+      slot.replaceChildren();
+      const full = scale / 255;
+      // The same white -> pure red / blue ramps drawCanvas paints with, in probability units.
+      const colour = figure.dataset.kind === "diff"
+        ? d3.scaleLinear().domain([-full, 0, full]).range(["rgb(0,0,255)", "rgb(255,255,255)", "rgb(255,0,0)"])
+        : PROBABILITY;
+      SV.colorLegend(slot, colour, { title: figure.dataset.kind === "diff" ? "ablated − baseline" : "attention probability", width: 200 });
+    }
     text(document.getElementById("diff-caption"), `ablated − baseline (red +, blue −; full colour = ${SV.format(scale / 255, 2)})`);
     text(caption, L === null || !base ? "No attention patterns in this page for this ablation (see the .npz file)."
-      : `Layer ${L}, head ${state.head}, sequence ${state.seq}: rows = query position, columns = key position.` +
+      : `Layer ${L}, head ${state.head}, sequence ${state.seq}: rows = query token, columns = key token.` +
         (q ? "" : " No ablated pattern in this page for this layer."));
   }
 
@@ -190,10 +223,10 @@
     root.selectAll("*").remove();
     const values = (a.kl_per_position[state.seq] || []);
     const tokens = data.tokens[state.seq] || [];
-    const T = values.length, width = Math.max(300, Math.min(1100, T * 14)), height = 80;
+    const T = values.length, width = Math.max(300, Math.min(1100, T * 14)), height = 80, below = 64;
     const x = d3.scaleBand().domain(d3.range(T)).range([40, width]).padding(0.1);
     const y = d3.scaleLinear([0, d3.max(values, (v) => v || 0) || 1], [height, 5]);
-    const svg = root.append("svg").attr("width", width + 10).attr("height", height + 20);
+    const svg = root.append("svg").attr("width", width + 10).attr("height", height + below + 14);
     svg.append("g").selectAll("rect").data(values).join("rect")
       .attr("x", (v, t) => x(t)).attr("width", x.bandwidth()).attr("y", (v) => y(v || 0)).attr("height", (v) => height - y(v || 0))
       .attr("fill", "#3b6fd8")
@@ -202,6 +235,15 @@
       })
       .on("mouseleave", () => tooltip.hide());
     svg.append("g").attr("transform", "translate(40,0)").call(d3.axisLeft(y).ticks(3));
+    // The input token under each bar (every n-th when they would overlap).
+    const every = Math.max(1, Math.ceil(LABEL_PX / x.step()));
+    svg.append("g").attr("class", "x-tokens").selectAll("text").data(d3.range(0, T, every)).join("text")
+      .attr("class", "tok-label").attr("data-position", (t) => t)
+      .attr("transform", (t) => `translate(${x(t) + x.bandwidth() / 2},${height + 6}) rotate(-60)`)
+      .attr("dy", "0.35em").attr("text-anchor", "end").attr("font-size", 10)
+      .text((t) => { const s = SV.tokenLabel(tokens[t] ?? ""); return s.length > 10 ? s.slice(0, 9) + "…" : s; });
+    svg.append("text").attr("x", width).attr("y", height + below + 10).attr("text-anchor", "end").attr("font-size", 11)
+      .attr("fill", "#667085").text("input token (KL of the prediction made there)");
   }
 
   function drawPredictions() {

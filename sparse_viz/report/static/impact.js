@@ -20,6 +20,7 @@
   }
 
   let rowShown = T - 1;
+  const MATRIX_PX = 420;  // the matrix's drawn size (CSS), shared with its token axes
   const colour = d3.interpolateViridis;
 
   function scaleFor(rows) {
@@ -45,6 +46,7 @@
       image.data[i] = c.r; image.data[i + 1] = c.g; image.data[i + 2] = c.b; image.data[i + 3] = 255;
     }));
     ctx.putImageData(image, 0, 0);
+    SV.tokenAxes(document.getElementById("matrix-rows"), document.getElementById("matrix-cols"), data.tokens, T, MATRIX_PX);
     const bar = document.getElementById("scale").getContext("2d");
     for (let x = 0; x < 160; x++) { bar.fillStyle = colour(x / 159); bar.fillRect(x, 0, 1, 10); }
     document.getElementById("scale-min").textContent = SV.format(scale.domain()[0], 2);

@@ -18,7 +18,7 @@
   for (let i = 0; i < rows.step.length; i++) blocks[rows.step[i]][rows.variant[i]].push(i);
 
   const state = { metric: "l2", step: steps.length - 1, variant: String(variants.indexOf("Full") >= 0 ? variants.indexOf("Full") : 0),
-                  scale: "linear", cap: "max", agg: "sum", order: "position" };
+                  scale: "linear", cap: "max", agg: "sum", order: "position", excludeFirst: false };
 
   // Values of one (step, variant, metric) as a grid: values[r * layers.length + c], NaN if absent.
   function grid(stepIndex, variantCode, metric) {
@@ -41,14 +41,18 @@
   }
 
   // Sequential YlOrRd scale from 0 (log: top / 10^4) to the view's maximum or a percentile cap.
+  // With excludeFirst the top is taken over positions > 0 only: position 0 is usually an
+  // attention sink whose value dwarfs every other token's; its cells then saturate (clamped).
   function colourScale(grids) {
+    const rowPositions = steps[state.step].positions;
+    const counted = (i) => !(state.excludeFirst && rowPositions[Math.floor(i / layers.length)] === 0);
     let count = 0, max = -Infinity;
-    for (const g of grids) for (const v of g.values) if (Number.isFinite(v)) { count++; if (v > max) max = v; }
+    for (const g of grids) g.values.forEach((v, i) => { if (Number.isFinite(v) && counted(i)) { count++; if (v > max) max = v; } });
     let top = count ? max : 1;
     if (state.cap !== "max" && count) {
       const sorted = new Float64Array(count);
       let k = 0;
-      for (const g of grids) for (const v of g.values) if (Number.isFinite(v)) sorted[k++] = v;
+      for (const g of grids) g.values.forEach((v, i) => { if (Number.isFinite(v) && counted(i)) sorted[k++] = v; });
       sorted.sort();
       top = d3.quantileSorted(sorted, state.cap === "p99" ? 0.99 : 0.95);
     }
@@ -60,6 +64,22 @@
     else scale = d3.scaleSequential(interpolator).domain([0, top]);
     scale.clamp(true);
     return { scale, stats: { max: count ? max : NaN, count, top } };
+  }
+
+  // Where the largest value of the view sits: the sink note names position 0 when it is there.
+  function sinkNote(grids) {
+    const step = steps[state.step];
+    let best = -Infinity, bestRow = -1;
+    for (const g of grids) g.values.forEach((v, i) => { if (Number.isFinite(v) && v > best) { best = v; bestRow = Math.floor(i / layers.length); } });
+    const note = d3.select("#sink-note");
+    const dominated = bestRow >= 0 && step.positions[bestRow] === 0;
+    note.attr("hidden", dominated || state.excludeFirst ? null : true);
+    if (state.excludeFirst) {
+      note.text("Position 0 is left out of the colour scale: its cells are drawn at the top colour (saturated) and hatched; hover them for their values.");
+    } else if (dominated) {
+      note.text(`The largest value is at position 0 ("${SV.tokenLabel(step.masked[bestRow])}"), usually an attention sink, and it sets the colour scale. ` +
+        "Tick “exclude position 0 from the colour scale” above to see the other tokens, or run the command with --exclude-first-token to not mask it at all.");
+    }
   }
 
   function fill(scale, v) {
@@ -80,7 +100,8 @@
     const width = 260, height = 10, margin = { left: 10, right: 18, top: 14, bottom: 18 };
     const holder = d3.select("#legend");
     holder.selectAll("*").remove();
-    const svg = holder.append("svg").attr("width", width + margin.left + margin.right).attr("height", height + margin.top + margin.bottom);
+    const svg = holder.append("svg").attr("width", width + margin.left + margin.right).attr("height", height + margin.top + margin.bottom)
+      .attr("class", "color-legend").attr("data-min", scale.domain()[0]).attr("data-max", scale.domain()[1]);
     const id = "legend-gradient";
     const gradient = svg.append("defs").append("linearGradient").attr("id", id);
     const [d0, d1] = scale.domain();
@@ -89,7 +110,8 @@
     d3.range(0, 1.0001, 0.05).forEach((t) => {
       gradient.append("stop").attr("offset", `${t * 100}%`).attr("stop-color", scale(axisScale.invert(t * width)));
     });
-    svg.append("text").attr("x", margin.left).attr("y", 10).text(`${METRIC_NAMES[state.metric]}${state.cap === "max" ? "" : " (capped at " + state.cap + ")"}`);
+    svg.append("text").attr("x", margin.left).attr("y", 10).text(`${METRIC_NAMES[state.metric]}${state.cap === "max" ? "" : " (capped at " + state.cap + ")"}` +
+      (state.excludeFirst ? ", position 0 excluded" : ""));
     svg.append("rect").attr("x", margin.left).attr("y", margin.top).attr("width", width).attr("height", height).attr("fill", `url(#${id})`);
     const axis = d3.axisBottom(axisScale).tickSize(3).tickFormat(tickLabel);
     // A log axis labels powers of ten only; the others would overlap.
@@ -124,6 +146,7 @@
         .attr("data-layer", (d) => layers[d.c])
         .attr("data-value", (d) => (Number.isFinite(d.v) ? d.v : ""))
         .classed("missing", (d) => !Number.isFinite(d.v))
+        .classed("saturated", (d) => state.excludeFirst && p === 0 && Number.isFinite(d.v) && d.v > scale.domain()[1])
         .style("background-color", (d) => fill(scale, d.v));
     });
     const showCell = (event) => {
@@ -248,6 +271,7 @@
     const { scale, stats } = colourScale(grids);
     const variantLabel = state.variant === ALL_HEADS ? "all heads" : variants[Number(state.variant)];
     drawLegend(scale);
+    sinkNote(grids);
     if (state.variant === ALL_HEADS) drawMultiples(grids, scale);
     else drawHeatmap(grids[0], scale);
     d3.select("#heatmap-title").text(`Impact of masking each token, per layer: ${variantLabel}` +
@@ -281,6 +305,7 @@
     bind("#cap-select", "cap");
     bind("#agg-select", "agg");
     bind("#order-select", "order");
+    d3.select("#exclude-first").on("change", function () { state.excludeFirst = this.checked; render(); });
     d3.selectAll("input[name=metric]").on("change", function () { if (this.checked) { state.metric = this.value; render(); } });
   }
 

@@ -181,14 +181,36 @@
     ctx.fillStyle = "#eaecf0";
     ctx.beginPath(); ctx.moveTo(0, 0); ctx.lineTo(cell, 0); ctx.lineTo(V.T * cell, (V.T - 1) * cell);
     ctx.lineTo(V.T * cell, V.T * cell); ctx.lineTo(0, V.T * cell); ctx.closePath(); ctx.fill();
+    let drawn = 0;
     for (let t = 0; t < V.T; t++) {
-      for (const x of selectionOf(t)) { ctx.fillStyle = colour(x.shade); ctx.fillRect(x.key * cell, t * cell, cell, cell); }
+      for (const x of selectionOf(t)) { ctx.fillStyle = colour(x.shade); ctx.fillRect(x.key * cell, t * cell, cell, cell); drawn++; }
     }
+    // A run without a key selection (the dense baseline) has nothing to colour: say so, and
+    // drop the colour scale rather than show one for an empty matrix.
+    const note = document.getElementById("heatmap-note");
+    note.hidden = drawn > 0;
+    note.textContent = drawn ? "" : "No key selection recorded at this snapshot and layer: this run's attention is dense " +
+      "(every visible key, shown grey), so there is nothing to colour.";
+    if (drawn) drawHeatmapScale(); else document.getElementById("heatmap-scale").replaceChildren();
     const t = query();
     if (t !== null && t < V.T) {
       ctx.strokeStyle = "#d92d20"; ctx.lineWidth = 1;
       ctx.strokeRect(0.5, t * cell + 0.5, canvas.width - 1, Math.max(cell - 1, 1));
     }
+  }
+
+  // The heatmap's colour scale in the units of the chosen measure: attention shades are
+  // sqrt(p) (so small probabilities stay visible), the axis is in p; indexer scores are shaded
+  // within each query row, from the row's lowest to its highest selected score.
+  function drawHeatmapScale() {
+    const slot = document.getElementById("heatmap-scale");
+    slot.replaceChildren();
+    const byScore = state.shade === "score";
+    const scale = byScore ? (v) => colour(v) : (p) => colour(Math.sqrt(p));
+    scale.domain = () => [0, 1];
+    const title = byScore ? "indexer score within the query's row (0 = its lowest, 1 = its highest)"
+      : `${state.shade === "attn" ? "attention used" : "dense attention"} probability on the key (shade ∝ √p)`;
+    SV.colorLegend(slot, scale, { title, width: 260 });
   }
 
   // ------------------------------------------------------------------ top tokens
@@ -210,14 +232,14 @@
       ["mass_at_k", "indexer", "#3b6fd8"], ["mass_at_k_oracle", "oracle", "#2e7d32"],
       ["mass_at_k_sink_local", "sink+local", "#8e44ad"], ["mass_at_k_local", "local", "#e67e22"],
       ["mass_at_k_random", "random", "#7f8c8d"]] },
-    { title: "recall@k of the dense top-k", series: [["recall_at_k", "recall@k", "#c0392b"]] },
-    { title: "KL(p ‖ softmax(I)) (nats)", series: [["indexer_kl", "KL", "#3b6fd8"]] },
+    { title: "recall@k of the dense top-k", why: "no key selection in this run (dense attention keeps every key)", series: [["recall_at_k", "recall@k", "#c0392b"]] },
+    { title: "KL(p ‖ softmax(I)) (nats)", why: "no Lightning Indexer in this run (this selector does not use one)", series: [["indexer_kl", "KL", "#3b6fd8"]] },
     { title: "attention entropy (nats)", series: [["entropy_sparse", "used", "#3b6fd8"], ["entropy_dense", "dense", "#7f8c8d"]] },
-    { title: "Jaccard with the previous snapshot", series: [["jaccard_prev", "Jaccard", "#3b6fd8"]] },
-    { title: "selection biases", series: [["sink_share", "sink share", "#8e44ad"], ["local_share", "local-window share", "#e67e22"]] },
-    { title: "indexer score mean", series: [["score_mean", "mean", "#3b6fd8"], ["score_std", "std", "#7f8c8d"]] },
-    { title: "validation loss", global: true, series: [["val_loss", "val loss", "#101828"]] },
-    { title: "training tokens/s", global: true, series: [["tokens_per_s", "tokens/s", "#101828"]] },
+    { title: "Jaccard with the previous snapshot", why: "needs two snapshots with a key selection", series: [["jaccard_prev", "Jaccard", "#3b6fd8"]] },
+    { title: "selection biases", why: "no key selection in this run (dense attention keeps every key)", series: [["sink_share", "sink share", "#8e44ad"], ["local_share", "local-window share", "#e67e22"]] },
+    { title: "indexer score mean", why: "no Lightning Indexer in this run (this selector does not use one)", series: [["score_mean", "mean", "#3b6fd8"], ["score_std", "std", "#7f8c8d"]] },
+    { title: "validation loss", global: true, why: "no validation has run yet (it runs every trainer.val_check_interval steps)", series: [["val_loss", "val loss", "#101828"]] },
+    { title: "training tokens/s", global: true, why: "measured from the second snapshot on", series: [["tokens_per_s", "tokens/s", "#101828"]] },
   ];
   if (answers.size) {
     CHARTS.unshift(
@@ -238,7 +260,7 @@
     const box = d3.select("#charts");
     box.selectAll("*").remove();
     markers.length = 0;
-    const width = 320, height = 140, margin = { top: 8, right: 10, bottom: 22, left: 46 };
+    const width = 320, height = 154, margin = { top: 8, right: 10, bottom: 34, left: 46 };
     const x = d3.scaleLinear().domain(d3.extent(data.steps)).range([margin.left, width - margin.right]);
     if (data.steps.length === 1) x.domain([data.steps[0] - 1, data.steps[0] + 1]);
     for (const chart of CHARTS) {
@@ -246,13 +268,17 @@
         .filter((s) => s.values && s.values.some((v) => v !== null));
       const div = box.append("div").attr("class", "tr-chart");
       div.append("h3").text(chart.title);
-      if (!series.length) { div.append("p").attr("class", "tr-legend").text("not recorded"); continue; }
+      if (!series.length) { div.append("p").attr("class", "tr-legend not-recorded").text(`not recorded: ${chart.why || "this run has no such value"}`); continue; }
       const all = series.flatMap((s) => s.values.filter((v) => v !== null));
       let [lo, hi] = d3.extent(all);
       if (lo === hi) { lo -= 0.5; hi += 0.5; }
       const y = d3.scaleLinear().domain([lo, hi]).nice().range([height - margin.bottom, margin.top]);
       const svg = div.append("svg").attr("width", width).attr("height", height);
       svg.append("g").attr("class", "axis").attr("transform", `translate(0,${height - margin.bottom})`).call(d3.axisBottom(x).ticks(5));
+      svg.append("text").attr("class", "x-label").attr("x", (margin.left + width - margin.right) / 2).attr("y", height - 4)
+        .attr("text-anchor", "middle").text("training step");
+      svg.append("rect").attr("class", "plot-area").attr("x", margin.left).attr("y", margin.top)
+        .attr("width", width - margin.left - margin.right).attr("height", height - margin.top - margin.bottom).attr("fill", "none");
       svg.append("g").attr("class", "axis").attr("transform", `translate(${margin.left},0)`).call(d3.axisLeft(y).ticks(4));
       const marker = svg.append("line").attr("class", "marker").attr("y1", margin.top).attr("y2", height - margin.bottom);
       markers.push({ marker, x });
@@ -264,11 +290,16 @@
           .attr("cx", (p) => x(p.step)).attr("cy", (p) => y(p.value)).attr("r", 2.6).attr("fill", s.colour)
           .on("mouseenter", (event, p) => tip.show(event, `${s.label} · step ${p.step} (${p.stage}): ${SV.format(p.value)}`))
           .on("mouseleave", () => tip.hide());
-        if (series.length > 1) {
-          svg.append("text").attr("class", "legend-item").attr("x", width - margin.right).attr("y", margin.top + 10 + 11 * i)
-            .attr("text-anchor", "end").attr("fill", s.colour).text(s.label);
-        }
       });
+      // The legend is a row under the chart, never drawn over the curves.
+      if (series.length > 1) {
+        const legend = div.append("div").attr("class", "chart-legend");
+        for (const s of series) {
+          const item = legend.append("span").attr("class", "legend-item");
+          item.append("span").attr("class", "swatch").style("background", s.colour);
+          item.append("span").text(s.label);
+        }
+      }
     }
   }
   function updateMarkers() {

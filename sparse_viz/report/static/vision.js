@@ -98,7 +98,9 @@
         .on("mouseleave", () => tip.hide());
       view.caption.text(`image ${view.image.index}: ${view.image.rows}×${view.image.cols} tokens, ` +
         `${view.image.width}×${view.image.height} px as the model saw it`);
-      view.legend.text(`colour: ${SV.format(min)} (dark) – ${SV.format(max)} (bright), ${s.metric}, ${s.variant}`);
+      // A drawn colour scale, not only words: the same interpolator and domain as the cells.
+      view.legend.selectAll("*").remove();
+      SV.colorLegend(view.legend.node(), color, { title: `${s.metric} distance when the patch's token is masked (${s.variant})`, width: 220 });
     }
   }
 
