@@ -219,3 +219,17 @@ def test_progress_bar_names_the_step_budget_not_a_negative_epoch(tiny_run):
     description = bars[0]._get_train_description(0)
     assert description.strip() == f"Epoch 0 (max {cli.trainer.max_steps} steps)"
     assert cli.trainer.max_epochs == -1 and "-2" not in description
+
+
+def test_a_corpus_too_small_for_the_requested_vocabulary_trains_with_the_vocabulary_it_has(small_corpus, tmp_path):
+    """The BPE of a small corpus stops short of --data.vocab_size; the model is built with the real
+    size (linked) and the run trains (it used to stop on Lightning's hyperparameter merge)."""
+    cli = run_training([
+        "--config", TINY, "--run_root", str(tmp_path / "runs"), "--run_name", "small",
+        f"--data.corpus={small_corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.vocab_size=4096",
+        "--trainer.max_steps=2", "--trainer.callbacks=[]",
+    ])
+    real = cli.datamodule.tokenizer.get_vocab_size()
+    assert real < 4096
+    assert cli.model.model_config.vocab_size == real
+    assert (tmp_path / "runs" / "small" / "checkpoints" / "last.ckpt").is_file()

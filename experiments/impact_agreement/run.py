@@ -44,9 +44,19 @@ def held_out_passage(tokenizer, n_tokens: int, start_char: int = 20000) -> str:
 
 
 def train_default_run() -> Path:
+    """The default DSA run, trained to the end of its schedule (an interrupted one is resumed)."""
+    import torch
+
+    from sparse_viz.training.module import default_stages
+
     run = OUT / "dsa-default"
-    if not (run / "checkpoints" / "last.ckpt").is_file():
+    last = run / "checkpoints" / "last.ckpt"
+    total = sum(stage.steps for stage in default_stages())
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.is_file() else 0
+    if step < total:
         command = [sys.executable, "-m", "sparse_viz.train", "--run_root", str(OUT), "--run_name", "dsa-default"]
+        if step:
+            command += ["--ckpt_path", str(last)]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, cwd=REPO, check=True)
     return run

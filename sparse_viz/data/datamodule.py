@@ -104,9 +104,10 @@ class TextDataModule(L.LightningDataModule):
                 f"{tokenizer_lib.BYTE_ALPHABET_SIZE} bytes + {len(tokenizer_lib.SPECIAL_TOKENS)} "
                 f"special token(s) = {tokenizer_lib.MIN_VOCAB_SIZE}"
             )
-        # A given tokenizer fixes the vocabulary: the requested size would only contradict the
-        # model's (linked) vocab_size when Lightning merges the two sets of hyperparameters.
-        self.save_hyperparameters(ignore=["vocab_size"] if tokenizer_path is not None else None)
+        # The requested vocab_size is not the real one (a given tokenizer fixes it; a small corpus
+        # trains fewer merges): kept out of the hyperparameters, it cannot contradict the model's
+        # linked vocab_size when Lightning merges the two sets (config.yaml records the request).
+        self.save_hyperparameters(ignore=["vocab_size"])
         self.corpus_name = corpus
         self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)
