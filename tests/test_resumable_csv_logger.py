@@ -49,3 +49,22 @@ def test_a_new_column_rewrites_the_file_through_a_temporary_copy(tmp_path, monke
     with pytest.raises(SystemExit):
         logger.save()
     assert (tmp_path / "run" / "metrics.csv").read_text() == before  # the history is whole
+
+
+def test_a_new_run_warns_about_deleting_metrics_only_when_there_are_some(tmp_path):
+    """A fresh run's directory already holds config.yaml: no "previous log files will be deleted"
+    warning for that; a new run over an old run's metrics.csv is still warned, and starts clean."""
+    import warnings
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "config.yaml").write_text("seed_everything: 0\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ResumableCSVLogger(save_dir=str(tmp_path), name="fresh", version="").experiment
+    assert not [w for w in caught if "will be deleted" in str(w.message)]
+    assert (fresh / "config.yaml").is_file()
+
+    with pytest.warns(UserWarning, match="will be deleted"):
+        logger_on(tmp_path, HEADER + "".join(ROWS), resume_step=None)
+    assert not (tmp_path / "run" / "metrics.csv").exists()

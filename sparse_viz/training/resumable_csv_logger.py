@@ -26,7 +26,11 @@ class _AppendingExperimentWriter(ExperimentWriter):
         super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        if self._resume_step is None or not os.path.isfile(self.metrics_file_path):
+        if not os.path.isfile(self.metrics_file_path):
+            # Nothing to delete: Lightning would still warn that "previous log files will be
+            # deleted" because the run directory already holds config.yaml and tokenizer.json.
+            return
+        if self._resume_step is None:  # a new run over an old one's metrics: Lightning warns, then deletes
             super()._check_log_dir_exists()
             return
         with open(self.metrics_file_path, newline="") as handle:
