@@ -23,6 +23,17 @@ def pytest_configure(config):
 
     torch.set_num_threads(int(os.environ.get("SPARSE_VIZ_TEST_THREADS", "1")))
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count must not change later tests' floats (the resume
+    tests compare in-process runs with 1-thread subprocesses bit for bit)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_DIR = Path(os.environ.get("SPARSE_VIZ_SMOLLM2_DIR", REPO_ROOT / ".cache" / "smollm2-135m"))
 

@@ -46,7 +46,6 @@ def held_out_mass_and_kl(model: RetrofitModel, windows: torch.Tensor) -> tuple[f
 
 def test_a_short_warmup_beats_the_local_window_on_held_out_text(smollm2_dir):
     torch.manual_seed(0)
-    torch.set_num_threads(2)
     loaded = load_model(smollm2_dir, device="cpu", attn_implementation="sdpa")
     indexers = RetrofitIndexers.for_model(loaded.adapter, heads=4, dim=32, rope_dim=16)
     model = RetrofitModel(loaded.model, indexers, top_k=K)
