@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (the `device` tool), about 6 minutes. The machine has torch
+# One prepared run for a lent GPU machine (the `device` tool), about 5 minutes. The machine has torch
 # but an older transformers and no jsonargparse: carry their wheels (made here, once, in the repo root:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 jsonargparse
@@ -23,9 +23,10 @@ log="${OUT:-/tmp}/device_checks.log"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_sparse_attention.py tests/test_model_indexer_blocks.py \
     tests/test_cuda_sweeps.py
   # The long-context step: DSA's sparse stage vs the dense model with fused SDPA, each in its own process.
-  timeout 150 python3 bench/bench_long_context.py --device cuda --seq-lens 4096 8192 16384 32768 --rounds 2 --steps 5 \
-    --indexer-at 8192 32768 --with-warmup
-  timeout 90 python3 bench/bench_long_context.py --device cuda --dtype bfloat16 --seq-lens 8192 32768 --rounds 2 --steps 5 \
+  # (each candidate is a fresh process that initialises CUDA: ~8 s apiece; these two took 78 s and 54 s)
+  timeout 150 python3 bench/bench_long_context.py --device cuda --seq-lens 4096 8192 16384 --rounds 1 --steps 10 \
+    --indexer-at 8192
+  timeout 100 python3 bench/bench_long_context.py --device cuda --dtype bfloat16 --seq-lens 8192 32768 --rounds 1 --steps 10 \
     --indexer-at
   timeout 60 python3 bench/bench_head_sweep.py --random-init --device cuda --batch-size 54 --repeats 3
   timeout 60 python3 bench/bench_head_sweep.py --random-init --device cuda --batch-size 54 --repeats 3 --dtype bfloat16 \
