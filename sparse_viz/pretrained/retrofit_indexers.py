@@ -100,6 +100,22 @@ def indexer_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {key.split("indexers.", 1)[1]: value for key, value in state_dict.items() if "indexers." in key}
 
 
+def check_same_model(checkpoint: dict[str, Any], source: str, model_path: str, fingerprint: str) -> dict[str, Any]:
+    """The checkpoint's `retrofit` identity, if its indexers belong to the model with `fingerprint`.
+
+    Raises:
+        UserInputError: no retrofit identity, or one of another model.
+    """
+    identity = checkpoint.get("retrofit")
+    if not identity:
+        raise UserInputError(f"{source} is not a retrofit run's checkpoint (no indexers for a pretrained model)")
+    if identity["model_fingerprint"] != fingerprint:
+        raise UserInputError(f"the indexers in {source} were trained for the model at {identity['model_path']!r} "
+                             f"(fingerprint {identity['model_fingerprint'][:12]}), not {model_path!r} "
+                             f"(fingerprint {fingerprint[:12]})")
+    return identity
+
+
 def load_retrofit_indexers(checkpoint_path: str | Path, model_path: str | Path,
                            adapter: ArchitectureAdapter) -> RetrofitIndexers:
     """The trained indexers of a retrofit run's checkpoint, for the model at `model_path`.
@@ -115,14 +131,8 @@ def load_retrofit_indexers(checkpoint_path: str | Path, model_path: str | Path,
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the user's input
         raise UserInputError(f"cannot read indexer checkpoint {path}: {' '.join(str(error).split())[:200]}") from None
-    identity = checkpoint.get("retrofit") if isinstance(checkpoint, dict) else None
-    if not identity:
-        raise UserInputError(f"{path} is not a retrofit run's checkpoint (no indexers for a pretrained model)")
-    fingerprint = model_fingerprint(model_path)
-    if identity["model_fingerprint"] != fingerprint:
-        raise UserInputError(f"the indexers in {path} were trained for the model at {identity['model_path']!r} "
-                             f"(fingerprint {identity['model_fingerprint'][:12]}), not {str(model_path)!r} "
-                             f"(fingerprint {fingerprint[:12]})")
+    identity = check_same_model(checkpoint if isinstance(checkpoint, dict) else {}, str(path), str(model_path),
+                                model_fingerprint(model_path))
     settings = identity["indexer_settings"]
     if settings["n_layers"] != adapter.n_layers or settings["hidden_size"] != adapter.hidden_size:
         raise UserInputError(f"the indexers in {path} are for {settings['n_layers']} layers of width "

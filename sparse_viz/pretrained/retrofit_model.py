@@ -36,6 +36,7 @@ from sparse_viz.model.trace import AttentionTrace
 from sparse_viz.model.transformer import TransformerOutput
 from sparse_viz.pretrained.adapter import ArchitectureAdapter
 from sparse_viz.pretrained.retrofit_indexers import RetrofitIndexers
+from sparse_viz.pretrained.selected_attention import repeat_kv
 
 RETROFIT_ATTENTION = "sparse_viz_retrofit"
 ATTENTIONS = ("dense", "sparse")
@@ -178,8 +179,7 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     # The project's kernels scale scores by hd**-0.5; folding the model's own `scaling` into the
     # queries makes them compute this model's softmax exactly.
     q = query * (scaling * math.sqrt(hd))  # (B, H, T, hd)
-    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # (B, H, T, hd): head h reads KV head h // groups
-    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    k, v = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, T, hd): head h reads KV head h // groups
     indexer = owner.indexers[layer]
     normed = run.normed.pop(layer)  # (B, T, D)
     full_target = run.indexer_loss == "all" and owner.warmup_kl == "full"

@@ -119,7 +119,7 @@ class KeySelection:
         return selection_mask(selected, seq_len)
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, Hkv, S, hd) -> (B, Hkv * groups, S, hd): query head h reads KV head h // groups."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -137,7 +137,7 @@ def selected_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         (attn_output (B, T, H, hd), attn_weights (B, H, T, S)).
     """
     groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
     if attention_mask is not None:
         scores = scores + attention_mask

@@ -180,12 +180,10 @@ class RetrofitLightningModule(StagedLightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse indexers trained for another model; require every indexer tensor."""
-        identity = checkpoint.get("retrofit")
-        if not identity:
-            raise UserInputError("not a retrofit run's checkpoint (no indexers for a pretrained model)")
-        if identity["model_fingerprint"] != self.model_identity["model_fingerprint"]:
-            raise UserInputError(f"the checkpoint's indexers were trained for the model at {identity['model_path']!r}, "
-                                 f"not {self.model_identity['model_path']!r} (fingerprints differ)")
+        from sparse_viz.pretrained.retrofit_indexers import check_same_model
+
+        check_same_model(checkpoint, "the checkpoint", self.model_identity["model_path"],
+                         self.model_identity["model_fingerprint"])
         wanted = {key for key in self.state_dict() if key.startswith("model.indexers.")}
         missing = sorted(wanted - set(checkpoint["state_dict"]))
         if missing:
