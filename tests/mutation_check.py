@@ -433,6 +433,36 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_ablation_report.py::test_heads_metadata_records_the_command_and_the_definitions",),
         "heads/components metadata.json does not say how the command was run",
     ),
+    # ------------------------------------------------------------------ associative recall: short convolution, curriculum
+    Mutation(
+        "short_conv_reads_the_future", "sparse_viz/model/short_conv.py",
+        "(self.kernel_size - 1, 0))",
+        "(0, self.kernel_size - 1))",
+        ("tests/test_short_conv.py::test_a_model_with_it_never_reads_a_later_token",),
+        "the convolution padded on the right: position t reads t + 1 .. t + K - 1",
+    ),
+    Mutation(
+        "short_conv_feeds_attention_only", "sparse_viz/model/transformer.py",
+        "            projected = self.indexer.project(h, *indexer_rope)",
+        "            projected = self.indexer.project(self.attn_norm(x), *indexer_rope)",
+        ("tests/test_short_conv.py::test_the_attention_and_the_indexer_read_the_filtered_input",),
+        "the indexer reads the unfiltered input: it cannot find a value by the key beside it",
+    ),
+    Mutation(
+        "curriculum_batch_number_restarts_each_epoch", "sparse_viz/data/resumable.py",
+        "first_batch = self.epoch * -(-self.num_samples // size)",
+        "first_batch = 0",
+        ("tests/test_resumable_data.py::test_numbered_items_carry_the_count_of_training_batches_since_the_run_began",
+         "tests/test_recall_data.py::test_a_curriculum_draws_the_first_batches_at_its_lengths_then_the_full_one"),
+        "every epoch replays the length curriculum",
+    ),
+    Mutation(
+        "curriculum_count_lost_on_resume", "sparse_viz/data/resumable.py",
+        "enumerate(indices[skip:], start=skip)",
+        "enumerate(indices[skip:])",
+        ("tests/test_resumable_data.py::test_a_resumed_numbered_loader_continues_the_count",),
+        "a resumed run restarts the curriculum at its first length",
+    ),
 ]
 
 

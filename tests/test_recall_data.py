@@ -107,3 +107,44 @@ def test_batches_are_dicts_with_a_mask_and_the_loss_counts_only_the_answers():
 def test_impossible_tasks_are_user_errors(settings, fragment):
     with pytest.raises(UserInputError, match=fragment):
         RecallDataModule(**settings)
+
+
+def test_a_curriculum_draws_the_first_batches_at_its_lengths_then_the_full_one():
+    """[[16, 3], [24, 2]] with 20 sequences of batch 4 (5 batches an epoch): batches 0-2 at T = 16,
+    3-4 at T = 24, every later one (the second epoch on) at 40; validation always at 40."""
+    dm = RecallDataModule(vocab_size=32, num_pairs=4, num_queries=2, seq_len=40, batch_size=4, train_size=20,
+                          val_size=8, curriculum=[[16, 3], [24, 2]])
+    loader = dm.train_dataloader()
+    lengths = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        lengths += [batch["tokens"].shape[1] - 1 for batch in loader]
+    assert lengths == [16, 16, 16, 24, 24] + [40] * 5
+    assert {batch["tokens"].shape[1] - 1 for batch in dm.val_dataloader()} == {40}
+    assert dm.probe_batch().shape[1] == 41
+
+
+def test_a_short_curriculum_sequence_is_a_whole_task_of_its_length():
+    """The pairs, queries and ground truth of a T = 16 item obey the task at T = 16 (queries in
+    its last tokens, answers their pairs' values), not a cut of a T = 40 sequence."""
+    dm = RecallDataModule(vocab_size=32, num_pairs=4, num_queries=2, seq_len=40, curriculum=[[16, 1]])
+    item = dm.dataset("train")[(5, 0)]
+    tokens = item["tokens"]
+    assert tokens.shape == (17,) and item["loss_mask"].shape == (16,)
+    answers = item["loss_mask"].nonzero().flatten().tolist()
+    assert answers == [13, 15]
+    for t in answers:
+        key, value = item["ground_truth"][t].tolist()
+        assert tokens[key] == tokens[t] and tokens[value] == tokens[t + 1] and value == key + 1
+    assert torch.equal(dm.dataset("train")[(5, 7)]["tokens"], dm.dataset("train")[5]["tokens"])  # after it: full length
+
+
+@pytest.mark.parametrize("curriculum, fragment", [
+    ([[16]], r"\[seq_len, batches\]"),
+    ([[16, 0]], "batches must be > 0"),
+    ([[80, 5]], "seq_len must be in"),
+    ([[8, 5]], "too short"),
+])
+def test_a_curriculum_that_cannot_be_followed_is_a_user_error(curriculum, fragment):
+    with pytest.raises(UserInputError, match=fragment):
+        RecallDataModule(vocab_size=32, num_pairs=4, num_queries=2, seq_len=40, curriculum=curriculum)

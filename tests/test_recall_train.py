@@ -16,10 +16,12 @@ from browser import chromium, open_report  # noqa: F401  (chromium is a fixture)
 from sparse_viz.train import run_training
 
 RECALL = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "recall.yaml")
-# 3 pairs at the start, queries in the last 6 tokens: every query is >= 13 tokens after its pair.
-TINY_TASK = ["--data.seq_len=24", "--data.vocab_size=16", "--data.num_pairs=3", "--data.num_queries=3",
-             "--data.batch_size=32", "--data.val_size=64"]
-TINY_MODEL = ["--model.max_seq_len=24", "--model.d_model=32", "--model.n_heads=2", "--model.d_ff=64",
+# 3 pairs at the start, 2 of them queried in the last 4 tokens: every query is >= 16 tokens after
+# its pair. With 2 queries of 3 pairs, elimination (the values already answered) gives at most
+# (1/3 + 1/2) / 2 = 0.42: more than that is recall. No length curriculum at this size.
+TINY_TASK = ["--data.seq_len=24", "--data.vocab_size=16", "--data.num_pairs=3", "--data.num_queries=2",
+             "--data.batch_size=32", "--data.val_size=64", "--data.curriculum=[]"]
+TINY_MODEL = ["--model.max_seq_len=24", "--model.d_model=64", "--model.n_heads=2", "--model.d_ff=128",
               "--model.top_k=4", "--model.sink_tokens=1", "--model.indexer_heads=2", "--model.indexer_dim=16",
               "--model.indexer_rope_dim=8"]
 
@@ -31,7 +33,7 @@ def recall_run(tmp_path_factory):
         "--config", RECALL, "--run_root", str(root), "--run_name", "recall", *TINY_TASK, *TINY_MODEL,
         "--trainer.val_check_interval=50", "--trainer.callbacks.init_args.every_n_steps=50",
         "--trainer.enable_progress_bar=false",
-        "--model.stages=[{name: dense, steps: 250, lr: 0.01, indexer_lr: 0.003, warmup_steps: 20, min_lr_ratio: 1.0},"
+        "--model.stages=[{name: dense, steps: 250, lr: 0.003, indexer_lr: 0.003, warmup_steps: 20, min_lr_ratio: 1.0},"
         " {name: warmup, steps: 20, indexer_lr: 0.003}, {name: sparse, steps: 30, lr: 0.003, indexer_lr: 0.001}]",
     ])
 
@@ -42,16 +44,14 @@ def val_accuracy(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow  # 15-60 s on 2 shared CPU cores
-def test_a_tiny_model_learns_the_answers_above_chance(recall_run):
-    """Trained on the answer positions only, the model learns the task's first lesson: answer with
-    one of the sequence's 3 values (chance among them 1/3) rather than any value id (1/8 at vocab
-    16, where it starts). At this budget that is all it learns, and by elimination, not recall
-    (with 2 queries of 3 pairs the same model stays at ~0.33 after 800 steps, measured 2026-11-30);
-    the switch to top-4 sparse attention can lose it again, so the best validation counts.
-    Measured: 0.15 -> 0.47 in the dense stage on one version of the model code, 0.13 -> 0.39 after
-    the dense stage moved to fused attention: small runs like this one are chaotic in the numerics."""
+def test_a_tiny_model_learns_recall_and_keeps_it_with_top_4_sparse_attention(recall_run):
+    """The model (with recall.yaml's short convolution) learns recall, not elimination: accuracy
+    above 0.9 where elimination caps at 0.42 and chance is 1/3, and still above 0.9 at the end,
+    after the sparse stage where each query attends to its indexer's top 4 of <= 24 keys.
+    Measured 2026-11-30: 0.28 -> 0.95 at step 200, 1.0 at the end."""
     accuracy = val_accuracy(recall_run.run_dir)
-    assert max(accuracy) > 1 / 3 and max(accuracy) > accuracy[0] + 0.15, accuracy
+    assert accuracy[0] < 0.5 and max(accuracy) > 0.9, accuracy
+    assert accuracy[-1] > 0.9, accuracy
 
 
 @pytest.mark.slow
@@ -62,14 +62,19 @@ def test_the_history_has_ground_truth_hit_at_k_per_layer_for_the_selection_and_t
         for name in ("gt_hit_at_k", "gt_key_hit_at_k", "gt_mass", "gt_attn_mass", "gt_hit_at_k_local",
                      "gt_hit_at_k_sink_local", "gt_hit_at_k_random", "gt_hit_at_k_oracle"):
             assert 0.0 <= last[f"L{layer}/{name}"] <= 1.0, name
-        # Every query is >= 13 tokens after its pair: the last k = 4 keys never hold its value;
+        # Every query is >= 16 tokens after its pair: the last k = 4 keys never hold its value;
         # sink+local keeps token 0 (a key) and the last 3, never a value either.
         assert last[f"L{layer}/gt_hit_at_k_local"] == 0.0
         assert last[f"L{layer}/gt_hit_at_k_sink_local"] == 0.0
-    assert 0.0 <= last["answer_accuracy"] <= 1.0
+    # Recall learnt: in the layer that looks the value up (where the oracle's top-4 holds it), the
+    # indexer's top-4 holds it for nearly every answer (8 answers in the probe; 1.0 measured).
+    recall_layer = max((0, 1), key=lambda layer: last[f"L{layer}/gt_hit_at_k_oracle"])
+    assert last[f"L{recall_layer}/gt_hit_at_k_oracle"] >= 0.75
+    assert last[f"L{recall_layer}/gt_hit_at_k"] >= 0.75
+    assert last["answer_accuracy"] > 0.75
     probe = json.loads((recall_run.run_dir / "analysis" / "probe.json").read_text())
     tokens = probe["tokens"]
-    assert [t for t, _, _ in probe["answers"]] == [19, 21, 23]  # seq_len + 1 = 25 tokens, the last 6 are queries
+    assert [t for t, _, _ in probe["answers"]] == [21, 23]  # seq_len + 1 = 25 tokens, the last 4 are queries
     for t, key, value in probe["answers"]:
         assert tokens[key] == tokens[t] and tokens[value].startswith("v")
     assert (recall_run.run_dir / "plots" / "ground_truth.png").is_file()

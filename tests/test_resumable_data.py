@@ -91,3 +91,48 @@ def test_validation_visits_every_sequence_once_across_processes(world):
         seen += flat(val_loader(dataset(), batch_size=BATCH, num_workers=0, trainer=FakeTrainer()))
     assert sorted(seen) == list(range(N))
     assert flat(val_loader(dataset(), batch_size=BATCH, num_workers=0)) == list(range(N))  # in order
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Hands back what it is asked for, to see the (index, batch_number) items themselves."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, item):
+        index, batch_number = item
+        return torch.tensor([index, batch_number])
+
+
+def numbered_pairs(batches) -> list[tuple[int, int]]:
+    return [tuple(row.tolist()) for batch in batches for row in batch]
+
+
+@pytest.mark.parametrize("world, rank", [(1, 0), (2, 1)])
+def test_numbered_items_carry_the_count_of_training_batches_since_the_run_began(world, rank):
+    """Items are (index of the reference order, this process's batch number counted across
+    epochs): 10 batches an epoch for one process (37 / 4), 5 for each of two (19 / 4)."""
+    class FakeTrainer:
+        world_size, global_rank = world, rank
+
+    loader = train_loader(Numbered(), batch_size=BATCH, seed=SEED, num_workers=0, trainer=FakeTrainer(), numbered=True)
+    per_epoch = len(loader)
+    assert per_epoch == {1: 10, 2: 5}[world]
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        pairs = numbered_pairs(loader)
+        order = reference_order(epoch, world, rank)
+        assert [index for index, _ in pairs] == order
+        assert [number for _, number in pairs] == [epoch * per_epoch + position // BATCH for position in range(len(order))]
+
+
+def test_a_resumed_numbered_loader_continues_the_count():
+    first = train_loader(Numbered(), batch_size=BATCH, seed=SEED, num_workers=0, numbered=True)
+    first.sampler.set_epoch(1)
+    iterator = iter(first)
+    seen = [next(iterator) for _ in range(3)]
+    resumed = train_loader(Numbered(), batch_size=BATCH, seed=SEED, num_workers=0, numbered=True)
+    resumed.load_state_dict(first.state_dict())
+    pairs = numbered_pairs(seen) + numbered_pairs(resumed)
+    assert [number for _, number in pairs] == [10 + position // BATCH for position in range(N)]
+    assert [index for index, _ in pairs] == reference_order(1)

@@ -17,7 +17,8 @@ Batches are dicts (`sparse_viz.training.batches` reads both these and plain text
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 
 import lightning as L
 import numpy as np
@@ -32,18 +33,38 @@ SPLITS = {"train": 0, "val": 1}
 
 
 class RecallSequences(Dataset):
-    """`size` MQAR sequences of one split, each generated from (seed, split, index) on access."""
+    """`size` MQAR sequences of one split, each generated from (seed, split, index) on access.
 
-    def __init__(self, spec: RecallSpec, seed: int, split: str, size: int) -> None:
+    With a length curriculum (`[(seq_len, batches), ...]`), items are asked for as
+    `(index, batch_number)` (`train_loader(numbered=True)`): the first batches of training are
+    drawn at the curriculum's shorter lengths, in order, and every later one at `spec.seq_len`.
+    """
+
+    def __init__(self, spec: RecallSpec, seed: int, split: str, size: int,
+                 curriculum: Sequence[tuple[int, int]] = ()) -> None:
         self.spec, self.seed, self.split_id, self.size = spec, int(seed), SPLITS[split], int(size)
+        self.curriculum = tuple((int(length), int(batches)) for length, batches in curriculum)
 
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def seq_len_at(self, batch_number: int) -> int:
+        """The sequence length of training batch `batch_number` (0-based)."""
+        end = 0
+        for length, batches in self.curriculum:
+            end += batches
+            if batch_number < end:
+                return length
+        return self.spec.seq_len
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, spec = item, self.spec
+        if isinstance(item, tuple):
+            index, batch_number = item
+            spec = dataclasses.replace(spec, seq_len=self.seq_len_at(batch_number))
         if not 0 <= index < self.size:
             raise IndexError(index)
-        example = generate_example(self.spec, np.random.default_rng([self.seed, self.split_id, int(index)]))
+        example = generate_example(spec, np.random.default_rng([self.seed, self.split_id, int(index)]))
         return {
             "tokens": torch.from_numpy(example.tokens),
             "loss_mask": torch.from_numpy(example.loss_mask),
@@ -62,6 +83,11 @@ class RecallDataModule(L.LightningDataModule):
             per pair the last ones can be answered by elimination, without finding the pair.
         seq_len: tokens the model sees per sequence.
         placement: `end` (queries in the last tokens, far from their pairs) or `random`.
+        curriculum: `[[seq_len, batches], ...]`: train the first batches on shorter sequences
+            (same pairs, queries and placement), in the order given, then on `seq_len`. Recall
+            learnt at a short length carries over to long ones (RoPE is relative), and a short
+            batch costs a fraction of a long one. Validation and the probe always use `seq_len`.
+            None or [] = none.
         batch_size: sequences per batch.
         train_size: sequences in the training stream (an epoch; generated, never stored).
         val_size: sequences in the validation stream.
@@ -77,6 +103,7 @@ class RecallDataModule(L.LightningDataModule):
         num_queries: int = 4,
         seq_len: int = 512,
         placement: str = "end",
+        curriculum: list[list[int]] | None = None,
         batch_size: int = 32,
         train_size: int = 1_000_000,
         val_size: int = 256,
@@ -91,6 +118,7 @@ class RecallDataModule(L.LightningDataModule):
             self.spec.validate()
         except ValueError as error:
             raise UserInputError(str(error)) from None
+        self.curriculum = self._checked_curriculum(curriculum)
         for name, value in (("batch_size", batch_size), ("train_size", train_size), ("val_size", val_size),
                             ("probe_size", probe_size)):
             if int(value) <= 0:
@@ -107,6 +135,23 @@ class RecallDataModule(L.LightningDataModule):
         self.probe_size = int(probe_size)
         self.num_workers = int(num_workers)
 
+    def _checked_curriculum(self, curriculum) -> tuple[tuple[int, int], ...]:
+        phases = []
+        for phase in curriculum or ():
+            if not isinstance(phase, (list, tuple)) or len(phase) != 2:
+                raise UserInputError(f"curriculum entries are [seq_len, batches], got {phase!r}")
+            length, batches = int(phase[0]), int(phase[1])
+            if batches <= 0:
+                raise UserInputError(f"curriculum entry {list(phase)}: batches must be > 0")
+            if not 0 < length <= self.spec.seq_len:
+                raise UserInputError(f"curriculum entry {list(phase)}: seq_len must be in [1, seq_len={self.spec.seq_len}]")
+            try:
+                dataclasses.replace(self.spec, seq_len=length).validate()
+            except ValueError as error:
+                raise UserInputError(f"curriculum entry {list(phase)}: {error}") from None
+            phases.append((length, batches))
+        return tuple(phases)
+
     # -- Lightning hooks (nothing to prepare: every sequence is generated on access) -------------
     def prepare_data(self) -> None:
         pass
@@ -115,13 +160,15 @@ class RecallDataModule(L.LightningDataModule):
         pass
 
     def dataset(self, split: str) -> RecallSequences:
-        return RecallSequences(self.spec, self.seed, split, self.train_size if split == "train" else self.val_size)
+        if split == "train":
+            return RecallSequences(self.spec, self.seed, split, self.train_size, self.curriculum)
+        return RecallSequences(self.spec, self.seed, split, self.val_size)
 
     def train_dataloader(self) -> DataLoader:
         """Training sequences shuffled by `seed` + epoch, resumable mid-epoch and split across
         processes (`sparse_viz.data.resumable`); dict batches."""
         return train_loader(self.dataset("train"), batch_size=self.batch_size, seed=self.seed,
-                            num_workers=self.num_workers, trainer=self.trainer)
+                            num_workers=self.num_workers, trainer=self.trainer, numbered=bool(self.curriculum))
 
     def val_dataloader(self) -> DataLoader:
         """Validation sequences in order, each on one process; dict batches."""
@@ -171,4 +218,5 @@ class RecallDataModule(L.LightningDataModule):
     def describe(self) -> dict:
         return {"task": "mqar", **{name: getattr(self.spec, name) for name in
                                    ("vocab_size", "num_pairs", "num_queries", "seq_len", "placement")},
+                "curriculum": [list(phase) for phase in self.curriculum],
                 "seed": self.seed, "train_size": self.train_size, "val_size": self.val_size}

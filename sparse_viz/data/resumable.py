@@ -8,6 +8,11 @@ permutation that depends only on (seed, epoch). Across processes it is split as
 `torch.utils.data.DistributedSampler` splits: padded to a multiple of the process count by
 repeating its start, process `r` takes every `world_size`-th index from `r`.
 
+A data set whose items depend on how far training has got (a length curriculum) asks for
+numbered items: the sampler then yields `(index, batch_number)`, where batch_number counts this
+process's training batches from the start of the run (epoch e, batch b of it:
+e * batches_per_epoch + b), which a resumed run reproduces like the order itself.
+
 The loader counts the batches it has handed out in the current epoch; Lightning saves that count
 in every checkpoint (`state_dict`) and gives it back on resume (`load_state_dict`), and the
 resumed epoch then starts at the next batch of the same permutation. So a run resumed at any
@@ -54,18 +59,26 @@ class EpochShuffleSampler(DistributedSampler):
         seed: seed of every epoch's permutation.
         num_replicas: processes sharing the data (1 on a single device).
         rank: this process's index in [0, num_replicas).
+        number_batches_of: None, or the batch size: then yield `(index, batch_number)` pairs
+            (see the module docstring).
     """
 
-    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0,
+                 number_batches_of: int | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.skip = 0  # indices of this process to leave out at the start of the next iteration
+        self.number_batches_of = number_batches_of
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         indices = epoch_permutation(len(self.dataset), self.seed, self.epoch)
         indices += indices[: self.total_size - len(indices)]  # DistributedSampler's padding
         indices = indices[self.rank : self.total_size : self.num_replicas]  # (num_samples,)
         skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
+        if self.number_batches_of is None:
+            return iter(indices[skip:])
+        size = self.number_batches_of
+        first_batch = self.epoch * -(-self.num_samples // size)  # batches of the epochs before this one
+        return ((index, first_batch + position // size) for position, index in enumerate(indices[skip:], start=skip))
 
     # __len__ stays the full epoch's share: Lightning sizes the epoch from it, and a resumed epoch
     # is the same epoch, only started later.
@@ -147,7 +160,8 @@ def _process_group(trainer: Any) -> tuple[int, int]:
     return int(trainer.world_size), int(trainer.global_rank)
 
 
-def train_loader(dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, trainer: Any = None) -> ResumableDataLoader:
+def train_loader(dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, trainer: Any = None,
+                 numbered: bool = False) -> ResumableDataLoader:
     """The training loader of a data module: shuffled by `seed` + epoch, sharded, resumable.
 
     Args:
@@ -156,12 +170,14 @@ def train_loader(dataset: Dataset, *, batch_size: int, seed: int, num_workers: i
         seed: seed of the order.
         num_workers: DataLoader worker processes.
         trainer: the Lightning trainer the data module is attached to (None outside a trainer).
+        numbered: ask the data set for `dataset[(index, batch_number)]` (module docstring).
 
     Returns:
         A `ResumableDataLoader` over an `EpochShuffleSampler` for this process.
     """
     world, rank = _process_group(trainer)
-    sampler = EpochShuffleSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+    sampler = EpochShuffleSampler(dataset, seed=seed, num_replicas=world, rank=rank,
+                                  number_batches_of=batch_size if numbered else None)
     return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                persistent_workers=num_workers > 0)
 

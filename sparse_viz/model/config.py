@@ -23,6 +23,10 @@ class ModelConfig:
         rope_theta: RoPE base.
         tie_embeddings: share the token embedding with the LM head.
         norm_eps: RMSNorm / LayerNorm epsilon.
+        short_conv: taps of a causal depthwise convolution added to each block's normed attention
+            input, which attention and the indexer both read (`short_conv.py`; a "Canon" layer /
+            Zoology's short convolution: each position sees its predecessors directly, so
+            associative recall needs no previous-token head). 0 (the default) = none.
 
     Sparse attention (DeepSeek Sparse Attention, REFERENCE §1):
         selector: how each query chooses its keys. `topk` = top-k of the Lightning Indexer's
@@ -63,6 +67,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
+    short_conv: int = 0
 
     selector: str = "topk"
     top_k: int = 32
@@ -100,6 +105,8 @@ class ModelConfig:
             raise ValueError("indexer_rope_dim must be even and <= indexer_dim")
         if self.selector == "sink_local" and not 0 <= self.sink_tokens < self.top_k:
             raise ValueError("sink_local needs 0 <= sink_tokens < top_k")
+        if self.short_conv < 0:
+            raise ValueError(f"short_conv must be >= 0 (0 = none), got {self.short_conv}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "indexer_block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

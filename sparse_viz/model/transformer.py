@@ -1,6 +1,7 @@
 """Decoder-only transformer with DeepSeek Sparse Attention (pre-norm, RMSNorm, RoPE, SwiGLU).
 
-Each layer: h += attn(norm(h)); h += mlp(norm(h)). The attention of a layer is dense or
+Each layer: h += attn(norm(h)); h += mlp(norm(h)), where norm(h) may pass through a causal short
+convolution first (`config.short_conv`, off by default). The attention of a layer is dense or
 restricted to the keys chosen by `config.selector` (the Lightning Indexer's top-k, or a
 baseline); the indexer reads the same normed input, detached, and learns only from its KL loss.
 """
@@ -29,6 +30,7 @@ from .indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_
 from .layers import RMSNorm, SwiGLU
 from .rope import RotaryEmbedding
 from .selectors import select_keys
+from .short_conv import CausalShortConv
 from .trace import AttentionTrace
 
 ATTENTION_MODES = ("sparse", "dense")
@@ -68,6 +70,7 @@ class Block(nn.Module):
         super().__init__()
         self.config = config
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.short_conv = CausalShortConv(config.d_model, config.short_conv) if config.short_conv else None
         self.attn = CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.d_ff)
@@ -87,6 +90,8 @@ class Block(nn.Module):
         cfg = self.config
         B, T, _ = x.shape
         h = self.attn_norm(x)
+        if self.short_conv is not None:
+            h = self.short_conv(h)  # attention and the indexer read the filtered input
         q, k, v = self.attn.project(h, *rope)  # (B, H, T, hd) each
 
         selector = "dense" if attention == "dense" else cfg.selector

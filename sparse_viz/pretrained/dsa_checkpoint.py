@@ -60,6 +60,9 @@ def llama_from_dsa(config: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Mo
     """A `LlamaForCausalLM` (eager attention) computing what the DSA model computes densely."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if config.short_conv:
+        raise UserInputError(f"this checkpoint's model has a short convolution (short_conv={config.short_conv}), which a "
+                             "Llama does not: the probes cannot run on it")
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,

@@ -221,6 +221,7 @@ class DSALightningModule(StagedLightningModule):
         rope_theta: float = 10000.0,
         tie_embeddings: bool = True,
         norm_eps: float = 1e-5,
+        short_conv: int = 0,
         selector: str = "topk",
         top_k: int = 32,
         sink_tokens: int = 4,
@@ -244,7 +245,7 @@ class DSALightningModule(StagedLightningModule):
             self.model_config = ModelConfig(
                 vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                 d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=rope_theta,
-                tie_embeddings=tie_embeddings, norm_eps=norm_eps, selector=selector, top_k=top_k,
+                tie_embeddings=tie_embeddings, norm_eps=norm_eps, short_conv=short_conv, selector=selector, top_k=top_k,
                 sink_tokens=sink_tokens, selector_seed=selector_seed, use_indexer=use_indexer,
                 indexer_heads=indexer_heads, indexer_dim=indexer_dim,
                 indexer_rope_dim=indexer_rope_dim,
