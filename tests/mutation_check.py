@@ -463,6 +463,20 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_resumable_data.py::test_a_resumed_numbered_loader_continues_the_count",),
         "a resumed run restarts the curriculum at its first length",
     ),
+    Mutation(
+        "prefilter_bound_excludes_its_own_value", "sparse_viz/model/topk_prefilter.py",
+        "(scores >= bound).nonzero(as_tuple=True)",
+        "(scores > bound).nonzero(as_tuple=True)",
+        ("tests/test_topk_prefilter.py",),
+        "the entry that sets the bound is dropped: a k-th value equal to it goes missing",
+    ),
+    Mutation(
+        "prefilter_ties_keep_the_latest", "sparse_viz/model/topk_prefilter.py",
+        "keep = above | (at & (at.cumsum(dim=-1) <= wanted))",
+        "keep = above | (at & (at.flip(-1).cumsum(dim=-1).flip(-1) <= wanted))",
+        ("tests/test_topk_prefilter.py",),
+        "among keys tied at the k-th score the latest are kept: the selection depends on the block size",
+    ),
 ]
 
 

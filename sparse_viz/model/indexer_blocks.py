@@ -6,7 +6,8 @@ same quantities come from `LightningIndexer.project`'s (q, k, w), computed where
 
 - `blockwise_topk`: the selection, one block of queries at a time; a block of queries
   [start, end) only scores the keys s < end (the rest is its future), so it never holds more
-  than (B, block, H_I, end) logits. No gradient (top-k has none, REFERENCE §1).
+  than (B, block, H_I, end) logits. No gradient (top-k has none, REFERENCE §1). On a CPU the
+  top-k of long rows goes through a bound that skips most keys (`topk_prefilter.py`).
 - `selected_index_scores`: I[t, s] at the k selected keys of each query only, with gradient:
   T x k x H_I x d_I work instead of T x T, for the sparse stage's KL over the selected set.
 - `blockwise_causal_kl`: the warm-up KL over ALL causal keys, needs full rows, so it goes by
@@ -37,6 +38,7 @@ from .csr_attention import (
     csr_selected_index_scores,
 )
 from .selectors import canonical_selection, dense_short_rows, topk_earliest_ties
+from .topk_prefilter import topk_earliest_ties_prefiltered
 
 INDEXER_BLOCK = 256  # queries per block: bounds the (B, block, H_I, T) logits
 
@@ -111,7 +113,11 @@ def _blockwise_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: in
         torch.matmul(w[:, start:end, None, :], logits, out=scores)  # (B, Tb, 1, end)
         scores = scores.view(B, Tb, end)  # (B, Tb, end) the full matrix's rows, up to the block's last key
         future = key_index[None, :end] > (start + torch.arange(Tb, device=q.device))[:, None]  # (Tb, end)
-        block_selected = topk_earliest_ties(scores.masked_fill_(future, float("-inf")), kk)  # (B, Tb, kk)
+        scores = scores.masked_fill_(future, float("-inf"))
+        if q.device.type == "cpu":  # same indices, found without ranking every key (topk_prefilter.py)
+            block_selected = topk_earliest_ties_prefiltered(scores.view(B * Tb, end), kk).view(B, Tb, kk)
+        else:
+            block_selected = topk_earliest_ties(scores, kk)  # (B, Tb, kk)
         # Sorted, and any future slot dropped (none can be: each row has more than kk past keys).
         selected[:, start:end] = canonical_selection(block_selected, T, first_row=start)
     return selected
