@@ -1,6 +1,7 @@
 """How fast the training report of a 50 snapshots x 4 layers x 256-token probe loads in headless Chromium.
 
     python bench/bench_training_report_load.py [--snapshots 50] [--layers 4] [--tokens 256] [--top-k 32] [--repeats 5]
+    python bench/bench_training_report_load.py --report results/<run>/report.html   # a real run's report
 
 A synthetic run directory of that size is written through `RunStore` (random selections and
 values with the real array shapes; no model), rendered with `render_training_report`, and
@@ -83,6 +84,29 @@ def synthetic_run(run_dir: Path, snapshots: int, layers: int, tokens: int, k: in
     return {"snapshots": nested}
 
 
+def time_existing_report(report: Path, repeats: int) -> None:
+    """Load a rendered report `repeats` times; print its size and the median time to ready."""
+    from playwright.sync_api import sync_playwright
+
+    if not report.is_file():
+        sys.exit(f"bench_training_report_load: no report at {report}")
+    ready, walls = [], []
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        for _ in range(repeats):
+            page, errors, wall_ms, ready_ms = load_report(browser, report.resolve())
+            if errors:
+                sys.exit(f"bench_training_report_load: the report threw: {errors[0]}")
+            ready.append(ready_ms)
+            walls.append(wall_ms)
+            page.close()
+        version = browser.version
+        browser.close()
+    print(f"{report} ({report.stat().st_size / 1024 / 1024:.2f} MiB); Chromium {version}; medians of {repeats}")
+    print(f"  navigation -> ready:  {statistics.median(ready):8.0f} ms   (goal < 1000 ms)")
+    print(f"  wall (load + ready):  {statistics.median(walls):8.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--snapshots", type=int, default=50)
@@ -90,9 +114,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--report", type=Path, help="time this report.html instead of a synthetic run's")
     args = parser.parse_args()
     require_chromium("bench_training_report_load")
     from playwright.sync_api import sync_playwright
+
+    if args.report is not None:
+        time_existing_report(args.report, args.repeats)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

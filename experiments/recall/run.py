@@ -7,14 +7,15 @@ the same steps and learning-rate curve. Writes under `results/recall/`:
 
     table.md          final answer accuracy (all answers, and the answers whose pair lies outside
                       the local and sink windows), ground-truth hit@k in the recall layer, final
-                      validation loss (answer positions only)
+                      validation loss (answer positions only); hit@k and the dense mass from the
+                      final checkpoint on 4 validation batches (512 answers), not the 16 of the probe
     accuracy.png      validation answer accuracy vs step, one line per selector, one panel per k
     <run>/            each run's directory (metrics.csv, analysis/, plots/, report.html)
 
     python experiments/recall/run.py                       # everything (dense + 6 selectors x 2 k)
     python experiments/recall/run.py --k 8 --only dense dsa local
     python experiments/recall/run.py --table-only          # re-read finished runs
-    python experiments/recall/run.py --steps 200 60 200    # shorter recipe (dense, warmup, sparse)
+    python experiments/recall/run.py --steps 200 60 200    # other step counts (dense, warmup, sparse)
     python experiments/recall/run.py --train-args "--data.seq_len=128 --model.max_seq_len=128"
 
 Runs go `--jobs` at a time, each on one intra-op thread (2 CPU cores: two runs side by side).
@@ -99,27 +100,35 @@ def metric_rows(run_dir: Path) -> list[dict]:
         return [row for row in csv.DictReader(handle) if row.get("val/accuracy")]
 
 
-def last_snapshot(run_dir: Path) -> dict:
-    lines = (run_dir / "analysis" / "history.jsonl").read_text().splitlines()
-    return json.loads(lines[-1]) if lines else {}
 
-
-def recall_layer(dense_dir: Path) -> int:
+def recall_layer(dense_eval: dict) -> int:
     """The layer whose dense attention puts the most mass on the ground-truth value at the end of
-    the dense run: where the model looks the answer up."""
-    snap = last_snapshot(dense_dir)
-    layers = sorted({int(name[1:].split("/")[0]) for name in snap if name.endswith("/gt_mass")})
-    return max(layers, key=lambda layer: snap[f"L{layer}/gt_mass"])
+    the dense run (`final_evaluation`): where the model looks the answer up."""
+    layers = sorted({int(name[1:].split("/")[0]) for name in dense_eval if name.endswith("/mass")})
+    return max(layers, key=lambda layer: dense_eval[f"L{layer}/mass"])
 
 
-def split_accuracy(run_dir: Path, k: int, sink_tokens: int, batches: int = 4) -> tuple[float, float, int]:
-    """Validation answer accuracy of the final checkpoint, over the answers whose value lies
-    outside both the local window (t - s >= k) and the sink tokens (s >= sink_tokens), and over the
-    others: (far accuracy, near accuracy, far answers counted); NaN where there are none."""
+def final_evaluation(run_dir: Path, k: int, sink_tokens: int, batches: int = 4) -> dict:
+    """The final checkpoint on `batches` validation batches (512 answers at the default batch 32
+    and 4 queries), with the run's own attention:
+
+        far       answer accuracy where the value lies outside both the local window (t - s >= k)
+                  and the sink tokens (s >= sink_tokens)
+        L<i>/hit  per layer, the share of answers whose value position is in the run's selection
+                  (None for dense attention)
+        L<i>/oracle_hit, L<i>/mass   the same for the top-k of the dense attention, and the
+                  dense attention's head-mean mass on the value position
+        L<i>/index_top1, L<i>/dense_top1   whether the value is THE highest-scoring causal key of
+                  the indexer (runs with one), and of the dense attention: with k >= the number of
+                  pairs, a selection of every value token hits for any query, so hit@k alone
+                  does not show that the indexer tells the pairs apart; its top-1 does
+    """
     import torch
     import yaml
 
     from sparse_viz.data import RecallDataModule
+    from sparse_viz.model.selectors import select_keys
+    from sparse_viz.tracking.ground_truth import VALUE, answer_rows, ground_truth_hits, ground_truth_mass
     from sparse_viz.training import DSALightningModule
     from sparse_viz.training.batches import split_batch
 
@@ -127,8 +136,13 @@ def split_accuracy(run_dir: Path, k: int, sink_tokens: int, batches: int = 4) ->
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     data = RecallDataModule(**config["data"]["init_args"])
     attention = module.schedule.stages[-1].attention
-    far = [0, 0]
-    near = [0, 0]
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def add(name: str, values, where) -> None:
+        sums[name] = sums.get(name, 0.0) + float(values[where].float().sum())
+        counts[name] = counts.get(name, 0) + int(where.sum())
+
     loader = iter(data.val_dataloader())
     with torch.no_grad():
         for _ in range(batches):
@@ -136,15 +150,25 @@ def split_accuracy(run_dir: Path, k: int, sink_tokens: int, batches: int = 4) ->
             if batch is None:
                 break
             inputs, targets, mask = split_batch(batch)
-            correct = module.model(inputs, attention=attention).logits.argmax(-1) == targets  # (B, T)
-            value = batch["ground_truth"][..., 1]  # (B, T)
+            out = module.model(inputs, attention=attention, trace="full")
+            gt = batch["ground_truth"]  # (B, T, 2)
+            answers = answer_rows(gt)  # (B, T)
             t = torch.arange(inputs.shape[1])[None, :]
-            outside = (t - value >= k) & (value >= sink_tokens)
-            for bucket, where in ((far, mask & outside), (near, mask & ~outside)):
-                bucket[0] += int((correct & where).sum())
-                bucket[1] += int(where.sum())
-    rate = lambda bucket: bucket[0] / bucket[1] if bucket[1] else float("nan")  # noqa: E731
-    return rate(far), rate(near), far[1]
+            outside = (t - gt[..., VALUE] >= k) & (gt[..., VALUE] >= sink_tokens)
+            add("far", out.logits.argmax(-1) == targets, mask & outside)
+            for layer, trace in enumerate(out.traces):
+                add(f"L{layer}/mass", ground_truth_mass(trace.dense_attn_probs, gt)[..., VALUE], answers)
+                oracle = select_keys("oracle", top_k=k, seq_len=inputs.shape[1], dense_probs=trace.dense_attn_probs)
+                add(f"L{layer}/oracle_hit", ground_truth_hits(oracle, gt)[..., VALUE], answers)
+                if trace.selected is not None:
+                    add(f"L{layer}/hit", ground_truth_hits(trace.selected, gt)[..., VALUE], answers)
+                future = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool).triu(1)  # (T, T)
+                dense_top1 = trace.dense_attn_probs.sum(1).argmax(-1)  # (B, T) future probabilities are 0
+                add(f"L{layer}/dense_top1", dense_top1 == gt[..., VALUE], answers)
+                if trace.index_scores is not None:
+                    index_top1 = trace.index_scores.masked_fill(future, float("-inf")).argmax(-1)  # (B, T)
+                    add(f"L{layer}/index_top1", index_top1 == gt[..., VALUE], answers)
+    return {name: sums[name] / counts[name] if counts[name] else float("nan") for name in sums} | {"answers": counts.get("L0/mass", 0)}
 
 
 def fmt(value, digits=3) -> str:
@@ -152,33 +176,37 @@ def fmt(value, digits=3) -> str:
 
 
 def write_table(ks: list[int], selectors: list[str]) -> Path:
-    dense_dir = OUT / "dense"
-    layer = recall_layer(dense_dir) if (dense_dir / "analysis" / "history.jsonl").is_file() else 1
-    lines = [
-        f"Recall layer (most dense attention on the ground-truth value in the dense run): layer {layer}.",
-        "",
-        "| run | selector | k | step | accuracy | accuracy, pair outside window | hit@k (recall layer) | "
-        "oracle hit@k | dense mass on value | val loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    import yaml
+
     rows = [("dense", None)] + [(s, k) for k in ks for s in selectors]
+    evaluations = {}
     for selector, k in rows:
         run_dir = OUT / run_name(selector, k)
-        if not (run_dir / "metrics.csv").is_file():
+        if (run_dir / "checkpoints" / "last.ckpt").is_file() and metric_rows(run_dir):
+            model_args = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+            model_args = model_args.get("init_args", model_args)  # the CLI's subclass mode nests them
+            top_k = k if k is not None else int(model_args["top_k"])
+            evaluations[(selector, k)] = final_evaluation(run_dir, top_k, int(model_args["sink_tokens"]))
+    layer = recall_layer(evaluations[("dense", None)]) if ("dense", None) in evaluations else 1
+    answers = next(iter(evaluations.values()))["answers"] if evaluations else 0
+    lines = [
+        f"Recall layer (most dense attention on the ground-truth value in the dense run): layer {layer}. "
+        f"hit@k, oracle hit@k and mass: final checkpoint, {answers} answers of the validation set.",
+        "",
+        "| run | selector | k | step | accuracy | accuracy, pair outside window | hit@k (recall layer) | "
+        "oracle hit@k | indexer top-1 on value | dense top-1 on value | dense mass on value | val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for selector, k in rows:
+        if (selector, k) not in evaluations:
             continue
-        metrics = metric_rows(run_dir)
-        if not metrics:
-            continue
-        final = metrics[-1]
-        snap = last_snapshot(run_dir)
-        config = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
-        top_k = k if k is not None else int(config["model"]["top_k"])
-        far, _, _ = split_accuracy(run_dir, top_k, int(config["model"]["sink_tokens"]))
-        hit = snap.get(f"L{layer}/gt_hit_at_k") if selector != "dense" else None
+        final = metric_rows(OUT / run_name(selector, k))[-1]
+        ev = evaluations[(selector, k)]
         lines.append(
             f"| {run_name(selector, k)} | {selector} | {k if k is not None else 'all'} | {int(final['step']) + 1} "
-            f"| {fmt(float(final['val/accuracy']))} | {fmt(far)} | {fmt(hit)} "
-            f"| {fmt(snap.get(f'L{layer}/gt_hit_at_k_oracle'))} | {fmt(snap.get(f'L{layer}/gt_mass'))} "
+            f"| {fmt(float(final['val/accuracy']))} | {fmt(ev['far'])} | {fmt(ev.get(f'L{layer}/hit'))} "
+            f"| {fmt(ev.get(f'L{layer}/oracle_hit'))} | {fmt(ev.get(f'L{layer}/index_top1'))} "
+            f"| {fmt(ev.get(f'L{layer}/dense_top1'))} | {fmt(ev.get(f'L{layer}/mass'))} "
             f"| {float(final['val/loss']):.4f} |")
     table = OUT / "table.md"
     table.write_text("\n".join(lines) + "\n")
@@ -189,9 +217,22 @@ def plot_accuracy(ks: list[int], selectors: list[str]) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    import yaml
+
     fig = Figure(figsize=(6 * len(ks), 4.2), layout="constrained")
     axes = fig.subplots(1, len(ks), squeeze=False)[0]
+    phases = []  # the length curriculum's (first batch, last batch, seq_len), from the dense run's config
+    if (OUT / "dense" / "config.yaml").is_file():
+        data_args = yaml.safe_load((OUT / "dense" / "config.yaml").read_text())["data"]
+        start = 0
+        for length, batches in (data_args.get("init_args", data_args).get("curriculum") or []):
+            phases.append((start, start + batches, length))
+            start += batches
     for ax, k in zip(axes, ks):
+        for first, last, length in phases:
+            ax.axvspan(first, last, color="#f2f4f7", zorder=0)
+            ax.text((first + last) / 2, 0.5, f"training at T = {length}\n(validation always at full length)",
+                    ha="center", va="center", fontsize=8, color="#667085")
         for selector in ["dense", *selectors]:
             run_dir = OUT / run_name(selector, k)
             if not (run_dir / "metrics.csv").is_file():

@@ -84,9 +84,10 @@ class RecallDataModule(L.LightningDataModule):
         seq_len: tokens the model sees per sequence.
         placement: `end` (queries in the last tokens, far from their pairs) or `random`.
         curriculum: `[[seq_len, batches], ...]`: train the first batches on shorter sequences
-            (same pairs, queries and placement), in the order given, then on `seq_len`. Recall
-            learnt at a short length carries over to long ones (RoPE is relative), and a short
-            batch costs a fraction of a long one. Validation and the probe always use `seq_len`.
+            (same pairs, queries and placement), in the order given, then on `seq_len`. A short
+            batch costs a fraction of a long one, and recall learnt at a short length is regained
+            at the full one in a few dozen steps (measured: experiments/recall). Validation and
+            the probe always use `seq_len`.
             None or [] = none.
         batch_size: sequences per batch.
         train_size: sequences in the training stream (an epoch; generated, never stored).
