@@ -1,7 +1,7 @@
 """Long context: one training step of the DSA sparse stage vs the dense model, time and peak memory.
 
     python bench/bench_long_context.py [--seq-lens 1024 2048 4096 8192] [--rounds 2] [--steps 2]
-        [--threads 1] [--indexer-at 8192] [--with-full-indexer] [--with-warmup]
+        [--threads 1] [--indexer-at 8192] [--with-full-indexer] [--with-ranked-topk] [--with-warmup]
     python bench/bench_long_context.py --breakdown --seq-lens 8192   (one layer's pieces, one process)
 
 Model (the long-context step the goal was set on): d_model 256, 2 layers, 4 heads, SwiGLU 768, vocab 2048, indexer 4 heads x 32,
@@ -10,6 +10,8 @@ batch 1, top_k 256; one forward + backward per step. Candidates:
 - `dsa`: DSA sparse stage on the default paths: indexer top-k by query blocks, CSR sparse
   attention, LM loss + the indexer's KL over the selected keys (indexer_path=blockwise);
 - `dsa_full` (`--with-full-indexer`): the same with the full-matrix indexer (the reference);
+- `dsa_ranked` (`--with-ranked-topk`): `dsa` with the blockwise top-k ranking every key of a row
+  (`topk_earliest_ties`), as before the prefilter of `topk_prefilter.py`: same selections;
 - `warmup` / `warmup_full` (`--with-warmup`): the warm-up stage's step (main model frozen, dense
   attention, the indexer's KL over all causal keys) on the blockwise path (SDPA for the
   attention, the KL by checkpointed query blocks) and on the full-matrix path (dense (B, H, T, T)
@@ -39,7 +41,7 @@ from pathlib import Path
 
 MODEL = dict(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, d_ff=768, indexer_heads=4, indexer_dim=32,
              indexer_rope_dim=16, top_k=256)
-STEP_CANDIDATES = ("dense", "dsa", "dsa_full", "warmup", "warmup_full")
+STEP_CANDIDATES = ("dense", "dsa", "dsa_full", "dsa_ranked", "warmup", "warmup_full")
 INDEXER_CANDIDATES = ("indexer_blockwise", "indexer_full")
 
 
@@ -75,7 +77,11 @@ def worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu
             model = SparseTransformer(ModelConfig(**config, selector="dense", use_indexer=False))
             attention, indexer_loss = "dense", None
         elif name.startswith("dsa"):
-            path = "blockwise" if name == "dsa" else "full"
+            path = "full" if name == "dsa_full" else "blockwise"
+            if name == "dsa_ranked":  # the model's blockwise top-k without the prefilter, this process only
+                import sparse_viz.model.indexer_blocks as blocks
+                from sparse_viz.model.selectors import topk_earliest_ties
+                blocks.topk_earliest_ties_prefiltered = lambda scores, k: topk_earliest_ties(scores, k)
             model = SparseTransformer(ModelConfig(**config, indexer_path=path))
             attention, indexer_loss = "sparse", "selected"
         else:
@@ -170,6 +176,7 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
 
     medians = interleaved_medians({
         "indexer top-k by blocks (no grad)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"]),
+        "  the same, ranking every key (before)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"], prefilter=False),
         "sparse attention, CSR, fwd+bwd": attention_sparse,
         "indexer scores at S_t, fwd+bwd": indexer_scores,
         "dense attention, fused SDPA, fwd+bwd": attention_dense,
@@ -202,6 +209,8 @@ def main() -> None:
                         help="sequence lengths where the indexer alone is measured, block vs full path")
     parser.add_argument("--with-full-indexer", action="store_true",
                         help="also the sparse-stage step with the full-matrix indexer (slow, ~6 GB at T=8192)")
+    parser.add_argument("--with-ranked-topk", action="store_true",
+                        help="also the sparse-stage step whose top-k ranks every key (before the prefilter)")
     parser.add_argument("--with-warmup", action="store_true",
                         help="also the warm-up stage's step, blockwise and full-matrix paths")
     parser.add_argument("--breakdown", action="store_true",
@@ -221,6 +230,7 @@ def main() -> None:
     jobs = []  # (T, candidate)
     for T in args.seq_lens:
         wanted = {"dense", "dsa"} | ({"dsa_full"} if args.with_full_indexer else set()) | \
+            ({"dsa_ranked"} if args.with_ranked_topk else set()) | \
             ({"warmup", "warmup_full"} if args.with_warmup else set())
         jobs += [(T, c) for c in STEP_CANDIDATES if c in wanted]
         if T in args.indexer_at:

@@ -69,7 +69,8 @@ def block_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, start:
 
 @torch.no_grad()
 def blockwise_topk(
-    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int, block_size: int = INDEXER_BLOCK
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int, block_size: int = INDEXER_BLOCK,
+    prefilter: bool | None = None,
 ) -> torch.Tensor:
     """`topk_causal` of the index scores, computed by query blocks.
 
@@ -77,6 +78,8 @@ def blockwise_topk(
         q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
         top_k: keys per query.
         block_size: queries per block (> 0; need not divide T).
+        prefilter: rank only the keys above a bound (`topk_prefilter.py`; same result); None =
+            on a CPU, where it pays (on a GPU its data-dependent sizes would synchronise).
 
     Returns:
         (B, T, min(top_k, T)) long, in `select_keys` order (valid keys ascending, -1 last).
@@ -87,10 +90,12 @@ def blockwise_topk(
     # fp32); the `out=` products below need one dtype, the widest of the three.
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype)
     with torch.autocast(q.device.type, enabled=False):
-        return _blockwise_topk(q.to(dtype), k.to(dtype), w.to(dtype), top_k, block_size)
+        return _blockwise_topk(q.to(dtype), k.to(dtype), w.to(dtype), top_k, block_size,
+                               q.device.type == "cpu" if prefilter is None else prefilter)
 
 
-def _blockwise_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int, block_size: int) -> torch.Tensor:
+def _blockwise_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int, block_size: int,
+                    prefilter: bool) -> torch.Tensor:
     B, T, H, d = q.shape
     kk = min(top_k, T)
     selected = torch.empty(B, T, kk, dtype=torch.long, device=q.device)
@@ -114,7 +119,7 @@ def _blockwise_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: in
         scores = scores.view(B, Tb, end)  # (B, Tb, end) the full matrix's rows, up to the block's last key
         future = key_index[None, :end] > (start + torch.arange(Tb, device=q.device))[:, None]  # (Tb, end)
         scores = scores.masked_fill_(future, float("-inf"))
-        if q.device.type == "cpu":  # same indices, found without ranking every key (topk_prefilter.py)
+        if prefilter:  # same indices, found without ranking every key
             block_selected = topk_earliest_ties_prefiltered(scores.view(B * Tb, end), kk).view(B, Tb, kk)
         else:
             block_selected = topk_earliest_ties(scores, kk)  # (B, Tb, kk)
