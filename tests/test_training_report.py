@@ -14,7 +14,7 @@ import pytest
 from test_tracking_analyse import XSS_TOKEN, write_synthetic_run
 
 from sparse_viz.errors import UserInputError
-from sparse_viz.report.training import DEFINITIONS, PAD_INDEX, build_payload, render_training_report
+from sparse_viz.report.training import DEFINITIONS, PAD_INDEX, build_payload, render_training_report, view_snapshots
 from sparse_viz.tracking.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,11 @@ def run_dir(tmp_path_factory):
                                tokens=["A", " b", XSS_TOKEN, "\n"], stages=["dense", "warmup", "sparse"])
 
 
-def _decode(text: str, dtype: str, shape) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+def _decode(texts: list[str], dtype: str, shape) -> np.ndarray:
+    """The views' arrays: one base64 string per snapshot, stacked to `shape` (S, ...)."""
+    assert len(texts) == shape[0]
+    return np.stack([np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape[1:])
+                     for text in texts])
 
 
 def test_cli_renders_plots_and_report_without_torch(run_dir):
@@ -167,3 +170,19 @@ def test_payload_views_leave_out_snapshots_without_arrays(tmp_path):
     payload = build_payload(run)
     assert payload["steps"] == [0, 10, 20]  # the history still has every snapshot
     assert payload["views"]["steps"] == [0, 20] and payload["views"]["S"] == 2
+
+
+def test_views_over_budget_keep_evenly_spaced_snapshots_with_the_first_and_last():
+    """The per-query views of a run too large for a light page are thinned (the curves are not):
+    9 snapshots of 3 MB under a 12 MB budget keep 4, spread over the run."""
+    steps = [0, 50, 100, 150, 200, 250, 300, 350, 400]
+    assert view_snapshots(steps, 3 * 2**20, 12 * 2**20) == [0, 150, 250, 400]
+    assert view_snapshots(steps, 1 * 2**20, 12 * 2**20) == steps  # all fit
+    assert view_snapshots(steps, 100 * 2**20, 12 * 2**20) == [0, 400]  # never fewer than the ends
+
+
+def test_a_payload_over_budget_carries_views_of_the_chosen_snapshots_only(run_dir):
+    payload = build_payload(run_dir, max_view_bytes=1)
+    views = payload["views"]
+    assert views["steps"] == [payload["steps"][0], payload["steps"][-1]] and views["S"] == 2
+    assert len(views["sel"]) == 2 and len(payload["history"]["step"]) == len(payload["steps"])  # curves keep all

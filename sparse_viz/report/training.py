@@ -10,7 +10,9 @@ snapshot, layer and query of probe row 0 the selected keys (uint16, 65535 = empt
 indexer scores (uint8, min-max within the row, with the row's min/max as float32), the sparse
 and dense attention on them (uint8 of sqrt(p), so small probabilities keep resolution), the
 dense top-k keys (uint16), and the row's mass@k (float32). Typed arrays travel as base64
-little-endian bytes; the page decodes them once.
+little-endian bytes, one string per snapshot; the page decodes a snapshot the first time it shows
+it (a long probe's report, e.g. 9 snapshots x 2 layers x 1024 queries x k=256, is ready after one
+snapshot's decoding instead of all of them).
 """
 
 from __future__ import annotations
@@ -116,8 +118,29 @@ def _columns(history: list[dict]) -> dict[str, list]:
     return columns
 
 
-def build_payload(run_dir: str | os.PathLike) -> dict:
+# Raw bytes of per-query views a report carries (base64 adds a third). A page that must read and
+# parse more than ~25 MB of HTML is not ready within a second (measured: a 42.6 MB report of a
+# T = 4096 run, 9 snapshots x 2 layers x 1024 queries x k = 256, took 1.1-1.3 s in Chromium).
+MAX_VIEW_BYTES = 12 * 2**20
+
+
+def view_snapshots(steps: list[int], bytes_per_snapshot: int, max_bytes: int = MAX_VIEW_BYTES) -> list[int]:
+    """The snapshots whose per-query views the report carries: all of them when they fit in
+    `max_bytes`, else as many as fit, evenly spaced, the first and the last always among them.
+    What is stored on disk is untouched; the history's curves keep every snapshot."""
+    n = max(2, max_bytes // max(1, bytes_per_snapshot))
+    if len(steps) <= n:
+        return list(steps)
+    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, n)).astype(int))
+    return [steps[i] for i in picks]
+
+
+def build_payload(run_dir: str | os.PathLike, max_view_bytes: int = MAX_VIEW_BYTES) -> dict:
     """Everything `training.js` needs, read from the run directory.
+
+    Args:
+        run_dir: the run directory.
+        max_view_bytes: budget for the per-query views (`view_snapshots`).
 
     Raises:
         UserInputError: the directory has no recorded snapshots.
@@ -133,11 +156,12 @@ def build_payload(run_dir: str | os.PathLike) -> dict:
         raise UserInputError(f"{store.history_path} has no snapshots")
     probe = store.read_probe() if store.probe_path.is_file() else {}
 
+    stored = [int(r["step"]) for r in history if store.snapshot_path(int(r["step"])).is_file()]
+    if stored:
+        L, T, k = store.load_snapshot(stored[-1])["show_selected"].shape
+        stored = view_snapshots(stored, L * T * (7 * k + 12), max_view_bytes)  # 7 bytes per slot, 12 per row
     view_steps, sel, dense_top, score_q, score_lo, score_hi, attn_q, dense_q, mass = ([] for _ in range(9))
-    for record in history:
-        step = int(record["step"])
-        if not store.snapshot_path(step).is_file():
-            continue
+    for step in stored:
         arrays = store.load_snapshot(step)
         selected = arrays["show_selected"].astype(np.int64)  # (L, T, k)
         real = selected >= 0
@@ -165,10 +189,11 @@ def build_payload(run_dir: str | os.PathLike) -> dict:
         L, T, k = sel[0].shape
         views = {
             "steps": view_steps, "S": S, "L": L, "T": T, "k": k, "pad": PAD_INDEX,
-            "sel": _b64(np.stack(sel), "u2"), "dense_top": _b64(np.stack(dense_top), "u2"),
-            "score": _b64(np.stack(score_q), "u1"), "score_lo": _b64(np.stack(score_lo), "f4"),
-            "score_hi": _b64(np.stack(score_hi), "f4"), "attn": _b64(np.stack(attn_q), "u1"),
-            "dense": _b64(np.stack(dense_q), "u1"), "mass": _b64(np.stack(mass), "f4"),
+            # one base64 string per snapshot: the page decodes a snapshot when it first shows it
+            "sel": [_b64(a, "u2") for a in sel], "dense_top": [_b64(a, "u2") for a in dense_top],
+            "score": [_b64(a, "u1") for a in score_q], "score_lo": [_b64(a, "f4") for a in score_lo],
+            "score_hi": [_b64(a, "f4") for a in score_hi], "attn": [_b64(a, "u1") for a in attn_q],
+            "dense": [_b64(a, "u1") for a in dense_q], "mass": [_b64(a, "f4") for a in mass],
         }
     n_layers = int(probe.get("n_layers", views["L"] if views else 0))
     return {
@@ -189,7 +214,7 @@ def build_payload(run_dir: str | os.PathLike) -> dict:
         "history": _columns(history),
         "top_tokens": [r.get("top_tokens", []) for r in history],
         "token_types": list(TOKEN_TYPES),
-        "views": views,
+        "views": views,  # steps: the snapshots with per-query views (all of them unless over budget)
         "definitions": [list(d) for d in DEFINITIONS + (GROUND_TRUTH_DEFINITIONS if probe.get("answers") else [])],
         "answers": [[int(v) for v in row] for row in probe.get("answers", [])],
     }

@@ -14,13 +14,23 @@
     for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
     return new Type(bytes.buffer);
   }
+  // Each snapshot's arrays travel as their own base64 strings and are decoded the first time the
+  // page shows that snapshot: the page is ready after one snapshot's work, however many exist.
   const V = views ? {
     S: views.S, L: views.L, T: views.T, k: views.k, pad: views.pad, steps: views.steps,
-    sel: decode(views.sel, Uint16Array), denseTop: decode(views.dense_top, Uint16Array),
-    score: decode(views.score, Uint8Array), scoreLo: decode(views.score_lo, Float32Array),
-    scoreHi: decode(views.score_hi, Float32Array), attn: decode(views.attn, Uint8Array),
-    dense: decode(views.dense, Uint8Array), mass: decode(views.mass, Float32Array),
   } : null;
+  const decoded = new Map();
+  function snapshotArrays(index) {
+    if (!decoded.has(index)) {
+      decoded.set(index, {
+        sel: decode(views.sel[index], Uint16Array), denseTop: decode(views.dense_top[index], Uint16Array),
+        score: decode(views.score[index], Uint8Array), scoreLo: decode(views.score_lo[index], Float32Array),
+        scoreHi: decode(views.score_hi[index], Float32Array), attn: decode(views.attn[index], Uint8Array),
+        dense: decode(views.dense[index], Uint8Array), mass: decode(views.mass[index], Float32Array),
+      });
+    }
+    return decoded.get(index);
+  }
 
   const sliderSteps = V ? V.steps : data.steps;
   const nLayers = V ? V.L : Math.max(1, data.run.n_layers || 1);
@@ -29,18 +39,18 @@
 
   const stepOf = () => sliderSteps[state.index];
   const historyIndex = () => data.steps.indexOf(stepOf());
-  const rowBase = (t) => ((state.index * V.L + state.layer) * V.T + t);
+  const rowBase = (t) => state.layer * V.T + t;  // row of query t in the shown snapshot's arrays
   const query = () => (state.pinned !== null ? state.pinned : state.hover);
 
   // Values of the selected slots of query t: [{key, score, attn, dense, shade}], shade in [0, 1].
   function selectionOf(t) {
-    const base = rowBase(t);
-    const lo = V.scoreLo[base], hi = V.scoreHi[base];
+    const A = snapshotArrays(state.index), base = rowBase(t);
+    const lo = A.scoreLo[base], hi = A.scoreHi[base];
     const out = [];
     for (let j = 0; j < V.k; j++) {
-      const key = V.sel[base * V.k + j];
+      const key = A.sel[base * V.k + j];
       if (key === V.pad) continue;
-      const s = V.score[base * V.k + j] / 255, a = V.attn[base * V.k + j] / 255, d = V.dense[base * V.k + j] / 255;
+      const s = A.score[base * V.k + j] / 255, a = A.attn[base * V.k + j] / 255, d = A.dense[base * V.k + j] / 255;
       out.push({
         key, score: lo + s * (hi - lo), attn: a * a, dense: d * d,
         shade: state.shade === "score" ? s : state.shade === "attn" ? a : d,
@@ -49,8 +59,8 @@
     return out;
   }
   function denseTopOf(t) {
-    const base = rowBase(t) * V.k, out = new Set();
-    for (let j = 0; j < V.k; j++) { const key = V.denseTop[base + j]; if (key !== V.pad) out.add(key); }
+    const A = snapshotArrays(state.index), base = rowBase(t) * V.k, out = new Set();
+    for (let j = 0; j < V.k; j++) { const key = A.denseTop[base + j]; if (key !== V.pad) out.add(key); }
     return out;
   }
   // Ground truth of a task that has it (associative recall): answer position t -> [key pos, value pos].
@@ -60,7 +70,8 @@
   // ------------------------------------------------------------------ header and controls
   const run = data.run;
   document.getElementById("summary").textContent =
-    `selector ${run.selector ?? "?"} · k = ${run.top_k ?? "?"} · ${nLayers} layers · probe of ${run.probe_rows ?? "?"} × ${run.seq_len ?? "?"} tokens · ${data.steps.length} snapshots (every ${run.every_n_steps ?? "?"} steps)`;
+    `selector ${run.selector ?? "?"} · k = ${run.top_k ?? "?"} · ${nLayers} layers · probe of ${run.probe_rows ?? "?"} × ${run.seq_len ?? "?"} tokens · ${data.steps.length} snapshots (every ${run.every_n_steps ?? "?"} steps)` +
+    (V && V.S < data.steps.length ? ` · per-query views of ${V.S} of them, evenly spaced (the curves have all)` : "");
 
   const slider = document.getElementById("step-slider");
   slider.max = String(Math.max(0, sliderSteps.length - 1));
@@ -142,7 +153,7 @@
     }
     let overlap = 0;
     for (const x of chosen) if (top.has(x.key)) overlap += 1;
-    const mass = V.mass[rowBase(t)];
+    const mass = snapshotArrays(state.index).mass[rowBase(t)];
     const h = historyIndex();
     info.textContent =
       `query t = ${t} ${JSON.stringify(String(data.tokens[t] ?? ""))} · layer ${state.layer} · step ${stepOf()} (${data.stages[h] ?? ""}, selection from ${data.source[h] ?? ""})\n` +
