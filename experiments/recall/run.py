@@ -155,6 +155,7 @@ def final_evaluation(run_dir: Path, k: int, sink_tokens: int, batches: int = 4) 
             answers = answer_rows(gt)  # (B, T)
             t = torch.arange(inputs.shape[1])[None, :]
             outside = (t - gt[..., VALUE] >= k) & (gt[..., VALUE] >= sink_tokens)
+            future = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool).triu(1)  # (T, T), for every layer
             add("far", out.logits.argmax(-1) == targets, mask & outside)
             for layer, trace in enumerate(out.traces):
                 add(f"L{layer}/mass", ground_truth_mass(trace.dense_attn_probs, gt)[..., VALUE], answers)
@@ -162,7 +163,6 @@ def final_evaluation(run_dir: Path, k: int, sink_tokens: int, batches: int = 4) 
                 add(f"L{layer}/oracle_hit", ground_truth_hits(oracle, gt)[..., VALUE], answers)
                 if trace.selected is not None:
                     add(f"L{layer}/hit", ground_truth_hits(trace.selected, gt)[..., VALUE], answers)
-                future = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool).triu(1)  # (T, T)
                 dense_top1 = trace.dense_attn_probs.sum(1).argmax(-1)  # (B, T) future probabilities are 0
                 add(f"L{layer}/dense_top1", dense_top1 == gt[..., VALUE], answers)
                 if trace.index_scores is not None:

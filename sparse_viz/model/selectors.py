@@ -84,12 +84,25 @@ def topk_earliest_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
     kth = values[..., -1:]  # (..., 1) the k-th largest value of each row
     tied = (scores >= kth).sum(dim=-1) > k  # (...,) rows where a key equal to kth was left out
     if tied.any():
-        rows, threshold = scores[tied], kth[tied]  # (r, S), (r, 1)
-        above, at = rows > threshold, rows == threshold  # (r, S) each
-        wanted = k - above.sum(dim=-1, keepdim=True)  # (r, 1) tied keys to keep
-        keep = above | (at & (at.cumsum(dim=-1) <= wanted))  # (r, S) exactly k per row
-        indices[tied] = keep.nonzero()[:, -1].view(-1, k)  # nonzero is row-major: k per row in order
+        indices[tied] = earliest_k_from(scores[tied], kth[tied], k)
     return indices
+
+
+def earliest_k_from(rows: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Given each row's k-th largest value, its k largest entries, earliest among ties at it.
+
+    Args:
+        rows: (r, S) float.
+        kth: (r, 1) the k-th largest value of each row.
+        k: entries per row.
+
+    Returns:
+        (r, k) long indices, ascending.
+    """
+    above, at = rows > kth, rows == kth  # (r, S) each
+    wanted = k - above.sum(dim=-1, keepdim=True)  # (r, 1) tied entries to keep
+    keep = above | (at & (at.cumsum(dim=-1) <= wanted))  # (r, S) exactly k per row
+    return keep.nonzero()[:, -1].view(-1, k)  # nonzero is row-major: k per row in order
 
 
 def topk_causal(scores: torch.Tensor, top_k: int) -> torch.Tensor:

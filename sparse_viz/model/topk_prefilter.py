@@ -1,4 +1,4 @@
-"""Exact top-k of long score rows without ranking every entry: a chunk-maxima threshold first.
+"""Exact top-k of long score rows without ranking every entry: a group-maxima threshold first.
 
 `torch.topk` on a CPU ranks every entry of a row; for k = 256 of 8192 keys that is most of the
 blockwise indexer's selection time. The k-th largest entry of a row can be bounded from below
@@ -16,14 +16,14 @@ answer: they are compacted, in their original order, into a short row, and
 `topk_earliest_ties` runs there. Keeping the order keeps the tie rule (earliest keys among exact
 ties at the k-th value): the result is the same set of indices as `topk_earliest_ties` on the
 full row, which stays the readable reference. Rows where the bound prunes little (many equal
-scores, e.g. ReLU's zeros early in training; or too few chunks) fall back to the reference.
+scores, e.g. ReLU's zeros early in training; or too few groups) fall back to the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .selectors import topk_earliest_ties
+from .selectors import earliest_k_from, topk_earliest_ties
 
 MAX_GROUP, MIN_GROUP = 16, 4  # measured (k = 256): rows of 2048 keys and more gain, shorter ones do not
 
@@ -71,7 +71,4 @@ def topk_earliest_ties_prefiltered(scores: torch.Tensor, k: int, group: int | No
     # everything above the k-th value, then the first tied entries. The bound is finite (else the
     # candidates were every entry and the reference ran), so the -inf padding is below it.
     kth = compact.kthvalue(width - k + 1, dim=-1, keepdim=True).values  # (R, 1) the k-th largest
-    above, at = compact > kth, compact == kth  # (R, width) each
-    wanted = k - above.sum(dim=-1, keepdim=True)  # (R, 1) tied entries to keep
-    keep = above | (at & (at.cumsum(dim=-1) <= wanted))  # (R, width): exactly k per row
-    return position.gather(1, keep.nonzero()[:, 1].view(R, k))  # (R, k), ascending
+    return position.gather(1, earliest_k_from(compact, kth, k))  # (R, k), ascending
