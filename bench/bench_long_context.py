@@ -1,17 +1,20 @@
 """Long context: one training step of the DSA sparse stage vs the dense model, time and peak memory.
 
     python bench/bench_long_context.py [--seq-lens 1024 2048 4096 8192] [--rounds 2] [--steps 2]
-        [--threads 1] [--indexer-at 8192] [--with-full-indexer] [--with-ranked-topk] [--with-warmup]
+        [--threads 1] [--indexer-at 8192] [--with-csr] [--with-full-indexer] [--with-ranked-topk] [--with-warmup]
     python bench/bench_long_context.py --breakdown --seq-lens 8192   (one layer's pieces, one process)
 
 Model (the long-context step the goal was set on): d_model 256, 2 layers, 4 heads, SwiGLU 768, vocab 2048, indexer 4 heads x 32,
 batch 1, top_k 256; one forward + backward per step. Candidates:
 - `dense`: no indexer, fused SDPA causal attention, LM loss (the baseline);
-- `dsa`: DSA sparse stage on the default paths: indexer top-k by query blocks, CSR sparse
-  attention, LM loss + the indexer's KL over the selected keys (indexer_path=blockwise);
+- `dsa`: DSA sparse stage on the default paths: the fused CPU kernels (`fused_kernels.py`: the
+  indexer's top-k row by row, sparse attention saving a log-sum-exp, the indexer's scores at the
+  selected keys), LM loss + the indexer's KL over the selected keys (indexer_path=blockwise);
+- `dsa_csr` (`--with-csr`): the same step with the fused kernels off (SPARSE_VIZ_FUSED_KERNELS=0):
+  top-k by query blocks in torch ops, CSR sparse attention and selected-key scores (before);
 - `dsa_full` (`--with-full-indexer`): the same with the full-matrix indexer (the reference);
-- `dsa_ranked` (`--with-ranked-topk`): `dsa` with the blockwise top-k ranking every key of a row
-  (`topk_earliest_ties`), as before the prefilter of `topk_prefilter.py`: same selections;
+- `dsa_ranked` (`--with-ranked-topk`): `dsa_csr` with the blockwise top-k ranking every key of a
+  row (`topk_earliest_ties`), as before the prefilter of `topk_prefilter.py`: same selections;
 - `warmup` / `warmup_full` (`--with-warmup`): the warm-up stage's step (main model frozen, dense
   attention, the indexer's KL over all causal keys) on the blockwise path (SDPA for the
   attention, the KL by checkpointed query blocks) and on the full-matrix path (dense (B, H, T, T)
@@ -41,7 +44,7 @@ from pathlib import Path
 
 MODEL = dict(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, d_ff=768, indexer_heads=4, indexer_dim=32,
              indexer_rope_dim=16, top_k=256)
-STEP_CANDIDATES = ("dense", "dsa", "dsa_full", "dsa_ranked", "warmup", "warmup_full")
+STEP_CANDIDATES = ("dense", "dsa", "dsa_csr", "dsa_full", "dsa_ranked", "warmup", "warmup_full")
 INDEXER_CANDIDATES = ("indexer_blockwise", "indexer_full")
 
 
@@ -53,6 +56,10 @@ def worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu
     """One candidate in this process: build, one warm-up step, `steps` timed ones. On CUDA the peak
     is the allocator's (`max_memory_allocated`), each step is timed between synchronisations, and
     `dtype` bfloat16 runs the step under autocast."""
+    import os
+
+    if name in ("dsa_csr", "dsa_ranked"):  # the step before the fused kernels, in this process only
+        os.environ["SPARSE_VIZ_FUSED_KERNELS"] = "0"
     import torch
     import torch.nn.functional as F
 
@@ -163,28 +170,31 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
     q, k, v = (torch.randn(1, H, T, hd, requires_grad=True) for _ in range(3))
     selected = blockwise_topk(q_i, k_i, w_i, MODEL["top_k"])
 
-    def attention_sparse():
-        pattern = SelectionPattern(selected)
-        y, _ = gathered_sparse_attention(q, k, v, selected, return_probs=True, check_order=False, pattern=pattern)
+    def attention_sparse(kernel):
+        pattern = SelectionPattern(selected) if kernel == "csr" else None
+        y, _ = gathered_sparse_attention(q, k, v, selected, return_probs=True, check_order=False, pattern=pattern,
+                                         kernel=kernel, sum_heads=True)
         y.sum().backward()
 
-    def indexer_scores():
-        selected_index_scores(q_i, k_i, w_i, selected).sum().backward()
+    def indexer_scores(kernel):
+        selected_index_scores(q_i, k_i, w_i, selected, kernel=kernel).sum().backward()
 
     def attention_dense():
         dense_causal_attention(q, k, v).sum().backward()
 
     medians = interleaved_medians({
-        "indexer top-k by blocks (no grad)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"]),
-        "  the same, ranking every key (before)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"], prefilter=False),
-        "sparse attention, CSR, fwd+bwd": attention_sparse,
-        "indexer scores at S_t, fwd+bwd": indexer_scores,
+        "indexer top-k, fused (no grad)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"], kernel="fused"),
+        "  by blocks in torch ops (before)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"], kernel="torch"),
+        "sparse attention, fused, fwd+bwd": lambda: attention_sparse("fused"),
+        "  the same, CSR (before)": lambda: attention_sparse("csr"),
+        "indexer scores at S_t, fused, fwd+bwd": lambda: indexer_scores("fused"),
+        "  the same, CSR (before) ": lambda: indexer_scores("csr"),
         "dense attention, fused SDPA, fwd+bwd": attention_dense,
     }, reps)
     print(f"T={T}, one layer's pieces, {threads} thread(s), median (best) of {reps} interleaved reps:")
     for name, (median, best) in medians.items():
         print(f"  {name:38s} {median:7.3f} s ({best:.3f})")
-    topk = medians["indexer top-k by blocks (no grad)"][0]
+    topk = medians["indexer top-k, fused (no grad)"][0]
     sdpa = medians["dense attention, fused SDPA, fwd+bwd"][0]
     print(f"  per layer, DSA's top-k alone is {topk / sdpa:.2f}x the dense layer's whole attention "
           f"(forward and backward): it scores and ranks T^2/2 pairs, like dense attention, with no gradient")
@@ -207,6 +217,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     parser.add_argument("--indexer-at", type=int, nargs="*", default=[8192],
                         help="sequence lengths where the indexer alone is measured, block vs full path")
+    parser.add_argument("--with-csr", action="store_true",
+                        help="also the sparse-stage step with the fused kernels off (CSR kernels, torch top-k)")
     parser.add_argument("--with-full-indexer", action="store_true",
                         help="also the sparse-stage step with the full-matrix indexer (slow, ~6 GB at T=8192)")
     parser.add_argument("--with-ranked-topk", action="store_true",
@@ -229,7 +241,8 @@ def main() -> None:
 
     jobs = []  # (T, candidate)
     for T in args.seq_lens:
-        wanted = {"dense", "dsa"} | ({"dsa_full"} if args.with_full_indexer else set()) | \
+        wanted = {"dense", "dsa"} | ({"dsa_csr"} if args.with_csr else set()) | \
+            ({"dsa_full"} if args.with_full_indexer else set()) | \
             ({"dsa_ranked"} if args.with_ranked_topk else set()) | \
             ({"warmup", "warmup_full"} if args.with_warmup else set())
         jobs += [(T, c) for c in STEP_CANDIDATES if c in wanted]

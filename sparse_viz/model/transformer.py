@@ -25,6 +25,7 @@ from .attention import (
 )
 from .config import ModelConfig
 from .csr_attention import SelectionPattern, csr_kernels_available
+from .fused_kernels import fused_kernels_available
 from .indexer import LightningIndexer, indexer_kl
 from .indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_scores
 from .layers import RMSNorm, SwiGLU
@@ -133,7 +134,7 @@ class Block(nn.Module):
 
         pattern = None
         used_probs = None  # (B, H, T, T) probabilities actually used, when a trace wants them
-        selected_probs = None  # (B, H, T, k) the same on the selection, for the sparse-stage KL
+        selected_probs = None  # (B, T, k) the same on the selection summed over heads, for the sparse-stage KL
         need_sparse_probs = indexer_loss == "selected" or trace == "full"
         if selected is None:
             if dense_probs is not None:
@@ -144,15 +145,19 @@ class Block(nn.Module):
         elif cfg.attention_path == "masked":
             y, used_probs = masked_sparse_attention(q, k, v, selected, return_probs=need_sparse_probs)
             if indexer_loss == "selected":
-                selected_probs = gather_selected(used_probs, selected)
+                selected_probs = gather_selected(used_probs, selected).sum(1)  # (B, T, k)
         else:
-            # One CSR pattern of the selection for the attention and the indexer's selected-key scores.
-            pattern = SelectionPattern(selected) if csr_kernels_available(q) else None
+            # One CSR pattern of the selection for the attention and the indexer's selected-key
+            # scores, where the CSR kernels are the ones used (the fused kernels need none).
+            use_csr = csr_kernels_available(q) and not fused_kernels_available(q)
+            pattern = SelectionPattern(selected) if use_csr else None
             y, selected_probs = gathered_sparse_attention(
-                q, k, v, selected, return_probs=need_sparse_probs, check_order=False, pattern=pattern
+                q, k, v, selected, return_probs=need_sparse_probs, check_order=False, pattern=pattern,
+                sum_heads=trace != "full",
             )  # select_keys returns rows in the order the csr kernel needs
             if trace == "full":
                 used_probs = scatter_selected(selected_probs, selected, T)
+                selected_probs = selected_probs.sum(1)  # (B, T, k) summed over heads
         x = x + self.attn.merge_heads(y)
         x = x + self.mlp(self.mlp_norm(x))
 
@@ -166,7 +171,7 @@ class Block(nn.Module):
         elif indexer_loss == "selected":
             # The target is the sparse attention actually used, read at the selected keys: (B, H, T, k)
             # from the gathered path directly; the masked (reference) path gathers it from (B, H, T, T).
-            target = selected_probs.detach().sum(1)  # (B, T, k)
+            target = selected_probs.detach()  # (B, T, k)
             if blockwise:
                 scores = selected_index_scores(*projected, selected, pattern=pattern)  # (B, T, k), T*k*H_I*d_I work
             else:

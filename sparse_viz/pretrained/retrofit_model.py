@@ -29,6 +29,7 @@ from torch import nn
 from sparse_viz.errors import UserInputError
 from sparse_viz.model.attention import causal_attention_probs, gathered_sparse_attention, scatter_selected
 from sparse_viz.model.csr_attention import SelectionPattern, csr_kernels_available
+from sparse_viz.model.fused_kernels import fused_kernels_available
 from sparse_viz.model.indexer import indexer_kl
 from sparse_viz.model.indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_scores
 from sparse_viz.model.rope import rope_tables
@@ -202,12 +203,15 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
                                             is_causal=True)
         used_probs = None if dense_probs is None else dense_probs.detach()
     else:
-        pattern = SelectionPattern(selected) if csr_kernels_available(q) else None
+        # A CSR pattern only where the CSR kernels are the ones used (the fused kernels need none).
+        pattern = SelectionPattern(selected) if csr_kernels_available(q) and not fused_kernels_available(q) else None
         need_probs = run.indexer_loss == "selected" or run.trace
         y, selected_probs = gathered_sparse_attention(q, k, v, selected, return_probs=need_probs, check_order=False,
-                                                      pattern=pattern)  # (B, H, T, hd), (B, H, T, k)
+                                                      pattern=pattern, sum_heads=not run.trace)  # (B, H, T, hd)
         out = y.transpose(1, 2).contiguous()  # (B, T, H, hd) as transformers' attention functions return
         used_probs = scatter_selected(selected_probs, selected, T).detach() if run.trace else None
+        if run.trace and selected_probs is not None:
+            selected_probs = selected_probs.sum(1)  # (B, H, T, k) -> (B, T, k)
 
     if full_target:
         target = dense_probs.detach().sum(1)  # (B, T, T), L1-normalised inside indexer_kl
@@ -219,7 +223,7 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     elif run.indexer_loss == "selected":
         if selected is None:
             raise ValueError("indexer_loss='selected' needs attention='sparse'")
-        target = selected_probs.detach().sum(1)  # (B, T, k): the sparse attention used, summed over heads
+        target = selected_probs.detach()  # (B, T, k): the sparse attention used, summed over heads
         scores = selected_index_scores(*projected, selected, pattern=pattern)  # (B, T, k)
         run.kl[layer] = indexer_kl(target, scores, selected >= 0).mean()
     if run.trace:

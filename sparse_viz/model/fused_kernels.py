@@ -1,0 +1,204 @@
+"""Fused CPU kernels of the sparse stage (`fused_cpu_kernels.cpp`), built on first use.
+
+Three kernels, each with a readable meaning elsewhere that the tests hold it to:
+
+- `fused_selected_attention`: softmax attention over each query's selected keys, forward and
+  backward, keeping one log-sum-exp per (head, query) for backward instead of (B, H, T, k)
+  probabilities (meaning: `attention.masked_sparse_attention`).
+- `fused_selected_index_scores`: the Lightning Indexer's scores at the selected keys, with
+  gradient (meaning: the full score matrix read at the selection).
+- `fused_index_topk`: the indexer's causal top-k, each query's score row computed and ranked in
+  a row-sized buffer, never stored (meaning: `topk_causal` of `LightningIndexer.forward`, the
+  earliest keys kept among ties at the k-th score).
+
+The C++ source is compiled once per machine by `torch.utils.cpp_extension` (g++ and ninja; the
+result is cached under ~/.cache/torch_extensions) the first time a kernel is asked for;
+`scripts/setup.sh` builds it ahead. Where it cannot be built, `fused_kernels_available` is False,
+one warning names the reason, and the model uses the CSR kernels (`csr_attention.py`) instead.
+float32 and float64 on CPU; other dtypes are computed in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("fused_cpu_kernels.cpp")
+DISABLE_ENV = "SPARSE_VIZ_FUSED_KERNELS"  # "0" = never build or use them (the CSR kernels instead)
+
+# OpenMP: at::parallel_for runs serially without it. -march=native: the build is per machine, so
+# the compiler may use every instruction this CPU has.
+_FLAGS = ["-O3", "-fopenmp"] + (["-march=native"] if os.uname().machine == "x86_64" else [])
+_ops = None  # torch.ops.sparse_viz_fused once loaded
+_failure: str | None = None  # why they could not be built, once tried
+
+
+def _build_name(flags: list[str]) -> str:
+    """Extension name tied to the source and flags, so an edited source is rebuilt, not reused."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    return f"sparse_viz_fused_{digest}"
+
+
+def load_fused_kernels(verbose: bool = False):
+    """The compiled operators (`torch.ops.sparse_viz_fused`), building them if needed; None where
+    they cannot be built (the reason is warned once) or are disabled by SPARSE_VIZ_FUSED_KERNELS=0."""
+    global _ops, _failure
+    if _ops is not None:
+        return _ops
+    if os.environ.get(DISABLE_ENV, "1") == "0" or _failure is not None:
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name=_build_name(_FLAGS), sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+            is_python_module=False, verbose=verbose
+        )
+        _ops = torch.ops.sparse_viz_fused
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the CSR kernels
+        _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+        warnings.warn(
+            f"sparse_viz: fused CPU kernels could not be built ({_failure}); using the CSR kernels",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return _ops
+
+
+def _kernels():
+    """The operators, or one clear error where they cannot be had."""
+    ops = load_fused_kernels()
+    if ops is None:
+        reason = f"{DISABLE_ENV}=0" if os.environ.get(DISABLE_ENV, "1") == "0" else _failure
+        raise RuntimeError(f"the fused CPU kernels are not available ({reason}); use kernel='csr' or 'copy'")
+    return ops
+
+
+def _check_cpu(*tensors: torch.Tensor) -> None:
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("the fused kernels run on CPU tensors only; use kernel='copy' on other devices")
+
+
+def fused_kernels_available(x: torch.Tensor) -> bool:
+    """True for CPU floating-point tensors when the kernels are (or can be) built."""
+    return x.device.type == "cpu" and x.is_floating_point() and load_fused_kernels() is not None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class FusedSelectedAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(hd)) over the selected keys times v; saves the log-sum-exp only.
+
+    q, k, v and the output token-major: (B, T, H, hd), contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, selected, per_head_probs: bool):
+        scale = q.shape[-1] ** -0.5
+        out, lse, probs = _kernels().sparse_attention_forward(q, k, v, selected, scale, per_head_probs)
+        ctx.save_for_backward(q, k, v, out, lse, selected)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(probs)
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_probs):
+        q, k, v, out, lse, selected = ctx.saved_tensors
+        grad_q, grad_k, grad_v = _kernels().sparse_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, selected, ctx.scale
+        )
+        return grad_q, grad_k, grad_v, None, None
+
+
+def fused_selected_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, per_head_probs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention over the selected keys with the fused kernel.
+
+    Args:
+        q, k, v: (B, H, T, hd), CPU floating point (half precision is computed in float32).
+        selected: (B, T, k) long, causal, -1 = unfilled slot; shared by all heads; any order.
+        per_head_probs: return the probabilities of every head, else their sum over heads.
+
+    Returns:
+        out: (B, H, T, hd), dtype of q; differentiable in q, k and v.
+        probs: (B, H, T, k) if per_head_probs else (B, T, k) summed over heads, in selection
+            layout (0 on unfilled slots); no gradient.
+    """
+    _check_cpu(q, k, v, selected)
+    dtype = q.dtype
+    compute = _compute_dtype(dtype)
+    # Token-major (B, T, H, hd): a selected key's rows of every head are one block in memory.
+    q, k, v = (x.to(compute).transpose(1, 2).contiguous() for x in (q, k, v))
+    out, probs = FusedSelectedAttention.apply(q, k, v, selected.contiguous(), per_head_probs)
+    return out.transpose(1, 2).to(dtype), probs.to(dtype)
+
+
+class FusedSelectedIndexScores(torch.autograd.Function):
+    """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]) at the selected keys; backward recomputes the logits."""
+
+    @staticmethod
+    def forward(ctx, q, k, w, selected):
+        ctx.save_for_backward(q, k, w, selected)
+        return _kernels().selected_index_scores_forward(q, k, w, selected)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, w, selected = ctx.saved_tensors
+        grad_q, grad_k, grad_w = _kernels().selected_index_scores_backward(grad.contiguous(), q, k, w, selected)
+        return grad_q, grad_k, grad_w, None
+
+
+def fused_selected_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """The indexer's scores at the selected keys with the fused kernel, differentiable in q, k and w.
+
+    Args:
+        q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
+        selected: (B, T, kk) long, causal, -1 = unfilled (its score is 0); any order.
+
+    Returns:
+        (B, T, kk) in q's dtype.
+    """
+    _check_cpu(q, k, w, selected)
+    dtype = q.dtype
+    compute = _compute_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype))
+    q, k, w = (x.to(compute).contiguous() for x in (q, k, w))
+    return FusedSelectedIndexScores.apply(q, k, w, selected.contiguous()).to(dtype)
+
+
+@torch.no_grad()
+def fused_index_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: int) -> torch.Tensor:
+    """`topk_causal` of the Lightning Indexer's scores, the score matrix never stored.
+
+    Args:
+        q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
+        top_k: keys per query (>= 1).
+
+    Returns:
+        (B, T, min(top_k, T)) long in `select_keys` order: rows t + 1 <= top_k hold 0..t then -1;
+        other rows their top_k keys ascending (the earliest among ties at the k-th score).
+    """
+    _check_cpu(q, k, w)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    compute = _compute_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype))
+    q, k, w = (x.detach().to(compute).contiguous() for x in (q, k, w))
+    return _kernels().causal_index_topk(q, k, w, top_k)
+
+
+def main() -> int:
+    """Build the kernels now and say so (scripts/setup.sh runs it); 1 where they cannot be built."""
+    ops = load_fused_kernels()
+    if ops is None:
+        print(f"fused CPU kernels: not built ({_failure or DISABLE_ENV + '=0'})", file=sys.stderr)
+        return 1
+    print(f"fused CPU kernels: built ({_build_name(_FLAGS)})")
+    return 0

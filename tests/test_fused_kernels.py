@@ -1,0 +1,235 @@
+"""The fused CPU kernels (`fused_kernels.py`, C++) against the readable references: sparse
+attention == `masked_sparse_attention` (dense scores, -inf off the selection), the indexer's
+selected-key scores == the full score matrix of `LightningIndexer.forward` read at the
+selection, the top-k == `topk_causal` of that matrix; values and gradients, in float64 (to
+round-off) and float32, over shapes that take every code path of the kernels (head sizes with
+and without the vectorised tiles, head counts with and without a tile kernel, rows shorter and
+longer than the prefilter's threshold, odd T, unfilled slots, ties).
+
+CI builds the kernels (scripts/setup.sh installs g++ and ninja): a build failure fails here."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparse_viz.model import ModelConfig, SparseTransformer
+from sparse_viz.model.attention import gather_selected, gathered_sparse_attention, masked_sparse_attention
+from sparse_viz.model.fused_kernels import (
+    fused_index_topk,
+    fused_kernels_available,
+    fused_selected_attention,
+    fused_selected_index_scores,
+    load_fused_kernels,
+)
+from sparse_viz.model.indexer import LightningIndexer
+from sparse_viz.model.rope import rope_tables
+from sparse_viz.model.selectors import topk_causal
+
+
+def test_the_kernels_are_built_on_this_machine():
+    assert load_fused_kernels() is not None
+    assert fused_kernels_available(torch.zeros(1))
+
+
+def random_selection(B: int, T: int, K: int, generator: torch.Generator, unfilled: float = 0.2) -> torch.Tensor:
+    """Causal selections in arbitrary order: row t holds up to K distinct keys <= t, some slots -1."""
+    selected = torch.full((B, T, K), -1, dtype=torch.long)
+    for b in range(B):
+        for t in range(T):
+            keys = torch.randperm(t + 1, generator=generator)[:K]
+            keep = torch.rand(len(keys), generator=generator) >= unfilled
+            keep[0] = True  # every row keeps a key (a row without one is tested on its own)
+            keys = keys[keep]
+            slots = torch.randperm(K, generator=generator)[: len(keys)]
+            selected[b, t, slots] = keys
+    return selected
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 16, 12, 128])  # 12: no vectorised tile; 128: two blocks of 64
+def test_attention_and_its_gradients_equal_the_masked_path(dtype, head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    B, H, T, K = 2, 3, 37, 20  # rows of > 8 keys: the kernels' eight-row tiles and their remainders
+    q, k, v = (torch.randn(B, H, T, head_dim, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    selected = random_selection(B, T, K, g)
+    out, probs = fused_selected_attention(q, k, v, selected, per_head_probs=True)
+    expected, expected_probs = masked_sparse_attention(q, k, v, selected, return_probs=True)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(probs, gather_selected(expected_probs, selected), **tol)
+    _, summed = fused_selected_attention(q, k, v, selected, per_head_probs=False)
+    torch.testing.assert_close(summed, gather_selected(expected_probs, selected).sum(1), **tol)
+    weights = torch.randn(out.shape, generator=g, dtype=dtype)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, **tol)
+
+
+def test_attention_passes_torch_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    selected = random_selection(1, 9, 4, g)
+    assert torch.autograd.gradcheck(lambda q, k, v: fused_selected_attention(q, k, v, selected)[0], (q, k, v))
+
+
+def test_a_row_without_keys_gives_zero_output_and_no_gradient():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g, requires_grad=True) for _ in range(3))
+    selected = random_selection(1, 6, 3, g)
+    selected[0, 4] = -1  # row 4 selects nothing
+    out, probs = fused_selected_attention(q, k, v, selected, per_head_probs=True)
+    assert torch.equal(out[0, :, 4], torch.zeros(2, 16)) and torch.equal(probs[0, :, 4], torch.zeros(2, 3))
+    out.sum().backward()
+    assert torch.equal(q.grad[0, :, 4], torch.zeros(2, 16))
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+def test_half_precision_is_computed_in_float32():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 20, 64, generator=g) for _ in range(3))
+    selected = random_selection(1, 20, 6, g)
+    out, _ = fused_selected_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), selected)
+    assert out.dtype == torch.bfloat16
+    expected, _ = masked_sparse_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), selected)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_the_gathered_paths_auto_kernel_is_the_fused_one_on_cpu():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 15, 16, generator=g) for _ in range(3))
+    selected = random_selection(1, 15, 4, g)
+    auto, auto_probs = gathered_sparse_attention(q, k, v, selected, return_probs=True, sum_heads=True)
+    fused, fused_probs = fused_selected_attention(q, k, v, selected)
+    assert torch.equal(auto, fused) and torch.equal(auto_probs, fused_probs)
+    copied, copied_probs = gathered_sparse_attention(q, k, v, selected, return_probs=True, kernel="copy", sum_heads=True)
+    torch.testing.assert_close(auto, copied, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(auto_probs, copied_probs, rtol=1e-5, atol=1e-6)
+
+
+def indexer_inputs(T: int, heads: int, dim: int, batch: int = 2, seed: int = 0, dtype=torch.float64):
+    """A random Lightning Indexer's (q, k, w) and its full (B, T, T) score matrix, the reference."""
+    torch.manual_seed(seed)
+    config = ModelConfig(d_model=24, n_heads=2, indexer_heads=heads, indexer_dim=dim, indexer_rope_dim=4)
+    indexer = LightningIndexer(config).to(dtype)
+    with torch.no_grad():
+        indexer.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(batch, T, 24, dtype=dtype)
+    cos, sin = rope_tables(4, T, 10000.0)
+    full, _ = indexer(x, cos, sin)  # (B, T, T); -inf on future keys
+    return indexer.project(x, cos, sin), full
+
+
+@pytest.mark.parametrize("heads,dim", [(4, 32), (1, 8), (2, 16), (8, 8), (3, 12)])  # (3, 12): no tile kernel
+@pytest.mark.parametrize("T", [45, 301])  # 301: odd, and rows long enough (n >= 4k) for the prefilter's bound
+def test_the_top_k_is_topk_causal_of_the_full_score_matrix(heads, dim, T):
+    (q, k, w), full = indexer_inputs(T, heads, dim, seed=T + heads)
+    for top_k in (1, 7, 16, T + 3):
+        assert torch.equal(fused_index_topk(q, k, w, top_k), topk_causal(full, top_k))
+
+
+def test_ties_at_the_kth_score_keep_the_earliest_keys():
+    (q, k, w), _ = indexer_inputs(200, 4, 8, seed=7)
+    # Every score exactly 0: each long row keeps its 16 earliest keys.
+    all_tied = fused_index_topk(q, k, torch.zeros_like(w), 16)
+    assert torch.equal(all_tied[:, 16:], torch.arange(16).expand(2, 184, 16))
+    # Scores > 0 on every third key, exactly 0 elsewhere (every head product negative): rows with
+    # fewer than 16 positive keys fill up with the earliest zeros.
+    q, w = q.abs(), w.abs()
+    keys = torch.where(torch.arange(200)[None, :, None] % 3 == 0, k.abs(), -k.abs())  # (B, T, d_I)
+    scores = torch.einsum("bthd,bsd->bths", q, keys).relu().mul(w[..., None]).sum(2)  # (B, T, T)
+    scores = scores.masked_fill(torch.ones(200, 200, dtype=torch.bool).triu(1), float("-inf"))
+    assert torch.equal(fused_index_topk(q, keys, w, 16), topk_causal(scores, 16))
+
+
+def test_the_top_k_in_float32_differs_from_the_reference_only_by_rounding():
+    (q, k, w), full = indexer_inputs(300, 4, 32, seed=3, dtype=torch.float32)
+    selected = fused_index_topk(q, k, w, 24)
+    chosen = gather_selected(full, selected)[:, 24:]  # rows with more than k keys: every slot filled
+    left_out = full.scatter(-1, selected.clamp(min=0), float("-inf"))[:, 24:]
+    assert (left_out.max(-1).values <= chosen.min(-1).values + 1e-5).all()
+    assert (selected != topk_causal(full, 24)).any(-1).float().mean() < 0.02  # swaps need near-equal scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("heads,dim", [(4, 32), (3, 12), (8, 16)])
+def test_selected_scores_and_gradients_equal_the_full_matrix_read_at_the_selection(dtype, heads, dim):
+    g = torch.Generator().manual_seed(heads)
+    T = 33
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=24, n_heads=2, indexer_heads=heads, indexer_dim=dim, indexer_rope_dim=4)
+    indexer = LightningIndexer(config).to(dtype)
+    x = torch.randn(2, T, 24, dtype=dtype)
+    cos, sin = rope_tables(4, T, 10000.0)
+    selected = random_selection(2, T, 14, g)  # > 8 keys per row: the eight-wide loops and their remainders
+    weights = torch.randn(2, T, 14, generator=g, dtype=dtype)
+
+    scores = fused_selected_index_scores(*indexer.project(x, cos, sin), selected)
+    grads = torch.autograd.grad((scores * weights).sum(), list(indexer.parameters()))
+    full, _ = indexer(x, cos, sin)
+    expected = gather_selected(full, selected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), list(indexer.parameters()))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores, expected, **tol)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, **tol)
+
+
+def test_a_sparse_training_step_is_the_csr_kernels_step():
+    """The model's sparse stage on the fused kernels (the default on CPU) == on the CSR kernels:
+    logits, per-layer KL and every gradient."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=48, max_seq_len=80, top_k=8,
+                         indexer_heads=4, indexer_dim=8, indexer_rope_dim=4)
+    model = SparseTransformer(config)
+    ids = torch.randint(0, 50, (2, 80))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, attention="sparse", indexer_loss="selected")
+        (out.logits.square().mean() + out.indexer_kl.sum()).backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    fused_out, fused_grads = step()
+    from sparse_viz.model import fused_kernels
+
+    saved = fused_kernels._ops
+    fused_kernels._ops = None
+    os.environ[fused_kernels.DISABLE_ENV] = "0"
+    try:
+        csr_out, csr_grads = step()
+    finally:
+        del os.environ[fused_kernels.DISABLE_ENV]
+        fused_kernels._ops = saved
+    torch.testing.assert_close(fused_out.logits, csr_out.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_out.indexer_kl, csr_out.indexer_kl, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == csr_grads.keys()
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], csr_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_switched_off_the_model_runs_on_the_csr_kernels_and_asking_for_fused_is_one_clear_error():
+    code = (
+        "import torch\n"
+        "from sparse_viz.model.fused_kernels import fused_kernels_available, fused_selected_attention\n"
+        "assert not fused_kernels_available(torch.zeros(1))\n"
+        "q = torch.randn(1, 1, 4, 8)\n"
+        "try:\n"
+        "    fused_selected_attention(q, q, q, torch.zeros(1, 4, 1, dtype=torch.long))\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    env = dict(os.environ, SPARSE_VIZ_FUSED_KERNELS="0")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "fused CPU kernels are not available (SPARSE_VIZ_FUSED_KERNELS=0)" in done.stdout
+
+
+def test_tensors_off_the_cpu_are_refused():
+    q = torch.empty(1, 1, 4, 8, device="meta")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        fused_selected_attention(q, q, q, torch.zeros(1, 4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        fused_index_topk(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 8), torch.zeros(1, 4, 2), 0)
