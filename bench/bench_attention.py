@@ -4,11 +4,11 @@
     python bench/bench_attention.py --memory --seq-lens 4096 8192 --backward [--threads 1] [--reps 3]
 
 Prints, per sequence length, medians of interleaved repetitions and their ratios against the
-masked path measured in the same run (`--backward`: forward + backward; `--copy`: also the
-plain gathered-copy kernel used off CPU). Goal: gathered >= 2x faster than masked at
+masked path measured in the same run, for the fused CPU kernel and the CSR one (`--backward`:
+forward + backward; `--copy`: also the plain gathered-copy kernel used off CPU). Goal: gathered >= 2x faster than masked at
 T=4096, k=256 on CPU. Fused dense SDPA (no selection at all) is printed for context.
 
-`--memory`: the CSR kernel against fused dense SDPA at long T, time AND peak memory,
+`--memory`: the CSR and fused kernels against fused dense SDPA at long T, time AND peak memory,
 each candidate in its own fresh process (peak RSS = `ru_maxrss`, so it is that candidate's own):
 one warm-up call then `--reps` timed ones (median, best). Every worker first builds the same
 inputs and a top-k selection of a random Lightning Indexer projection by query blocks
@@ -47,8 +47,8 @@ def memory_worker(name: str, T: int, args) -> dict:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def call():
-        if name == "csr":
-            out = gathered_sparse_attention(q, k, v, selected, kernel="csr")[0]
+        if name in ("csr", "fused"):
+            out = gathered_sparse_attention(q, k, v, selected, kernel=name)[0]
         else:
             out = dense_causal_attention(q, k, v)
         if args.backward:
@@ -65,14 +65,14 @@ def memory_worker(name: str, T: int, args) -> dict:
 
 
 def memory_main(args) -> None:
-    """Each (T, candidate) in a fresh process, candidates alternating; ratios csr / SDPA."""
+    """Each (T, candidate) in a fresh process, candidates alternating; ratios csr and fused / SDPA."""
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} thread(s) per worker, "
           f"B={args.batch} H={args.heads} hd={args.head_dim} k={args.top_k}, "
           f"{'forward+backward' if args.backward else 'forward'}, one fresh process per candidate, "
           f"median of {args.reps} calls after one warm-up")
     for T in args.seq_lens:
         found = {}
-        for name in ("sdpa", "csr"):
+        for name in ("sdpa", "csr", "fused"):
             command = [sys.executable, __file__, "--memory-worker", name, "--seq-lens", str(T), "--reps", str(args.reps),
                        "--top-k", str(args.top_k), "--batch", str(args.batch), "--heads", str(args.heads),
                        "--head-dim", str(args.head_dim), "--threads", str(args.threads)]
@@ -83,7 +83,8 @@ def memory_main(args) -> None:
             found[name] = json.loads(done.stdout.strip().splitlines()[-1])
         base = found["sdpa"]
         print(f"T={T} (RSS before the calls: {base['baseline_rss_mb']:.0f} MB)")
-        for name, label in (("sdpa", "dense SDPA (fused)"), ("csr", "gathered sparse (csr)")):
+        for name, label in (("sdpa", "dense SDPA (fused)"), ("csr", "gathered sparse (csr)"),
+                            ("fused", "gathered sparse (fused)")):
             r = found[name]
             print(f"  {label:22s} median {statistics.median(r['times']) * 1e3:8.1f} ms  best {min(r['times']) * 1e3:8.1f} ms  "
                   f"peak RSS {r['rss_mb']:6.0f} MB   this/SDPA: time {statistics.median(r['times']) / statistics.median(base['times']):5.2f}x "
@@ -136,6 +137,7 @@ def main() -> None:
         candidates = {
             "masked sparse (reference)": timed(lambda: masked_sparse_attention(q, k, v, selected)[0]),
             "gathered sparse (csr)": timed(lambda: gathered_sparse_attention(q, k, v, selected, kernel="csr")[0]),
+            "gathered sparse (fused)": timed(lambda: gathered_sparse_attention(q, k, v, selected, kernel="fused")[0]),
             "dense SDPA (context)": timed(lambda: dense_causal_attention(q, k, v)),
         }
         if args.copy:

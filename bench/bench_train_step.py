@@ -6,7 +6,8 @@ Same architecture and batch for every row (d_model 256, 4 layers, 4 heads, SwiGL
 2048, indexer 4 heads x 32, top_k 64, batch 4, T 512). Rows:
 - dense model: no indexer, fused SDPA causal attention, LM loss (the baseline);
 - DSA sparse stage: indexer top-k selection (blockwise indexer path), gathered attention, LM
-  loss + indexer KL over the selected set (DeepSeek stage 2);
+  loss + indexer KL over the selected set (DeepSeek stage 2), on the fused CPU kernels;
+- the same step with the fused kernels off (torch-op top-k, CSR kernels: the step before them);
 - for context: the same with the masked reference attention path, with the full-matrix indexer
   path, and the warm-up stage (dense attention, KL over all causal keys).
 Medians of interleaved repetitions; ratios against the dense model measured in the same run.
@@ -16,11 +17,13 @@ Goal: DSA sparse stage <= 1.3x the dense step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from sparse_viz.model import ModelConfig, SparseTransformer
+from sparse_viz.model.fused_kernels import fused_kernels_disabled
 
 from timing import interleaved_medians  # bench/timing.py (the script's own folder is on sys.path)
 
@@ -28,10 +31,16 @@ MODEL = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, d_ff=768, max_
              indexer_heads=4, indexer_dim=32, indexer_rope_dim=16, top_k=64)
 
 
-def training_step(model: SparseTransformer, ids: torch.Tensor, attention: str, indexer_loss: str | None):
-    """Forward + backward of one step; returns a closure for the timer."""
+def training_step(model: SparseTransformer, ids: torch.Tensor, attention: str, indexer_loss: str | None,
+                  fused: bool = True):
+    """Forward + backward of one step; returns a closure for the timer. fused=False: with the fused
+    CPU kernels off."""
 
     def step():
+        with contextlib.nullcontext() if fused else fused_kernels_disabled():
+            run()
+
+    def run():
         out = model(ids[:, :-1], attention=attention, indexer_loss=indexer_loss)
         loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
         if out.indexer_kl is not None:
@@ -64,6 +73,7 @@ def main() -> None:
     candidates = {
         "dense model (baseline)": training_step(dense, ids, "dense", None),
         "DSA sparse stage (gathered)": training_step(dsa, ids, "sparse", "selected"),
+        "  the same, fused kernels off": training_step(dsa, ids, "sparse", "selected", fused=False),
     }
     if not args.no_context:
         candidates["DSA sparse stage (masked)"] = training_step(dsa_masked, ids, "sparse", "selected")

@@ -20,6 +20,7 @@ from sparse_viz.model.attention import gather_selected, gathered_sparse_attentio
 from sparse_viz.model.fused_kernels import (
     fused_index_topk,
     fused_kernels_available,
+    fused_kernels_disabled,
     fused_selected_attention,
     fused_selected_index_scores,
     load_fused_kernels,
@@ -194,16 +195,10 @@ def test_a_sparse_training_step_is_the_csr_kernels_step():
         return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
     fused_out, fused_grads = step()
-    from sparse_viz.model import fused_kernels
-
-    saved = fused_kernels._ops
-    fused_kernels._ops = None
-    os.environ[fused_kernels.DISABLE_ENV] = "0"
-    try:
+    with fused_kernels_disabled():
+        assert not fused_kernels_available(ids.float())
         csr_out, csr_grads = step()
-    finally:
-        del os.environ[fused_kernels.DISABLE_ENV]
-        fused_kernels._ops = saved
+    assert fused_kernels_available(ids.float())
     torch.testing.assert_close(fused_out.logits, csr_out.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_out.indexer_kl, csr_out.indexer_kl, rtol=1e-5, atol=1e-6)
     assert fused_grads.keys() == csr_grads.keys()

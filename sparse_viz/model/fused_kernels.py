@@ -20,6 +20,7 @@ float32 and float64 on CPU; other dtypes are computed in float32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -69,6 +70,24 @@ def load_fused_kernels(verbose: bool = False):
         )
         return None
     return _ops
+
+
+@contextlib.contextmanager
+def fused_kernels_disabled():
+    """Within the block, every "auto" choice takes the kernels before these (torch ops, CSR):
+    for side-by-side measurements and checks in one process."""
+    global _ops
+    saved, before = _ops, os.environ.get(DISABLE_ENV)
+    _ops = None
+    os.environ[DISABLE_ENV] = "0"
+    try:
+        yield
+    finally:
+        _ops = saved
+        if before is None:
+            del os.environ[DISABLE_ENV]
+        else:
+            os.environ[DISABLE_ENV] = before
 
 
 def _kernels():
