@@ -157,6 +157,7 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
     )
     from sparse_viz.model.csr_attention import SelectionPattern
     from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
+    from sparse_viz.model.selectors import select_keys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from timing import interleaved_medians
@@ -170,9 +171,13 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
     q, k, v = (torch.randn(1, H, T, hd, requires_grad=True) for _ in range(3))
     selected = blockwise_topk(q_i, k_i, w_i, MODEL["top_k"])
 
-    def attention_sparse(kernel):
-        pattern = SelectionPattern(selected) if kernel == "csr" else None
-        y, _ = gathered_sparse_attention(q, k, v, selected, return_probs=True, check_order=False, pattern=pattern,
+    # The last k keys of each query: the gathers of a local window are contiguous, the indexer's
+    # selections (random here, from a random-initialised indexer) are scattered over the keys.
+    local = select_keys("local", top_k=MODEL["top_k"], seq_len=T)
+
+    def attention_sparse(kernel, selection=selected):
+        pattern = SelectionPattern(selection) if kernel == "csr" else None
+        y, _ = gathered_sparse_attention(q, k, v, selection, return_probs=True, check_order=False, pattern=pattern,
                                          kernel=kernel, sum_heads=True)
         y.sum().backward()
 
@@ -187,6 +192,7 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
         "  by blocks in torch ops (before)": lambda: blockwise_topk(q_i, k_i, w_i, MODEL["top_k"], kernel="torch"),
         "sparse attention, fused, fwd+bwd": lambda: attention_sparse("fused"),
         "  the same, CSR (before)": lambda: attention_sparse("csr"),
+        "  fused, on a local window's selection": lambda: attention_sparse("fused", local),
         "indexer scores at S_t, fused, fwd+bwd": lambda: indexer_scores("fused"),
         "  the same, CSR (before) ": lambda: indexer_scores("csr"),
         "dense attention, fused SDPA, fwd+bwd": attention_dense,
