@@ -39,10 +39,22 @@ _ops = None  # torch.ops.sparse_viz_fused once loaded
 _failure: str | None = None  # why they could not be built, once tried
 
 
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags: a -march=native build from one CPU must not be loaded on
+    another (a home directory, and so the build cache, can be shared between machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "|".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
+
+
 def _build_name(flags: list[str]) -> str:
-    """Extension name tied to the source and flags, so an edited source is rebuilt, not reused."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    return f"sparse_viz_fused_{digest}"
+    """Extension name tied to the source, the flags and the CPU, so an edited source (or another
+    machine) gets its own build instead of a stale one."""
+    key = SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_identity().encode()
+    return f"sparse_viz_fused_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 def load_fused_kernels(verbose: bool = False):
