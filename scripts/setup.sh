@@ -15,7 +15,7 @@ pip() { python -m pip install -q --disable-pip-version-check -c constraints.txt 
 # torch first and pinned: the local CPU wheel. An unpinned torch pulls GBs of CUDA packages.
 python -c "import torch" 2>/dev/null || pip torch==2.13.0
 if [ "$dev" = 1 ]; then pip -e ".[dev]"; else pip -e .; fi
-# The fused CPU kernels (sparse_viz/model/fused_cpu_kernels.cpp) are compiled once per machine
+# The fused CPU kernels (sparse_viz/model/fused_cpu/*.cpp) are compiled once per machine
 # with g++ (Debian) and ninja (PyPI, a dependency); the model falls back to slower CSR kernels
 # where they cannot be built, so a failure here is a warning, not an error.
 if ! command -v g++ >/dev/null; then

@@ -57,7 +57,9 @@ PLOTS = "sparse_viz/report/plots.py"
 PLOTS_TESTS = "tests/test_plots.py"
 TRAINING_REPORT = "sparse_viz/report/training.py"
 TRAINING_REPORT_TESTS = "tests/test_training_report.py"
-FUSED_CPP = "sparse_viz/model/fused_cpu_kernels.cpp"
+FUSED_TOPK = "sparse_viz/model/fused_cpu/index_topk.cpp"
+FUSED_ATTENTION = "sparse_viz/model/fused_cpu/sparse_attention.cpp"
+FUSED_SCORES = "sparse_viz/model/fused_cpu/index_scores.cpp"
 FUSED_TESTS = "tests/test_fused_kernels.py"
 
 MUTATIONS: list[Mutation] = [
@@ -482,7 +484,7 @@ MUTATIONS: list[Mutation] = [
     ),
     # ------------------------------------------------------------------ fused CPU kernels (C++)
     Mutation(
-        "fused_topk_takes_ties_before_larger_keys", FUSED_CPP,
+        "fused_topk_takes_ties_before_larger_keys", FUSED_TOPK,
         "if (x > kth || (x == kth && ties_left-- > 0)) out[filled++] = candidates[i];",
         "if (x >= kth) out[filled++] = candidates[i];",
         (f"{FUSED_TESTS}::test_ties_at_the_kth_score_keep_the_earliest_keys",
@@ -490,35 +492,35 @@ MUTATIONS: list[Mutation] = [
         "a key tied at the k-th score is taken before a later, larger one, which is then dropped",
     ),
     Mutation(
-        "fused_topk_bound_too_high", FUSED_CPP,
+        "fused_topk_bound_too_high", FUSED_TOPK,
         "bound = scratch[K - 1];",
         "bound = scratch[K / 2];",
         (f"{FUSED_TESTS}::test_the_top_k_is_topk_causal_of_the_full_score_matrix",),
         "the prefilter's bound is a higher group maximum than the k-th: keys that belong are skipped",
     ),
     Mutation(
-        "fused_topk_row_sees_its_future_key", FUSED_CPP,
+        "fused_topk_row_sees_its_future_key", FUSED_TOPK,
         "row_topk(row0.data(), t0 + 1, K, scratch, candidates, out0);\n      row_topk(row1",
         "row_topk(row0.data(), t1 + 1, K, scratch, candidates, out0);\n      row_topk(row1",
         (f"{FUSED_TESTS}::test_the_top_k_is_topk_causal_of_the_full_score_matrix",),
         "of two rows scored together, the first ranks the second's key too: one future key",
     ),
     Mutation(
-        "fused_attention_backward_drops_delta", FUSED_CPP,
+        "fused_attention_backward_drops_delta", FUSED_ATTENTION,
         "ds_h[i] = p_h[i] * (ds_h[i] - row_delta) * scale;",
         "ds_h[i] = p_h[i] * ds_h[i] * scale;",
         (f"{FUSED_TESTS}::test_attention_and_its_gradients_equal_the_masked_path",),
         "softmax backward without the row's sum P . dP: the query gradient is wrong",
     ),
     Mutation(
-        "fused_attention_key_pass_reads_head_0", FUSED_CPP,
+        "fused_attention_key_pass_reads_head_0", FUSED_ATTENTION,
         "p_h[i] = p_h[i] * scale - lse[query[i] + h];",
         "p_h[i] = p_h[i] * scale - lse[query[i]];",
         (f"{FUSED_TESTS}::test_attention_and_its_gradients_equal_the_masked_path",),
         "the key/value pass normalises every head by head 0's log-sum-exp",
     ),
     Mutation(
-        "fused_index_scores_weight_grad_ignores_relu", FUSED_CPP,
+        "fused_index_scores_weight_grad_ignores_relu", FUSED_SCORES,
         "    sum += active ? gi * x : zero;",
         "    sum += gi * x;",
         (f"{FUSED_TESTS}::test_selected_scores_and_gradients_equal_the_full_matrix_read_at_the_selection",),

@@ -1,4 +1,4 @@
-"""Fused CPU kernels of the sparse stage (`fused_cpu_kernels.cpp`), built on first use.
+"""Fused CPU kernels of the sparse stage (C++ in `fused_cpu/`), built on first use.
 
 Three kernels, each with a readable meaning elsewhere that the tests hold it to:
 
@@ -11,7 +11,12 @@ Three kernels, each with a readable meaning elsewhere that the tests hold it to:
   a row-sized buffer, never stored (meaning: `topk_causal` of `LightningIndexer.forward`, the
   earliest keys kept among ties at the k-th score).
 
-The C++ source is compiled once per machine by `torch.utils.cpp_extension` (g++ and ninja; the
+Why fused: the same computations as torch ops (or sparse CSR products) write O(T * k * H)
+(attention) or O(T^2 * H_I) (indexer) intermediates to memory and read them back; here a query
+row's scores live in a row-sized buffer. One source file per kernel (`sparse_attention.cpp`,
+`index_scores.cpp`, `index_topk.cpp`), their shared vector routines in `vector_ops.h`.
+
+The C++ sources are compiled once per machine by `torch.utils.cpp_extension` (g++ and ninja; the
 result is cached under ~/.cache/torch_extensions) the first time a kernel is asked for;
 `scripts/setup.sh` builds it ahead. Where it cannot be built, `fused_kernels_available` is False,
 one warning names the reason, and the model uses the CSR kernels (`csr_attention.py`) instead.
@@ -29,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("fused_cpu_kernels.cpp")
+SOURCE_DIR = Path(__file__).with_name("fused_cpu")
+SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))  # compiled and linked into one library
+HEADERS = sorted(SOURCE_DIR.glob("*.h"))
 DISABLE_ENV = "SPARSE_VIZ_FUSED_KERNELS"  # "0" = never build or use them (the CSR kernels instead)
 
 # OpenMP: at::parallel_for runs serially without it. -march=native: the build is per machine, so
@@ -53,7 +60,8 @@ def _cpu_identity() -> str:
 def _build_name(flags: list[str]) -> str:
     """Extension name tied to the source, the flags and the CPU, so an edited source (or another
     machine) gets its own build instead of a stale one."""
-    key = SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_identity().encode()
+    key = b"".join(path.name.encode() + path.read_bytes() for path in SOURCES + HEADERS)
+    key += " ".join(flags).encode() + _cpu_identity().encode()
     return f"sparse_viz_fused_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
@@ -69,7 +77,7 @@ def load_fused_kernels(verbose: bool = False):
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name=_build_name(_FLAGS), sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+            name=_build_name(_FLAGS), sources=[str(path) for path in SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
             is_python_module=False, verbose=verbose
         )
         _ops = torch.ops.sparse_viz_fused

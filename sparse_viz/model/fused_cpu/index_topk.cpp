@@ -1,0 +1,232 @@
+// The Lightning Indexer's causal top-k on CPU, each query's score row computed into a row-sized
+// buffer and ranked there, never stored (loaded by fused_kernels.py; readable meaning:
+// `topk_causal` of `LightningIndexer.forward`'s full score matrix).
+// Layouts (contiguous): q (B, T, HI, DI), k (B, T, DI), w (B, T, HI) -> selected (B, T, K).
+
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "selection.h"
+#include "vector_ops.h"
+
+namespace sparse_viz_fused {
+namespace {
+
+// Scores of one query against keys 0 .. n-1 into row[0 .. round8(n)): for float, tiles of 8
+// keys, one accumulator per (head, tile), keys read transposed (k_t: (DI, T_pad)) so a tile is
+// one load per dimension. Entries past n are scratch.
+template <typename scalar_t>
+void score_row(const scalar_t* q_row, const scalar_t* w_row, const scalar_t* k_t, int64_t T_pad, int64_t n,
+               int64_t HI, int64_t DI, scalar_t* row) {
+  for (int64_t s = 0; s < n; ++s) {
+    scalar_t score = 0;
+    for (int64_t h = 0; h < HI; ++h) {
+      scalar_t logit = 0;
+      for (int64_t d = 0; d < DI; ++d) logit += q_row[h * DI + d] * k_t[d * T_pad + s];
+      score += w_row[h] * std::max(logit, scalar_t(0));
+    }
+    row[s] = score;
+  }
+}
+
+template <int NH, int NV>
+inline void score_tiles_float(const float* q_row, const float* w_row, const float* k_t, int64_t T_pad, int64_t n,
+                              int64_t DI, float* row) {
+  constexpr int64_t width = 8 * NV;
+  for (int64_t s0 = 0; s0 < n; s0 += width) {
+    v8f acc[NH][NV];
+    for (int h = 0; h < NH; ++h)
+      for (int u = 0; u < NV; ++u) acc[h][u] = splat8(0.f);
+    for (int64_t d = 0; d < DI; ++d) {
+      v8f keys[NV];
+      for (int u = 0; u < NV; ++u) keys[u] = load8(k_t + d * T_pad + s0 + 8 * u);
+      for (int h = 0; h < NH; ++h) {
+        const v8f qd = splat8(q_row[h * DI + d]);
+        for (int u = 0; u < NV; ++u) acc[h][u] += qd * keys[u];
+      }
+    }
+    for (int u = 0; u < NV; ++u) {
+      v8f score = splat8(0.f);
+      for (int h = 0; h < NH; ++h) score += splat8(w_row[h]) * (acc[h][u] > 0.f ? acc[h][u] : splat8(0.f));
+      store8(row + s0 + 8 * u, score);
+    }
+  }
+}
+
+template <>
+void score_row<float>(const float* q_row, const float* w_row, const float* k_t, int64_t T_pad, int64_t n,
+                      int64_t HI, int64_t DI, float* row) {
+  switch (HI) {  // registers: NH * NV accumulators, at most 8 of them
+    case 1: return score_tiles_float<1, 4>(q_row, w_row, k_t, T_pad, n, DI, row);
+    case 2: return score_tiles_float<2, 4>(q_row, w_row, k_t, T_pad, n, DI, row);
+    case 4: return score_tiles_float<4, 2>(q_row, w_row, k_t, T_pad, n, DI, row);
+    case 8: return score_tiles_float<8, 1>(q_row, w_row, k_t, T_pad, n, DI, row);
+    default: {
+      // Any other head count: the plain loop, with the same per-head sums as the tiles.
+      for (int64_t s = 0; s < n; ++s) {
+        float score = 0;
+        for (int64_t h = 0; h < HI; ++h) {
+          float logit = 0;
+          for (int64_t d = 0; d < DI; ++d) logit += q_row[h * DI + d] * k_t[d * T_pad + s];
+          score += w_row[h] * std::max(logit, 0.f);
+        }
+        row[s] = score;
+      }
+    }
+  }
+}
+
+// Two query rows at once against keys 0 .. n-1 (each key tile loaded once for both):
+// rows[r][0 .. round8(n)) for r = 0, 1. Same sums, in the same order, as `score_row`.
+template <typename scalar_t>
+void score_two_rows(const scalar_t* const q_rows[2], const scalar_t* const w_rows[2], const scalar_t* k_t,
+                    int64_t T_pad, int64_t n, int64_t HI, int64_t DI, scalar_t* const rows[2]) {
+  for (int r = 0; r < 2; ++r) score_row(q_rows[r], w_rows[r], k_t, T_pad, n, HI, DI, rows[r]);
+}
+
+template <int NH, int NV>
+inline void score_two_rows_tiles(const float* const q_rows[2], const float* const w_rows[2], const float* k_t,
+                                 int64_t T_pad, int64_t n, int64_t DI, float* const rows[2]) {
+  constexpr int64_t width = 8 * NV;
+  for (int64_t s0 = 0; s0 < n; s0 += width) {
+    v8f acc[2][NH][NV];
+    for (int r = 0; r < 2; ++r)
+      for (int h = 0; h < NH; ++h)
+        for (int u = 0; u < NV; ++u) acc[r][h][u] = splat8(0.f);
+    for (int64_t d = 0; d < DI; ++d) {
+      v8f keys[NV];
+      for (int u = 0; u < NV; ++u) keys[u] = load8(k_t + d * T_pad + s0 + 8 * u);
+      for (int r = 0; r < 2; ++r)
+        for (int h = 0; h < NH; ++h) {
+          const v8f qd = splat8(q_rows[r][h * DI + d]);
+          for (int u = 0; u < NV; ++u) acc[r][h][u] += qd * keys[u];
+        }
+    }
+    for (int r = 0; r < 2; ++r)
+      for (int u = 0; u < NV; ++u) {
+        v8f score = splat8(0.f);
+        for (int h = 0; h < NH; ++h) score += splat8(w_rows[r][h]) * (acc[r][h][u] > 0.f ? acc[r][h][u] : splat8(0.f));
+        store8(rows[r] + s0 + 8 * u, score);
+      }
+  }
+}
+
+template <>
+void score_two_rows<float>(const float* const q_rows[2], const float* const w_rows[2], const float* k_t,
+                           int64_t T_pad, int64_t n, int64_t HI, int64_t DI, float* const rows[2]) {
+  switch (HI) {  // registers: 2 * NH * NV accumulators, at most 16 of them
+    case 1: return score_two_rows_tiles<1, 4>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
+    case 2: return score_two_rows_tiles<2, 4>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
+    case 4: return score_two_rows_tiles<4, 2>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
+    case 8: return score_two_rows_tiles<8, 1>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
+    default:
+      for (int r = 0; r < 2; ++r) score_row(q_rows[r], w_rows[r], k_t, T_pad, n, HI, DI, rows[r]);
+  }
+}
+
+// The K largest of row[0 .. n) (n > K), earliest indices among ties at the K-th largest value
+// (the rule of selectors.topk_earliest_ties), written ascending into out[0 .. K).
+//
+// Exact, without ranking all n: for G >= K strided groups {i, i + G, i + 2G, ...}, the K-th
+// largest of the G group maxima is <= the K-th largest score (the maxima are K distinct entries),
+// so only entries >= that bound can be selected; typically a few hundred of thousands.
+template <typename scalar_t>
+void row_topk(const scalar_t* row, int64_t n, int64_t K, std::vector<scalar_t>& scratch,
+              std::vector<int32_t>& candidates, int64_t* out) {
+  scalar_t bound = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t groups = std::max<int64_t>(2 * K, n / 16);
+  if (n >= 4 * K) {
+    scratch.assign(row, row + groups);
+    for (int64_t start = groups; start < n; start += groups) {
+      const int64_t len = std::min(groups, n - start);
+      for (int64_t i = 0; i < len; ++i) scratch[i] = std::max(scratch[i], row[start + i]);
+    }
+    std::nth_element(scratch.begin(), scratch.begin() + (K - 1), scratch.end(), std::greater<scalar_t>());
+    bound = scratch[K - 1];
+  }
+  // The entries >= bound, in order, without a branch per entry (most are below it).
+  candidates.resize(n);
+  int64_t count = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    candidates[count] = int32_t(s);
+    count += row[s] >= bound;
+  }
+  scratch.resize(count);
+  for (int64_t i = 0; i < count; ++i) scratch[i] = row[candidates[i]];
+  std::nth_element(scratch.begin(), scratch.begin() + (K - 1), scratch.end(), std::greater<scalar_t>());
+  const scalar_t kth = scratch[K - 1];
+  int64_t above = 0;
+  for (const scalar_t x : scratch) above += x > kth;
+  int64_t ties_left = K - above, filled = 0;  // ties at the K-th value: the earliest ones
+  for (int64_t i = 0; i < count && filled < K; ++i) {
+    const scalar_t x = row[candidates[i]];
+    if (x > kth || (x == kth && ties_left-- > 0)) out[filled++] = candidates[i];
+  }
+}
+
+template <typename scalar_t>
+void index_topk(const scalar_t* q, const scalar_t* k_t, const scalar_t* w, int64_t* selected, int64_t B,
+                int64_t T, int64_t T_pad, int64_t HI, int64_t DI, int64_t K) {
+  // Work items are pairs of adjacent rows (2p, 2p + 1), scored together. Row t costs ~t, so
+  // the items alternate between the two ends (p = 0, P-1, 1, P-2, ...): equal chunks, equal work.
+  const int64_t P = (T + 1) / 2;
+  at::parallel_for(0, B * P, 4, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> row0(T_pad), row1(T_pad);
+    std::vector<scalar_t> scratch;
+    std::vector<int32_t> candidates;
+    scratch.reserve(T_pad);
+    candidates.reserve(T_pad);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / P, i = item % P;
+      const int64_t p = i % 2 == 0 ? i / 2 : P - 1 - i / 2;
+      const int64_t t0 = 2 * p, t1 = 2 * p + 1;  // t1 may be T (odd T): no such row
+      const scalar_t* keys = k_t + b * DI * T_pad;
+      int64_t* out0 = selected + (b * T + t0) * K;
+      if (t0 + 1 <= K) {  // short rows: every past key, then unfilled slots
+        for (int64_t t = t0; t <= std::min(t1, T - 1); ++t)
+          for (int64_t j = 0; j < K; ++j) selected[(b * T + t) * K + j] = j <= t ? j : -1;
+        if (t1 < T && t1 + 1 > K) {
+          score_row(q + (b * T + t1) * HI * DI, w + (b * T + t1) * HI, keys, T_pad, t1 + 1, HI, DI, row1.data());
+          row_topk(row1.data(), t1 + 1, K, scratch, candidates, out0 + K);
+        }
+        continue;
+      }
+      if (t1 >= T) {
+        score_row(q + (b * T + t0) * HI * DI, w + (b * T + t0) * HI, keys, T_pad, t0 + 1, HI, DI, row0.data());
+        row_topk(row0.data(), t0 + 1, K, scratch, candidates, out0);
+        continue;
+      }
+      const scalar_t* q_rows[2] = {q + (b * T + t0) * HI * DI, q + (b * T + t1) * HI * DI};
+      const scalar_t* w_rows[2] = {w + (b * T + t0) * HI, w + (b * T + t1) * HI};
+      scalar_t* rows[2] = {row0.data(), row1.data()};
+      score_two_rows(q_rows, w_rows, keys, T_pad, t1 + 1, HI, DI, rows);  // row t0 ignores key t1
+      row_topk(row0.data(), t0 + 1, K, scratch, candidates, out0);
+      row_topk(row1.data(), t1 + 1, K, scratch, candidates, out0 + K);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor causal_index_topk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, int64_t top_k) {
+  check_indexer(q, k, w);
+  TORCH_CHECK(top_k >= 1, "top_k must be >= 1");
+  const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
+  const int64_t K = std::min(top_k, T);
+  const int64_t T_pad = (T + 31) / 32 * 32;  // whole tiles of keys; the padding keys are never selected
+  auto k_t = at::zeros({B, DI, T_pad}, k.options());
+  k_t.narrow(2, 0, T).copy_(k.transpose(1, 2));
+  auto selected = at::empty({B, T, K}, q.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_index_topk", [&] {
+    index_topk<scalar_t>(q.data_ptr<scalar_t>(), k_t.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                         selected.data_ptr<int64_t>(), B, T, T_pad, HI, DI, K);
+  });
+  return selected;
+}
+
+}  // namespace sparse_viz_fused
+
+TORCH_LIBRARY_FRAGMENT(sparse_viz_fused, m) {
+  m.def("causal_index_topk", &sparse_viz_fused::causal_index_topk);
+}

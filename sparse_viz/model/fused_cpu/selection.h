@@ -1,0 +1,39 @@
+// The selection as the fused CPU kernels read it, and the checks of their tensor arguments.
+//   selected: (B, T, K) int64, -1 = unfilled slot; shared by every head; any order
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace sparse_viz_fused {
+
+// The valid slots of one selection row: slot[i] = j and offset[i] = (b * T + selected[j]) * HD,
+// for the n valid slots in order.
+inline int64_t valid_slots(const int64_t* sel, int64_t K, int64_t first_row, int64_t HD, int64_t* slot,
+                           int64_t* offset) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    if (sel[j] < 0) continue;
+    slot[n] = j;
+    offset[n++] = (first_row + sel[j]) * HD;
+  }
+  return n;
+}
+
+inline void check_selection(const at::Tensor& selected, int64_t B, int64_t T) {
+  TORCH_CHECK(selected.scalar_type() == at::kLong && selected.dim() == 3 && selected.size(0) == B &&
+                  selected.size(1) == T && selected.is_contiguous(),
+              "selected must be a contiguous (B, T, K) int64 tensor");
+}
+
+inline void check_indexer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 3 && w.dim() == 3 && q.is_contiguous() && k.is_contiguous() &&
+                  w.is_contiguous() && k.scalar_type() == q.scalar_type() && w.scalar_type() == q.scalar_type(),
+              "indexer q (B, T, HI, DI), k (B, T, DI), w (B, T, HI) must be contiguous and of one dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(2) == q.size(3) &&
+                  w.size(0) == q.size(0) && w.size(1) == q.size(1) && w.size(2) == q.size(2),
+              "indexer q, k and w disagree in shape");
+}
+
+}  // namespace sparse_viz_fused

@@ -1,0 +1,250 @@
+// Small vector routines shared by the fused CPU kernels: dot products, weighted sums of gathered
+// rows, exp, max and sum, for float through 8-lane vectors (GCC/Clang vector extensions: AVX
+// where the compiler targets it, two SSE halves elsewhere) and for double through plain loops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace sparse_viz_fused {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) { v8f x; std::memcpy(&x, p, sizeof(x)); return x; }
+inline void store8(float* p, v8f x) { std::memcpy(p, &x, sizeof(x)); }
+inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+inline float sum8(v8f x) { return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7])); }
+
+// ---- small vector routines: a . b, y += a * x, exp --------------------------------------------
+
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  scalar_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <>
+inline float dot<float>(const float* a, const float* b, int64_t n) {
+  v8f acc0 = splat8(0.f), acc1 = splat8(0.f);  // two chains: the adds do not wait on each other
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += load8(a + i) * load8(b + i);
+    acc1 += load8(a + i + 8) * load8(b + i + 8);
+  }
+  for (; i + 8 <= n; i += 8) acc0 += load8(a + i) * load8(b + i);
+  float s = sum8(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename scalar_t>
+inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <>
+inline void axpy<float>(float alpha, const float* x, float* y, int64_t n) {
+  const v8f a = splat8(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + a * load8(x + i));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// exp of 8 floats (Cephes' expf: 2^n * e^r with |r| <= ln2 / 2, degree-6 polynomial; relative
+// error ~1e-7). Inputs below -87.3 (and -inf: masked slots) give 0.
+inline v8f exp8(v8f x) {
+  const v8i underflow = x < -87.3f;
+  x = x < -87.3f ? splat8(-87.3f) : x;
+  x = x > 88.3f ? splat8(88.3f) : x;
+  v8f n = __builtin_convertvector(x * 1.44269504088896341f + 0.5f, v8f);
+  v8i ni = __builtin_convertvector(n, v8i);  // truncation; floor below
+  v8f nf = __builtin_convertvector(ni, v8f);
+  const v8i too_big = nf > n;
+  ni += too_big;  // true lanes are -1
+  nf = __builtin_convertvector(ni, v8f);
+  v8f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  v8f p = splat8(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const v8i bits = (ni + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  p = p * scale;
+  return underflow ? splat8(0.f) : p;
+}
+
+// x[i] = exp(x[i] - shift) for i < n; x holds at least round_up(n, 8) entries.
+template <typename scalar_t>
+inline void exp_shifted(scalar_t* x, int64_t n, scalar_t shift) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] - shift);
+}
+
+template <>
+inline void exp_shifted<float>(float* x, int64_t n, float shift) {
+  const v8f s = splat8(shift);
+  for (int64_t i = 0; i < n; i += 8) store8(x + i, exp8(load8(x + i) - s));
+}
+
+// max and sum of x[0 .. n), eight lanes at a time for float (a scalar loop would be one long
+// chain of dependent operations).
+template <typename scalar_t>
+inline scalar_t max_of(const scalar_t* x, int64_t n) {
+  scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+template <>
+inline float max_of<float>(const float* x, int64_t n) {
+  v8f m8 = splat8(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f v = load8(x + i);
+    m8 = v > m8 ? v : m8;
+  }
+  float m = m8[0];
+  for (int u = 1; u < 8; ++u) m = std::max(m, m8[u]);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+template <typename scalar_t>
+inline scalar_t sum_of(const scalar_t* x, int64_t n) {
+  scalar_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
+template <>
+inline float sum_of<float>(const float* x, int64_t n) {
+  v8f s8 = splat8(0.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) s8 += load8(x + i);
+  float s = sum8(s8);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// r[i] = sum of the lanes of parts[i]: eight horizontal sums as a tree of shuffles and adds
+// (one horizontal sum per dot would cost as much as the dot itself at 64 dims).
+inline v8f reduce8(const v8f* parts) {
+  v8f p01 = __builtin_shufflevector(parts[0], parts[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+            __builtin_shufflevector(parts[0], parts[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  v8f p23 = __builtin_shufflevector(parts[2], parts[3], 0, 8, 2, 10, 4, 12, 6, 14) +
+            __builtin_shufflevector(parts[2], parts[3], 1, 9, 3, 11, 5, 13, 7, 15);
+  v8f p45 = __builtin_shufflevector(parts[4], parts[5], 0, 8, 2, 10, 4, 12, 6, 14) +
+            __builtin_shufflevector(parts[4], parts[5], 1, 9, 3, 11, 5, 13, 7, 15);
+  v8f p67 = __builtin_shufflevector(parts[6], parts[7], 0, 8, 2, 10, 4, 12, 6, 14) +
+            __builtin_shufflevector(parts[6], parts[7], 1, 9, 3, 11, 5, 13, 7, 15);
+  v8f p0123 = __builtin_shufflevector(p01, p23, 0, 1, 8, 9, 4, 5, 12, 13) +
+              __builtin_shufflevector(p01, p23, 2, 3, 10, 11, 6, 7, 14, 15);
+  v8f p4567 = __builtin_shufflevector(p45, p67, 0, 1, 8, 9, 4, 5, 12, 13) +
+              __builtin_shufflevector(p45, p67, 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(p0123, p4567, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(p0123, p4567, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// out[i] = fixed[0 .. D) . base[offset[i] .. offset[i] + D) for n rows gathered from anywhere:
+// one query against its selected keys, or one key against the queries that selected it.
+template <typename scalar_t>
+inline void dots_with_rows(const scalar_t* fixed, const scalar_t* base, const int64_t* offset, int64_t n, int64_t D,
+                    scalar_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = dot(fixed, base + offset[i], D);
+}
+
+// The fixed row stays in U registers; eight gathered rows at a time, one accumulator each
+// (eight independent chains of adds), then one tree reduction for the eight sums.
+template <int U>
+inline void dots_with_rows_tiles(const float* fixed, const float* base, const int64_t* offset, int64_t n, float* out) {
+  v8f f[U];
+  for (int u = 0; u < U; ++u) f[u] = load8(fixed + 8 * u);
+  int64_t i0 = 0;
+  for (; i0 + 8 <= n; i0 += 8) {
+    const float* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = base + offset[i0 + r];
+    v8f acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = f[0] * load8(rows[r]);
+    for (int u = 1; u < U; ++u)
+      for (int r = 0; r < 8; ++r) acc[r] += f[u] * load8(rows[r] + 8 * u);
+    store8(out + i0, reduce8(acc));
+  }
+  for (; i0 < n; ++i0) out[i0] = dot(fixed, base + offset[i0], 8 * U);
+}
+
+template <>
+inline void dots_with_rows<float>(const float* fixed, const float* base, const int64_t* offset, int64_t n, int64_t D,
+                           float* out) {
+  switch (D) {
+    case 16: return dots_with_rows_tiles<2>(fixed, base, offset, n, out);
+    case 32: return dots_with_rows_tiles<4>(fixed, base, offset, n, out);
+    case 64: return dots_with_rows_tiles<8>(fixed, base, offset, n, out);
+    case 128: return dots_with_rows_tiles<16>(fixed, base, offset, n, out);
+    default:  // other sizes: the plain dot
+      for (int64_t i = 0; i < n; ++i) out[i] = dot(fixed, base + offset[i], D);
+  }
+}
+
+// out[0 .. D) = sum_i weight[i] * base[offset[i] .. offset[i] + D): the weighted sum of n rows
+// gathered from anywhere. For float the sum stays in registers over all n rows: accumulating
+// row by row into memory would chain every row's add through a store and a load.
+template <typename scalar_t>
+inline void weighted_rows_sum(const scalar_t* base, const int64_t* offset, const scalar_t* weight, int64_t n, int64_t D,
+                       scalar_t* out) {
+  std::fill(out, out + D, scalar_t(0));
+  for (int64_t i = 0; i < n; ++i) axpy(weight[i], base + offset[i], out, D);
+}
+
+// Two sets of U accumulators (even and odd rows): 2U independent chains of adds.
+template <int U>
+inline void weighted_rows_sum_tiles(const float* base, const int64_t* offset, const float* weight, int64_t n, float* out) {
+  v8f even[U], odd[U];
+  for (int u = 0; u < U; ++u) even[u] = odd[u] = splat8(0.f);
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    const float *a = base + offset[i], *b = base + offset[i + 1];
+    const v8f wa = splat8(weight[i]), wb = splat8(weight[i + 1]);
+    for (int u = 0; u < U; ++u) {
+      even[u] += wa * load8(a + 8 * u);
+      odd[u] += wb * load8(b + 8 * u);
+    }
+  }
+  if (i < n) {
+    const float* a = base + offset[i];
+    const v8f wa = splat8(weight[i]);
+    for (int u = 0; u < U; ++u) even[u] += wa * load8(a + 8 * u);
+  }
+  for (int u = 0; u < U; ++u) store8(out + 8 * u, even[u] + odd[u]);
+}
+
+template <>
+inline void weighted_rows_sum<float>(const float* base, const int64_t* offset, const float* weight, int64_t n, int64_t D,
+                              float* out) {
+  switch (D) {
+    case 16: return weighted_rows_sum_tiles<2>(base, offset, weight, n, out);
+    case 32: return weighted_rows_sum_tiles<4>(base, offset, weight, n, out);
+    case 64: return weighted_rows_sum_tiles<8>(base, offset, weight, n, out);
+    case 128:
+      weighted_rows_sum_tiles<8>(base, offset, weight, n, out);
+      return weighted_rows_sum_tiles<8>(base + 64, offset, weight, n, out + 64);
+    default:  // other sizes: row by row
+      std::fill(out, out + D, 0.f);
+      for (int64_t i = 0; i < n; ++i) axpy(weight[i], base + offset[i], out, D);
+  }
+}
+
+}  // namespace sparse_viz_fused
