@@ -222,6 +222,22 @@ def test_switched_off_the_model_runs_on_the_csr_kernels_and_asking_for_fused_is_
     assert "fused CPU kernels are not available (SPARSE_VIZ_FUSED_KERNELS=0)" in done.stdout
 
 
+def test_where_the_kernels_cannot_be_built_the_model_runs_after_one_warning_naming_why(tmp_path):
+    code = (
+        "import torch\n"
+        "from sparse_viz.model import ModelConfig, SparseTransformer\n"
+        "config = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, d_ff=48, max_seq_len=40, top_k=4,\n"
+        "                     indexer_heads=2, indexer_dim=8, indexer_rope_dim=4)\n"
+        "out = SparseTransformer(config)(torch.randint(0, 50, (1, 40)), attention='sparse', indexer_loss='selected')\n"
+        "print('ran', tuple(out.logits.shape), bool(torch.isfinite(out.indexer_kl).all()))\n"
+    )
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-compiler"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "ran (1, 40, 50) True" in done.stdout
+    ours = [line for line in done.stderr.splitlines() if "fused CPU kernels could not be built" in line]
+    assert len(ours) == 1 and "no-compiler: not found" in ours[0]
+
+
 def test_tensors_off_the_cpu_are_refused():
     q = torch.empty(1, 1, 4, 8, device="meta")
     with pytest.raises(ValueError, match="CPU tensors only"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -82,7 +83,7 @@ def load_fused_kernels(verbose: bool = False):
         )
         _ops = torch.ops.sparse_viz_fused
     except Exception as error:  # noqa: BLE001 - any build failure means: use the CSR kernels
-        _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+        _failure = _failure_reason(error)
         warnings.warn(
             f"sparse_viz: fused CPU kernels could not be built ({_failure}); using the CSR kernels",
             RuntimeWarning,
@@ -90,6 +91,14 @@ def load_fused_kernels(verbose: bool = False):
         )
         return None
     return _ops
+
+
+def _failure_reason(error: Exception) -> str:
+    """One line saying why a build failed: the compiler's first error (or a missing program)
+    rather than the build tool's closing "build stopped"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines[1:] if re.search(r"error:|not found|No such file", line)]
+    return f"{type(error).__name__}: {(telling or lines[-1:] or [''])[0][:300]}"
 
 
 @contextlib.contextmanager
