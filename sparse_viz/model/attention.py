@@ -165,10 +165,10 @@ def gathered_sparse_attention(
     if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
         out, probs = fused_selected_attention(q, k, v, selected, per_head_probs=return_probs and not sum_heads)
         return out, (probs if return_probs else None)
-    out, probs = _gathered_per_head(q, k, v, selected, return_probs or sum_heads, chunk_size, kernel, check_order, pattern)
+    out, probs = _gathered_per_head(q, k, v, selected, return_probs, chunk_size, kernel, check_order, pattern)
     if sum_heads and probs is not None:
         probs = probs.sum(1)  # (B, T, k)
-    return out, (probs if return_probs else None)
+    return out, probs
 
 
 def _gathered_per_head(q, k, v, selected, return_probs, chunk_size, kernel, check_order, pattern):

@@ -163,10 +163,10 @@ def selected_index_scores(
     """
     if kernel not in ("auto", "fused", "csr", "copy"):
         raise ValueError(f"kernel must be auto, fused, csr or copy, got {kernel!r}")
-    B, T = q.shape[:2]
-    valid = selected >= 0  # (B, T, kk)
     if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
         return fused_selected_index_scores(q, k, w, selected)  # 0 on unfilled slots already
+    B, T = q.shape[:2]
+    valid = selected >= 0  # (B, T, kk)
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q) and q.dtype in (torch.float32, torch.float64)):
         scores = csr_selected_index_scores(q, k, w, selected, pattern)  # (B, T, kk)
     else:
