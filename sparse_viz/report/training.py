@@ -158,7 +158,7 @@ def build_payload(run_dir: str | os.PathLike, max_view_bytes: int = MAX_VIEW_BYT
 
     stored = [int(r["step"]) for r in history if store.snapshot_path(int(r["step"])).is_file()]
     if stored:
-        L, T, k = store.load_snapshot(stored[-1])["show_selected"].shape
+        L, T, k = store.load_snapshot(stored[-1], ["show_selected"])["show_selected"].shape  # sizing only
         stored = view_snapshots(stored, L * T * (7 * k + 12), max_view_bytes)  # 7 bytes per slot, 12 per row
     view_steps, sel, dense_top, score_q, score_lo, score_hi, attn_q, dense_q, mass = ([] for _ in range(9))
     for step in stored:

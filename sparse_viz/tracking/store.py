@@ -124,10 +124,11 @@ class RunStore:
     def snapshot_path(self, step: int) -> Path:
         return self.analysis_dir / snapshot_name(step)
 
-    def load_snapshot(self, step: int) -> dict[str, np.ndarray]:
-        """The arrays of one snapshot (loaded eagerly; the file is closed on return)."""
+    def load_snapshot(self, step: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of one snapshot (loaded eagerly; the file is closed on return); with `names`,
+        only those (an npz member is read only when asked for)."""
         with np.load(self.snapshot_path(step), allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+            return {name: archive[name] for name in (archive.files if names is None else names)}
 
     # -- probe ---------------------------------------------------------------------------------
     def write_probe(self, probe: dict) -> None:
