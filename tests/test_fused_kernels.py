@@ -22,12 +22,14 @@ from sparse_viz.model.fused_kernels import (
     fused_kernels_available,
     fused_kernels_disabled,
     fused_selected_attention,
+    fused_selected_index_kl,
     fused_selected_index_scores,
     load_fused_kernels,
 )
-from sparse_viz.model.indexer import LightningIndexer
+from sparse_viz.model.indexer import LightningIndexer, indexer_kl
+from sparse_viz.model.indexer_blocks import selected_index_kl, selected_index_scores
 from sparse_viz.model.rope import rope_tables
-from sparse_viz.model.selectors import topk_causal
+from sparse_viz.model.selectors import select_keys, topk_causal
 
 
 def test_the_kernels_are_built_on_this_machine():
@@ -111,15 +113,20 @@ def test_the_gathered_paths_auto_kernel_is_the_fused_one_on_cpu():
     torch.testing.assert_close(auto_probs, copied_probs, rtol=1e-5, atol=1e-6)
 
 
-def indexer_inputs(T: int, heads: int, dim: int, batch: int = 2, seed: int = 0, dtype=torch.float64):
-    """A random Lightning Indexer's (q, k, w) and its full (B, T, T) score matrix, the reference."""
+def random_indexer(T: int, heads: int, dim: int, batch: int = 2, seed: int = 0, dtype=torch.float64):
+    """A random Lightning Indexer (d_model 24, RoPE on 4 dims), an input x (B, T, 24) and its RoPE tables."""
     torch.manual_seed(seed)
     config = ModelConfig(d_model=24, n_heads=2, indexer_heads=heads, indexer_dim=dim, indexer_rope_dim=4)
     indexer = LightningIndexer(config).to(dtype)
+    x = torch.randn(batch, T, 24, dtype=dtype)
+    return indexer, x, rope_tables(4, T, 10000.0)
+
+
+def indexer_inputs(T: int, heads: int, dim: int, batch: int = 2, seed: int = 0, dtype=torch.float64):
+    """A random Lightning Indexer's (q, k, w) and its full (B, T, T) score matrix, the reference."""
+    indexer, x, (cos, sin) = random_indexer(T, heads, dim, batch, seed, dtype)
     with torch.no_grad():
         indexer.k_norm.weight.uniform_(0.5, 1.5)
-    x = torch.randn(batch, T, 24, dtype=dtype)
-    cos, sin = rope_tables(4, T, 10000.0)
     full, _ = indexer(x, cos, sin)  # (B, T, T); -inf on future keys
     return indexer.project(x, cos, sin), full
 
@@ -160,11 +167,7 @@ def test_the_top_k_in_float32_differs_from_the_reference_only_by_rounding():
 def test_selected_scores_and_gradients_equal_the_full_matrix_read_at_the_selection(dtype, heads, dim):
     g = torch.Generator().manual_seed(heads)
     T = 33
-    torch.manual_seed(0)
-    config = ModelConfig(d_model=24, n_heads=2, indexer_heads=heads, indexer_dim=dim, indexer_rope_dim=4)
-    indexer = LightningIndexer(config).to(dtype)
-    x = torch.randn(2, T, 24, dtype=dtype)
-    cos, sin = rope_tables(4, T, 10000.0)
+    indexer, x, (cos, sin) = random_indexer(T, heads, dim, dtype=dtype)
     selected = random_selection(2, T, 14, g)  # > 8 keys per row: the eight-wide loops and their remainders
     weights = torch.randn(2, T, 14, generator=g, dtype=dtype)
 
@@ -177,6 +180,67 @@ def test_selected_scores_and_gradients_equal_the_full_matrix_read_at_the_selecti
     torch.testing.assert_close(scores, expected, **tol)
     for grad, want in zip(grads, expected_grads):
         torch.testing.assert_close(grad, want, **tol)
+
+
+def hand_kl(target: torch.Tensor, scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(I)) of every row, one row at a time over its valid slots, in the inputs' dtype:
+    p = the target there / its sum; 0 for a row with no valid slot or no target mass."""
+    B, T, _ = selected.shape
+    rows = []
+    for b in range(B):
+        for t in range(T):
+            valid = selected[b, t] >= 0
+            p, s = target[b, t][valid], scores[b, t][valid]
+            if len(p) == 0 or p.sum() == 0:
+                rows.append(s.sum() * 0)  # keeps the graph: no gradient from this row
+                continue
+            p = p / p.sum()
+            log_q = s - torch.logsumexp(s, 0)
+            rows.append(torch.where(p > 0, p * (torch.where(p > 0, p, 1).log() - log_q), 0).sum())
+    return torch.stack(rows).view(B, T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("heads,dim", [(4, 32), (3, 12)])
+def test_the_selected_key_kl_and_its_gradients_equal_a_row_by_row_kl_of_the_full_matrix(dtype, heads, dim):
+    """The fused loss == KL computed row by row from the full score matrix read at the selection:
+    unfilled slots ignored, zero target weights (0 log 0 = 0), a row with no target mass = 0,
+    a row without keys = 0; gradients of the indexer's parameters under uneven row weights."""
+    g = torch.Generator().manual_seed(heads + dim)
+    T = 33
+    indexer, x, (cos, sin) = random_indexer(T, heads, dim, seed=1, dtype=dtype)
+    selected = random_selection(2, T, 14, g)
+    selected[1, 20] = -1  # a row without keys
+    target = torch.rand(2, T, 14, generator=g, dtype=dtype) * (selected >= 0)
+    target[target < 0.2] = 0  # zero weights on valid keys
+    target[0, 30] = 0  # a row whose target has no mass
+    row_weights = torch.rand(2, T, generator=g, dtype=dtype)
+
+    kl = fused_selected_index_kl(*indexer.project(x, cos, sin), selected, target)
+    grads = torch.autograd.grad((kl * row_weights).sum(), list(indexer.parameters()))
+    full, _ = indexer(x, cos, sin)
+    expected = hand_kl(target, gather_selected(full, selected), selected)
+    expected_grads = torch.autograd.grad((expected * row_weights).sum(), list(indexer.parameters()))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    assert kl[1, 20] == 0 and kl[0, 30] == 0 and (kl >= -1e-6).all()
+    torch.testing.assert_close(kl, expected, **tol)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, **tol)
+
+
+def test_the_selected_key_kl_of_every_kernel_is_indexer_kl_of_the_selected_scores():
+    """`selected_index_kl` == `indexer_kl(target, selected_index_scores(...), selected >= 0)` with
+    each kernel: the model's sparse-stage loss did not change when it moved into the kernel."""
+    g = torch.Generator().manual_seed(5)
+    T = 40
+    indexer, x, (cos, sin) = random_indexer(T, 4, 16, batch=1, seed=2, dtype=torch.float32)
+    projected = indexer.project(x, cos, sin)
+    selected = select_keys("topk", top_k=9, seq_len=T, index_scores=torch.randn(1, T, T, generator=g))
+    target = torch.rand(1, T, 9, generator=g)
+    expected = indexer_kl(target, selected_index_scores(*projected, selected, kernel="copy"), selected >= 0)
+    for kernel in ("fused", "csr", "copy", "auto"):
+        torch.testing.assert_close(selected_index_kl(*projected, selected, target, kernel=kernel), expected,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_a_sparse_training_step_is_the_csr_kernels_step():

@@ -7,6 +7,8 @@ Three kernels, each with a readable meaning elsewhere that the tests hold it to:
   probabilities (meaning: `attention.masked_sparse_attention`).
 - `fused_selected_index_scores`: the Lightning Indexer's scores at the selected keys, with
   gradient (meaning: the full score matrix read at the selection).
+- `fused_selected_index_kl`: the sparse stage's indexer loss on those scores, KL(p || softmax(I))
+  per row, neither the scores nor the loss's intermediates stored (meaning: `indexer.indexer_kl`).
 - `fused_index_topk`: the indexer's causal top-k, each query's score row computed and ranked in
   a row-sized buffer, never stored (meaning: `topk_causal` of `LightningIndexer.forward`, the
   earliest keys kept among ties at the k-th score).
@@ -220,6 +222,44 @@ def fused_selected_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tenso
     compute = _compute_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype))
     q, k, w = (x.to(compute).contiguous() for x in (q, k, w))
     return FusedSelectedIndexScores.apply(q, k, w, selected.contiguous()).to(dtype)
+
+
+class FusedSelectedIndexKL(torch.autograd.Function):
+    """KL(p || softmax(I)) per row over the selected keys; backward recomputes the scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, w, selected, target):
+        kl, lse = _kernels().selected_index_kl_forward(q, k, w, selected, target)
+        ctx.save_for_backward(q, k, w, selected, target, lse)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, w, selected, target, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_w = _kernels().selected_index_kl_backward(grad.contiguous(), q, k, w, selected, target, lse)
+        return grad_q, grad_k, grad_w, None, None
+
+
+def fused_selected_index_kl(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, selected: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """The sparse stage's indexer loss with the fused kernel: `indexer_kl(target, I, selected >= 0)`
+    for the indexer's scores I at the selected keys, differentiable in q, k and w.
+
+    Args:
+        q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
+        selected: (B, T, kk) long, causal, -1 = unfilled; any order.
+        target: (B, T, kk) non-negative weights at the selected keys (the main attention summed
+            over heads); no gradient flows into it.
+
+    Returns:
+        (B, T) KL per query row, float32 (float64 for float64 inputs); 0 for a row with no valid
+        key or no target mass.
+    """
+    _check_cpu(q, k, w, selected, target)
+    compute = _compute_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype))
+    q, k, w = (x.to(compute).contiguous() for x in (q, k, w))
+    return FusedSelectedIndexKL.apply(q, k, w, selected.contiguous(), target.detach().to(compute).contiguous())
 
 
 @torch.no_grad()

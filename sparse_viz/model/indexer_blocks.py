@@ -11,6 +11,8 @@ same quantities come from `LightningIndexer.project`'s (q, k, w), computed where
   the fused kernels are built, one query row at a time in C++ (`fused_kernels.fused_index_topk`).
 - `selected_index_scores`: I[t, s] at the k selected keys of each query only, with gradient:
   T x k x H_I x d_I work instead of T x T, for the sparse stage's KL over the selected set.
+- `selected_index_kl`: the sparse stage's loss on those scores, KL(p || softmax(I)) per row
+  (fused: neither the scores nor the loss's intermediates stored).
 - `blockwise_causal_kl`: the warm-up KL over ALL causal keys, needs full rows, so it goes by
   query blocks, each recomputed in backward (activation checkpointing) instead of keeping
   every block's logits for the gradient. Its target (main attention summed over heads) is
@@ -38,7 +40,13 @@ from .csr_attention import (
     csr_kernels_available,
     csr_selected_index_scores,
 )
-from .fused_kernels import fused_index_topk, fused_kernels_available, fused_selected_index_scores
+from .fused_kernels import (
+    fused_index_topk,
+    fused_kernels_available,
+    fused_selected_index_kl,
+    fused_selected_index_scores,
+)
+from .indexer import indexer_kl
 from .selectors import canonical_selection, dense_short_rows, topk_earliest_ties
 from .topk_prefilter import topk_earliest_ties_prefiltered
 
@@ -179,6 +187,41 @@ def selected_index_scores(
             chunks.append(torch.einsum("bthj,bth->btj", torch.relu(logits), w[:, start : start + chunk_size]))
         scores = torch.cat(chunks, dim=1)  # (B, T, kk)
     return scores.masked_fill(~valid, 0.0)
+
+
+def selected_index_kl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    selected: torch.Tensor,
+    target: torch.Tensor,
+    kernel: str = "auto",
+    pattern: SelectionPattern | None = None,
+) -> torch.Tensor:
+    """The sparse stage's indexer loss: KL(p || softmax(I)) per query row over its selected keys.
+
+    The readable path is `indexer_kl(target, selected_index_scores(...), selected >= 0)`; the
+    fused kernel computes the same per row from the indexer's (q, k, w) without storing the
+    (B, T, kk) scores or the loss's (B, T, kk) intermediates (at T = 8192, k = 256: 8 MB each).
+
+    Args:
+        q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
+        selected: (B, T, kk) long, causal, -1 = unfilled slot.
+        target: (B, T, kk) non-negative weights p at the selected keys (the main attention summed
+            over heads), L1-normalised per row here; detached.
+        kernel: "fused" = the C++ kernel (CPU); "csr" / "copy" = `selected_index_scores` with that
+            kernel, then `indexer_kl`; "auto" = fused where built, else the scores' own choice.
+        pattern: the csr kernel's `SelectionPattern(selected)`, shared with the attention's.
+
+    Returns:
+        (B, T) KL per query row; 0 for a row with no valid key or no target mass.
+    """
+    if kernel not in ("auto", "fused", "csr", "copy"):
+        raise ValueError(f"kernel must be auto, fused, csr or copy, got {kernel!r}")
+    if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
+        return fused_selected_index_kl(q, k, w, selected, target)
+    scores = selected_index_scores(q, k, w, selected, kernel=kernel, pattern=pattern)  # (B, T, kk)
+    return indexer_kl(target, scores, selected >= 0)
 
 
 def _block_kl(

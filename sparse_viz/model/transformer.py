@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .csr_attention import SelectionPattern, csr_kernels_available
 from .fused_kernels import fused_kernels_available
 from .indexer import LightningIndexer, indexer_kl
-from .indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_scores
+from .indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_kl
 from .layers import RMSNorm, SwiGLU
 from .rope import RotaryEmbedding
 from .selectors import select_keys
@@ -172,11 +172,11 @@ class Block(nn.Module):
             # The target is the sparse attention actually used, read at the selected keys: (B, H, T, k)
             # from the gathered path directly; the masked (reference) path gathers it from (B, H, T, T).
             target = selected_probs.detach()  # (B, T, k)
-            if blockwise:
-                scores = selected_index_scores(*projected, selected, pattern=pattern)  # (B, T, k), T*k*H_I*d_I work
+            if blockwise:  # scores at the selected keys only: T*k*H_I*d_I work
+                kl = selected_index_kl(*projected, selected, target, pattern=pattern).mean()
             else:
                 scores = gather_selected(index_scores, selected)  # (B, T, k) read from (B, T, T)
-            kl = indexer_kl(target, scores, selected >= 0).mean()
+                kl = indexer_kl(target, scores, selected >= 0).mean()
 
         layer_trace = None
         if trace:

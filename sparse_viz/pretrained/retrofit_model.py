@@ -31,7 +31,7 @@ from sparse_viz.model.attention import causal_attention_probs, gathered_sparse_a
 from sparse_viz.model.csr_attention import SelectionPattern, csr_kernels_available
 from sparse_viz.model.fused_kernels import fused_kernels_available
 from sparse_viz.model.indexer import indexer_kl
-from sparse_viz.model.indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_scores
+from sparse_viz.model.indexer_blocks import blockwise_causal_kl, blockwise_topk, selected_index_kl
 from sparse_viz.model.rope import rope_tables
 from sparse_viz.model.trace import AttentionTrace
 from sparse_viz.model.transformer import TransformerOutput
@@ -224,8 +224,7 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         if selected is None:
             raise ValueError("indexer_loss='selected' needs attention='sparse'")
         target = selected_probs.detach()  # (B, T, k): the sparse attention used, summed over heads
-        scores = selected_index_scores(*projected, selected, pattern=pattern)  # (B, T, k)
-        run.kl[layer] = indexer_kl(target, scores, selected >= 0).mean()
+        run.kl[layer] = selected_index_kl(*projected, selected, target, pattern=pattern).mean()
     if run.trace:
         dense_probs = dense_probs.detach()
         with torch.no_grad():  # the full-matrix reference: (B, T, T) scores, (B, H_I, T, T) head terms

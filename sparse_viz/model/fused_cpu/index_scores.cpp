@@ -2,7 +2,10 @@
 // (loaded by fused_kernels.py; readable meaning: the full score matrix of
 // `LightningIndexer.forward` read at the selection):
 //   I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])
-// Layouts (contiguous): q (B, T, HI, DI), k (B, T, DI), w (B, T, HI); selected (B, T, K).
+// and the sparse stage's loss on them, KL(p || softmax(I)) per row over the selected keys
+// (readable meaning: `indexer_kl` of those scores), so that neither the (B, T, K) scores nor the
+// loss's (B, T, K) intermediates are ever stored.
+// Layouts (contiguous): q (B, T, HI, DI), k (B, T, DI), w (B, T, HI); selected, target (B, T, K).
 
 #include <torch/library.h>
 
@@ -14,21 +17,81 @@
 namespace sparse_viz_fused {
 namespace {
 
+// One row's logits, every head: logits[h * Kp + i] = q[row, h] . k[key i], for its n valid keys.
+template <typename scalar_t>
+inline void row_logits(const scalar_t* q, const scalar_t* k, int64_t row, const int64_t* offset, int64_t n,
+                       int64_t HI, int64_t DI, int64_t Kp, scalar_t* logits) {
+  for (int64_t h = 0; h < HI; ++h) dots_with_rows(q + (row * HI + h) * DI, k, offset, n, DI, logits + h * Kp);
+}
+
+// One row's scores from its logits: scores[i] = sum_h w[row, h] * ReLU(logits[h, i]).
+template <typename scalar_t>
+inline void row_scores(const scalar_t* logits, const scalar_t* w, int64_t row, int64_t n, int64_t HI, int64_t Kp,
+                       scalar_t* scores) {
+  std::fill(scores, scores + n, scalar_t(0));
+  for (int64_t h = 0; h < HI; ++h) {
+    const scalar_t weight = w[row * HI + h];
+    for (int64_t i = 0; i < n; ++i) scores[i] += weight * std::max(logits[h * Kp + i], scalar_t(0));
+  }
+}
+
 template <typename scalar_t>
 void index_scores_forward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const int64_t* selected,
                           scalar_t* scores, int64_t B, int64_t T, int64_t HI, int64_t DI, int64_t K) {
+  const int64_t Kp = round8(K);
   at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> slot(K), offset(K);
-    std::vector<scalar_t> logits(round8(K));
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = valid_slots(selected + row * K, K, (row / T) * T, DI, slot.data(), offset.data());
-      scalar_t* out = scores + row * K;
+    std::vector<scalar_t> logits(HI * Kp), row(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = valid_slots(selected + r * K, K, (r / T) * T, DI, slot.data(), offset.data());
+      row_logits(q, k, r, offset.data(), n, HI, DI, Kp, logits.data());
+      row_scores(logits.data(), w, r, n, HI, Kp, row.data());
+      scalar_t* out = scores + r * K;
       std::fill(out, out + K, scalar_t(0));  // unfilled slots score 0
-      for (int64_t h = 0; h < HI; ++h) {
-        const scalar_t weight = w[row * HI + h];
-        dots_with_rows(q + (row * HI + h) * DI, k, offset.data(), n, DI, logits.data());
-        for (int64_t i = 0; i < n; ++i) out[slot[i]] += weight * std::max(logits[i], scalar_t(0));
-      }
+      for (int64_t i = 0; i < n; ++i) out[slot[i]] = row[i];
+    }
+  });
+}
+
+// The indexer's KL at the selected keys, one row: KL(p || softmax(I)) over its n valid keys, p the
+// target read at them and L1-normalised (0 where the target sums to 0 or n = 0, as `indexer_kl`).
+// Writes the scores' log-sum-exp (for backward) and returns the KL. scores holds round8(n) entries.
+template <typename scalar_t>
+inline scalar_t row_kl(const scalar_t* scores, const scalar_t* target, const int64_t* slot, int64_t n,
+                       scalar_t* lse) {
+  if (n == 0) {
+    *lse = 0;
+    return 0;
+  }
+  const scalar_t m = max_of(scores, n);
+  scalar_t z = 0, mass = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    z += std::exp(scores[i] - m);
+    mass += target[slot[i]];
+  }
+  *lse = m + std::log(z);
+  if (!(mass > scalar_t(0))) return 0;
+  scalar_t kl = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t p = target[slot[i]] / mass;
+    if (p > scalar_t(0)) kl += p * (std::log(p) - (scores[i] - *lse));  // 0 log 0 = 0
+  }
+  return kl;
+}
+
+template <typename scalar_t>
+void index_kl_forward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const int64_t* selected,
+                      const scalar_t* target, scalar_t* kl, scalar_t* lse, int64_t B, int64_t T, int64_t HI,
+                      int64_t DI, int64_t K) {
+  const int64_t Kp = round8(K);
+  at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> slot(K), offset(K);
+    std::vector<scalar_t> logits(HI * Kp), scores(Kp);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = valid_slots(selected + r * K, K, (r / T) * T, DI, slot.data(), offset.data());
+      row_logits(q, k, r, offset.data(), n, HI, DI, Kp, logits.data());
+      row_scores(logits.data(), w, r, n, HI, Kp, scores.data());
+      kl[r] = row_kl(scores.data(), target + r * K, slot.data(), n, lse + r);
     }
   });
 }
@@ -67,10 +130,13 @@ float relu_backward<float>(const float* logit, const float* g, float weight, int
   return total;
 }
 
-template <typename scalar_t>
-void index_scores_backward(const scalar_t* grad, const scalar_t* q, const scalar_t* k, const scalar_t* w,
-                           const int64_t* selected, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_w,
-                           int64_t B, int64_t T, int64_t HI, int64_t DI, int64_t K) {
+// The backward of I at the selected keys, given each row's gradient dL/dI at its valid keys:
+// row_grad(row, n, slot, logits, g) writes g[0 .. n) from the row's recomputed logits (HI, Kp).
+template <typename scalar_t, typename RowGrad>
+void index_scores_backward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const int64_t* selected,
+                           scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_w, int64_t B, int64_t T, int64_t HI,
+                           int64_t DI, int64_t K, const RowGrad& row_grad) {
+  const int64_t Kp = round8(K);
   // Rows in parallel; keys are shared by many rows, so each thread scatters into its own copy of
   // grad_k (B * T * DI: small, it stays in cache) and the copies are summed at the end.
   const int64_t n_threads = at::get_num_threads();
@@ -79,18 +145,16 @@ void index_scores_backward(const scalar_t* grad, const scalar_t* q, const scalar
     std::vector<scalar_t>& gk = grad_k_copies[at::get_thread_num()];
     if (gk.empty()) gk.assign(B * T * DI, scalar_t(0));
     std::vector<int64_t> slot(K), offset(K);
-    std::vector<scalar_t> logits(round8(K)), coeff(HI * K), g(K), head_sum(DI), head_weight(HI);
+    std::vector<scalar_t> logits(HI * Kp), coeff(HI * K), g(Kp), head_sum(DI), head_weight(HI);
     std::vector<int64_t> head_offset(HI);  // the heads' query rows within a row's (HI, DI) block
     for (int64_t h = 0; h < HI; ++h) head_offset[h] = h * DI;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = valid_slots(selected + row * K, K, (row / T) * T, DI, slot.data(), offset.data());
-      for (int64_t i = 0; i < n; ++i) g[i] = grad[row * K + slot[i]];
+      row_logits(q, k, row, offset.data(), n, HI, DI, Kp, logits.data());  // recomputed, not saved
+      row_grad(row, n, slot.data(), logits.data(), g.data());
       for (int64_t h = 0; h < HI; ++h) {
-        const scalar_t* q_h = q + (row * HI + h) * DI;
-        const scalar_t weight = w[row * HI + h];
         scalar_t* c_h = coeff.data() + h * K;
-        dots_with_rows(q_h, k, offset.data(), n, DI, logits.data());  // recomputed, not saved
-        grad_w[row * HI + h] = relu_backward(logits.data(), g.data(), weight, n, c_h);
+        grad_w[row * HI + h] = relu_backward(logits.data() + h * Kp, g.data(), w[row * HI + h], n, c_h);
         weighted_rows_sum(k, offset.data(), c_h, n, DI, grad_q + (row * HI + h) * DI);
       }
       for (int64_t i = 0; i < n; ++i) {  // dk[s] += sum_h coeff[h, s] q[h]: the heads summed first
@@ -137,10 +201,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_scores_backward(co
   auto grad_k = at::zeros_like(k);
   auto grad_w = at::zeros_like(w);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_scores_backward", [&] {
-    index_scores_backward<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                    w.data_ptr<scalar_t>(), selected.data_ptr<int64_t>(),
-                                    grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
-                                    grad_w.data_ptr<scalar_t>(), B, T, HI, DI, K);
+    const scalar_t* upstream = grad.data_ptr<scalar_t>();
+    auto read_upstream = [&](int64_t row, int64_t n, const int64_t* slot, const scalar_t*, scalar_t* g) {
+      for (int64_t i = 0; i < n; ++i) g[i] = upstream[row * K + slot[i]];
+    };
+    index_scores_backward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                    selected.data_ptr<int64_t>(), grad_q.data_ptr<scalar_t>(),
+                                    grad_k.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), B, T, HI, DI, K,
+                                    read_upstream);
+  });
+  return {grad_q, grad_k, grad_w};
+}
+
+// KL(p || softmax(I)) per query row over its valid selected keys (B, T), and the scores'
+// log-sum-exp per row (B, T) for backward. target (B, T, K): non-negative, in selection layout.
+std::tuple<at::Tensor, at::Tensor> selected_index_kl_forward(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& w, const at::Tensor& selected,
+                                                             const at::Tensor& target) {
+  check_indexer(q, k, w);
+  const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
+  check_selection(selected, B, T);
+  const int64_t K = selected.size(2);
+  TORCH_CHECK(target.is_contiguous() && target.sizes() == selected.sizes() && target.scalar_type() == q.scalar_type(),
+              "target must be a contiguous (B, T, K) tensor of q's dtype");
+  auto kl = at::empty({B, T}, q.options());
+  auto lse = at::empty({B, T}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_kl_forward", [&] {
+    index_kl_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                               selected.data_ptr<int64_t>(), target.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(),
+                               lse.data_ptr<scalar_t>(), B, T, HI, DI, K);
+  });
+  return {kl, lse};
+}
+
+// dKL_row / dI_i = softmax(I)_i * sum(p) - p_i over the row's valid keys (p normalised; sum(p) is
+// 1, or 0 for a row whose target has no mass), times the row's upstream gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_kl_backward(
+    const at::Tensor& grad_kl, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
+    const at::Tensor& selected, const at::Tensor& target, const at::Tensor& lse) {
+  check_indexer(q, k, w);
+  const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
+  check_selection(selected, B, T);
+  const int64_t K = selected.size(2);
+  TORCH_CHECK(grad_kl.is_contiguous() && grad_kl.sizes() == lse.sizes() && lse.size(0) == B && lse.size(1) == T,
+              "grad_kl and lse must be contiguous (B, T) tensors");
+  auto grad_q = at::zeros_like(q);
+  auto grad_k = at::zeros_like(k);
+  auto grad_w = at::zeros_like(w);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_kl_backward", [&] {
+    const scalar_t *upstream = grad_kl.data_ptr<scalar_t>(), *p = target.data_ptr<scalar_t>(),
+                   *row_lse = lse.data_ptr<scalar_t>(), *w_data = w.data_ptr<scalar_t>();
+    const int64_t Kp = round8(K);
+    auto kl_grad = [&](int64_t row, int64_t n, const int64_t* slot, const scalar_t* logits, scalar_t* g) {
+      row_scores(logits, w_data, row, n, HI, Kp, g);  // g = I, then its gradient in place
+      scalar_t mass = 0;
+      for (int64_t i = 0; i < n; ++i) mass += p[row * K + slot[i]];
+      const scalar_t inv = mass > scalar_t(0) ? scalar_t(1) / mass : scalar_t(0);
+      const scalar_t has_mass = mass > scalar_t(0) ? scalar_t(1) : scalar_t(0);
+      for (int64_t i = 0; i < n; ++i)
+        g[i] = upstream[row] * (std::exp(g[i] - row_lse[row]) * has_mass - p[row * K + slot[i]] * inv);
+    };
+    index_scores_backward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w_data,
+                                    selected.data_ptr<int64_t>(), grad_q.data_ptr<scalar_t>(),
+                                    grad_k.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), B, T, HI, DI, K,
+                                    kl_grad);
   });
   return {grad_q, grad_k, grad_w};
 }
@@ -150,4 +274,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_scores_backward(co
 TORCH_LIBRARY_FRAGMENT(sparse_viz_fused, m) {
   m.def("selected_index_scores_forward", &sparse_viz_fused::selected_index_scores_forward);
   m.def("selected_index_scores_backward", &sparse_viz_fused::selected_index_scores_backward);
+  m.def("selected_index_kl_forward", &sparse_viz_fused::selected_index_kl_forward);
+  m.def("selected_index_kl_backward", &sparse_viz_fused::selected_index_kl_backward);
 }
