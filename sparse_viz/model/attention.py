@@ -243,8 +243,11 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))  # (B, T, H, hd)
+        # Rotated token-major, returned as (B, H, T, hd) views: the fused sparse kernel reads that
+        # layout as it is (no copy of q and k per layer), SDPA and matmul read any strides.
+        cos, sin = cos[:, None], sin[:, None]  # (T, 1, hd/2): broadcast over heads
+        return apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         """(B, H, T, hd) head outputs -> (B, T, d_model) after the output projection."""

@@ -32,7 +32,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Args:
         x: (..., T, d) with d == 2 * cos.shape[-1]; position is dim -2.
-        cos, sin: (T, d/2).
+        cos, sin: (T, d/2); or (T, 1, d/2) for a token-major x (..., T, H, d).
 
     Returns:
         Tensor shaped like `x`.
