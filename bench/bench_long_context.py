@@ -8,10 +8,12 @@ Model (the long-context step the goal was set on): d_model 256, 2 layers, 4 head
 batch 1, top_k 256; one forward + backward per step. Candidates:
 - `dense`: no indexer, fused SDPA causal attention, LM loss (the baseline);
 - `dsa`: DSA sparse stage on the default paths: the fused CPU kernels (`fused_kernels.py`: the
-  indexer's top-k row by row, sparse attention saving a log-sum-exp, the indexer's scores at the
-  selected keys), LM loss + the indexer's KL over the selected keys (indexer_path=blockwise);
+  indexer's top-k row by row, sparse attention saving a log-sum-exp, the indexer's KL over the
+  selected keys computed with its scores there, neither stored), LM loss + that KL
+  (indexer_path=blockwise);
 - `dsa_csr` (`--with-csr`): the same step with the fused kernels off (SPARSE_VIZ_FUSED_KERNELS=0):
-  top-k by query blocks in torch ops, CSR sparse attention and selected-key scores (before);
+  top-k by query blocks in torch ops, CSR sparse attention and selected-key scores, then
+  `indexer_kl` on them in torch ops (before);
 - `dsa_full` (`--with-full-indexer`): the same with the full-matrix indexer (the reference);
 - `dsa_ranked` (`--with-ranked-topk`): `dsa_csr` with the blockwise top-k ranking every key of a
   row (`topk_earliest_ties`), as before the prefilter of `topk_prefilter.py`: same selections;
@@ -20,7 +22,8 @@ batch 1, top_k 256; one forward + backward per step. Candidates:
   attention, the KL by checkpointed query blocks) and on the full-matrix path (dense (B, H, T, T)
   probabilities as the target, (B, T, T) scores);
 - `indexer_blockwise` / `indexer_full` (at `--indexer-at` only): the indexer alone, top-k
-  selection + KL at the selected keys (a fixed random target) + backward, block vs full path.
+  selection + KL at the selected keys (a fixed random target) + backward, block path
+  (`selected_index_kl`, as the model) vs full path (`indexer_kl` of the full matrix read there).
 
 Every measurement is a fresh process (`--worker`): peak resident memory (`ru_maxrss`) is then
 that candidate's own, and no allocator state carries over. Each process builds the model, runs one
@@ -66,7 +69,7 @@ def worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu
     from sparse_viz.model import ModelConfig, SparseTransformer
     from sparse_viz.model.attention import gather_selected
     from sparse_viz.model.indexer import indexer_kl
-    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
+    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_kl
     from sparse_viz.model.selectors import topk_causal
 
     torch.set_num_threads(threads)
@@ -119,12 +122,11 @@ def worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu
             if name == "indexer_blockwise":
                 q, k, w = indexer.project(x, *rope)
                 selected = blockwise_topk(q, k, w, MODEL["top_k"])
-                scores = selected_index_scores(q, k, w, selected)
+                kl = selected_index_kl(q, k, w, selected, target).mean()
             else:
                 full, _ = indexer(x, *rope)  # (1, T, T)
                 selected = topk_causal(full, MODEL["top_k"])
-                scores = gather_selected(full, selected)
-            kl = indexer_kl(target, scores, selected >= 0).mean()
+                kl = indexer_kl(target, gather_selected(full, selected), selected >= 0).mean()
             indexer.zero_grad(set_to_none=True)
             kl.backward()
 
@@ -156,7 +158,8 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
         gathered_sparse_attention,
     )
     from sparse_viz.model.csr_attention import SelectionPattern
-    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_scores
+    from sparse_viz.model.indexer import indexer_kl
+    from sparse_viz.model.indexer_blocks import blockwise_topk, selected_index_kl, selected_index_scores
     from sparse_viz.model.selectors import select_keys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -181,8 +184,14 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
                                          kernel=kernel, sum_heads=True)
         y.sum().backward()
 
-    def indexer_scores(kernel):
-        selected_index_scores(q_i, k_i, w_i, selected, kernel=kernel).sum().backward()
+    target = torch.rand(1, T, MODEL["top_k"])  # stands for the main attention at the selected keys
+
+    def indexer_loss(kernel):
+        if kernel == "fused":  # the KL computed with the scores, per row
+            kl = selected_index_kl(q_i, k_i, w_i, selected, target, kernel="fused")
+        else:  # the scores (B, T, k), then the KL in torch ops
+            kl = indexer_kl(target, selected_index_scores(q_i, k_i, w_i, selected, kernel=kernel), selected >= 0)
+        kl.mean().backward()
 
     def attention_dense():
         dense_causal_attention(q, k, v).sum().backward()
@@ -193,8 +202,8 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
         "sparse attention, fused, fwd+bwd": lambda: attention_sparse("fused"),
         "  the same, CSR (before)": lambda: attention_sparse("csr"),
         "  fused, on a local window's selection": lambda: attention_sparse("fused", local),
-        "indexer scores at S_t, fused, fwd+bwd": lambda: indexer_scores("fused"),
-        "  the same, CSR (before) ": lambda: indexer_scores("csr"),
+        "indexer KL at S_t, fused, fwd+bwd": lambda: indexer_loss("fused"),
+        "  CSR scores + indexer_kl (before)": lambda: indexer_loss("csr"),
         "dense attention, fused SDPA, fwd+bwd": attention_dense,
     }, reps)
     print(f"T={T}, one layer's pieces, {threads} thread(s), median (best) of {reps} interleaved reps:")
