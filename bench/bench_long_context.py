@@ -3,6 +3,7 @@
     python bench/bench_long_context.py [--seq-lens 1024 2048 4096 8192] [--rounds 2] [--steps 2]
         [--threads 1] [--indexer-at 8192] [--with-csr] [--with-full-indexer] [--with-ranked-topk] [--with-warmup]
     python bench/bench_long_context.py --breakdown --seq-lens 8192   (one layer's pieces, one process)
+    python bench/bench_long_context.py --profile dsa --seq-lens 8192  (one step's operators, torch profiler)
 
 Model (the long-context step the goal was set on): d_model 256, 2 layers, 4 heads, SwiGLU 768, vocab 2048, indexer 4 heads x 32,
 batch 1, top_k 256; one forward + backward per step. Candidates:
@@ -55,10 +56,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu", dtype: str = "float32") -> dict:
+def worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu", dtype: str = "float32",
+           profile: bool = False) -> dict | None:
     """One candidate in this process: build, one warm-up step, `steps` timed ones. On CUDA the peak
     is the allocator's (`max_memory_allocated`), each step is timed between synchronisations, and
-    `dtype` bfloat16 runs the step under autocast."""
+    `dtype` bfloat16 runs the step under autocast. `profile`: instead, one step under the torch
+    profiler, its operators printed by self time (where a step's time goes)."""
     import os
 
     if name in ("dsa_csr", "dsa_ranked"):  # the step before the fused kernels, in this process only
@@ -133,6 +136,15 @@ def worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     step()  # warm-up
     sync()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"{name} at T={T}, one step, {torch.get_num_threads()} thread(s), operators by self time:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+        return None
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -242,6 +254,8 @@ def main() -> None:
                         help="also the warm-up stage's step, blockwise and full-matrix paths")
     parser.add_argument("--breakdown", action="store_true",
                         help="per-layer pieces of both steps at the first --seq-lens value, in one process")
+    parser.add_argument("--profile", choices=STEP_CANDIDATES,
+                        help="one step of this candidate at the first --seq-lens value under the torch profiler")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: allocator peak instead of RSS)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="bfloat16: each step under autocast")
@@ -249,6 +263,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.breakdown:
         breakdown(args.seq_lens[0], max(args.rounds, 3), args.threads)
+        return
+    if args.profile:
+        worker(args.profile, args.seq_lens[0], 0, args.threads, args.device, args.dtype, profile=True)
         return
     if args.worker:
         print(json.dumps(worker(args.worker, args.seq_lens[0], args.steps, args.threads, args.device, args.dtype)))
