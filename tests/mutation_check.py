@@ -527,18 +527,25 @@ MUTATIONS: list[Mutation] = [
         "the head weights' gradient counts negative logits the ReLU removed (float32 path)",
     ),
     Mutation(
+        "fused_index_key_grad_overwritten", FUSED_SCORES,
+        "for (int u = 0; u < U; ++u) store8(gk + 8 * u, load8(gk + 8 * u) + acc[u]);",
+        "for (int u = 0; u < U; ++u) store8(gk + 8 * u, acc[u]);",
+        (f"{FUSED_TESTS}::test_selected_scores_and_gradients_equal_the_full_matrix_read_at_the_selection",),
+        "a key's gradient keeps only the last row that selected it, not the sum over rows (float path)",
+    ),
+    Mutation(
         "fused_index_kl_grad_without_mass_check", FUSED_SCORES,
-        "std::exp(g[i] - row_lse[row]) * has_mass - p[row * K + slot[i]] * inv",
-        "std::exp(g[i] - row_lse[row]) - p[row * K + slot[i]] * inv",
+        "g[i] = upstream[row] * (g[i] * has_mass - p[row * K + slot[i]] * inv);",
+        "g[i] = upstream[row] * (g[i] - p[row * K + slot[i]] * inv);",
         (f"{FUSED_TESTS}::test_the_selected_key_kl_and_its_gradients_equal_a_row_by_row_kl_of_the_full_matrix",),
         "a row whose target has no mass still pushes its scores towards softmax's gradient",
     ),
     Mutation(
         "fused_index_kl_counts_zero_weights", FUSED_SCORES,
-        "if (p > scalar_t(0)) kl += p * (std::log(p) - (scores[i] - *lse));",
-        "kl += p * (std::log(p + scalar_t(1e-3)) - (scores[i] - *lse));",
+        "const v8f term = pi * (log8(positive ? pi : one) - load8(scores + i) + s);",
+        "const v8f term = pi * (log8(pi + 1e-3f) - load8(scores + i) + s);",
         (f"{FUSED_TESTS}::test_the_selected_key_kl_and_its_gradients_equal_a_row_by_row_kl_of_the_full_matrix",),
-        "the KL's p log p smoothed instead of 0 log 0 = 0",
+        "the KL's p log p smoothed (float path)",
     ),
 ]
 

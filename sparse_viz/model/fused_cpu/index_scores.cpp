@@ -55,28 +55,46 @@ void index_scores_forward(const scalar_t* q, const scalar_t* k, const scalar_t* 
 
 // The indexer's KL at the selected keys, one row: KL(p || softmax(I)) over its n valid keys, p the
 // target read at them and L1-normalised (0 where the target sums to 0 or n = 0, as `indexer_kl`).
-// Writes the scores' log-sum-exp (for backward) and returns the KL. scores holds round8(n) entries.
+// Writes the scores' log-sum-exp (for backward) and returns the KL. scores, p and e hold round8(n)
+// entries; p and e are scratch.
+//   KL = sum_{p_i > 0} (p_i / mass) (log p_i - log mass - (I_i - lse))
 template <typename scalar_t>
-inline scalar_t row_kl(const scalar_t* scores, const scalar_t* target, const int64_t* slot, int64_t n,
-                       scalar_t* lse) {
+inline scalar_t kl_terms(const scalar_t* p, const scalar_t* scores, int64_t n, scalar_t shift) {
+  scalar_t kl = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (p[i] > scalar_t(0)) kl += p[i] * (std::log(p[i]) - scores[i] + shift);  // 0 log 0 = 0
+  return kl;
+}
+
+template <>
+inline float kl_terms<float>(const float* p, const float* scores, int64_t n, float shift) {
+  v8f sum = splat8(0.f);
+  const v8f s = splat8(shift), zero = splat8(0.f), one = splat8(1.f);
+  for (int64_t i = 0; i < n; i += 8) {  // entries past n: p is 0 there
+    const v8f pi = load8(p + i);
+    const v8i positive = pi > 0.f;
+    const v8f term = pi * (log8(positive ? pi : one) - load8(scores + i) + s);
+    sum += positive ? term : zero;
+  }
+  return sum8(sum);
+}
+
+template <typename scalar_t>
+inline scalar_t row_kl(const scalar_t* scores, const scalar_t* target, const int64_t* slot, int64_t n, scalar_t* p,
+                       scalar_t* e, scalar_t* lse) {
   if (n == 0) {
     *lse = 0;
     return 0;
   }
   const scalar_t m = max_of(scores, n);
-  scalar_t z = 0, mass = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    z += std::exp(scores[i] - m);
-    mass += target[slot[i]];
-  }
-  *lse = m + std::log(z);
+  std::copy(scores, scores + n, e);
+  exp_shifted(e, n, m);
+  *lse = m + std::log(sum_of(e, n));
+  for (int64_t i = 0; i < round8(n); ++i) p[i] = i < n ? target[slot[i]] : scalar_t(0);
+  const scalar_t mass = sum_of(p, n);
   if (!(mass > scalar_t(0))) return 0;
-  scalar_t kl = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t p = target[slot[i]] / mass;
-    if (p > scalar_t(0)) kl += p * (std::log(p) - (scores[i] - *lse));  // 0 log 0 = 0
-  }
-  return kl;
+  // sum_i (p_i / mass) (log p_i - log mass - I_i + lse), the p_i / mass summing to 1
+  return kl_terms(p, scores, n, *lse) / mass - std::log(mass);
 }
 
 template <typename scalar_t>
@@ -86,12 +104,12 @@ void index_kl_forward(const scalar_t* q, const scalar_t* k, const scalar_t* w, c
   const int64_t Kp = round8(K);
   at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> slot(K), offset(K);
-    std::vector<scalar_t> logits(HI * Kp), scores(Kp);
+    std::vector<scalar_t> logits(HI * Kp), scores(Kp), p(Kp), e(Kp);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = valid_slots(selected + r * K, K, (r / T) * T, DI, slot.data(), offset.data());
       row_logits(q, k, r, offset.data(), n, HI, DI, Kp, logits.data());
       row_scores(logits.data(), w, r, n, HI, Kp, scores.data());
-      kl[r] = row_kl(scores.data(), target + r * K, slot.data(), n, lse + r);
+      kl[r] = row_kl(scores.data(), target + r * K, slot.data(), n, p.data(), e.data(), lse + r);
     }
   });
 }
@@ -130,6 +148,45 @@ float relu_backward<float>(const float* logit, const float* g, float weight, int
   return total;
 }
 
+// dk[key i] += sum_h coeff[h, i] q[h] for a row's n keys: q_row (HI, DI), coeff (HI, stride).
+// (No test for a zero coefficient: ReLU is active about half the time, so a branch on it would be
+// mispredicted about half the time, and adding zero is cheaper.)
+template <typename scalar_t>
+inline void add_head_combinations(const scalar_t* q_row, const scalar_t* coeff, int64_t stride, const int64_t* offset,
+                                  int64_t n, int64_t HI, int64_t DI, scalar_t* grad_k) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < HI; ++h) axpy(coeff[h * stride + i], q_row + h * DI, grad_k + offset[i], DI);
+}
+
+// For float: the key's sum over heads in U registers, then one read-modify-write of its gradient.
+template <int U>
+inline void add_head_combinations_tiles(const float* q_row, const float* coeff, int64_t stride, const int64_t* offset,
+                                        int64_t n, int64_t HI, float* grad_k) {
+  for (int64_t i = 0; i < n; ++i) {
+    v8f acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = splat8(0.f);
+    for (int64_t h = 0; h < HI; ++h) {
+      const v8f c = splat8(coeff[h * stride + i]);
+      for (int u = 0; u < U; ++u) acc[u] += c * load8(q_row + h * 8 * U + 8 * u);
+    }
+    float* gk = grad_k + offset[i];
+    for (int u = 0; u < U; ++u) store8(gk + 8 * u, load8(gk + 8 * u) + acc[u]);
+  }
+}
+
+template <>
+inline void add_head_combinations<float>(const float* q_row, const float* coeff, int64_t stride, const int64_t* offset,
+                                         int64_t n, int64_t HI, int64_t DI, float* grad_k) {
+  switch (DI) {
+    case 16: return add_head_combinations_tiles<2>(q_row, coeff, stride, offset, n, HI, grad_k);
+    case 32: return add_head_combinations_tiles<4>(q_row, coeff, stride, offset, n, HI, grad_k);
+    case 64: return add_head_combinations_tiles<8>(q_row, coeff, stride, offset, n, HI, grad_k);
+    default:
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t h = 0; h < HI; ++h) axpy(coeff[h * stride + i], q_row + h * DI, grad_k + offset[i], DI);
+  }
+}
+
 // The backward of I at the selected keys, given each row's gradient dL/dI at its valid keys:
 // row_grad(row, n, slot, logits, g) writes g[0 .. n) from the row's recomputed logits (HI, Kp).
 template <typename scalar_t, typename RowGrad>
@@ -145,9 +202,7 @@ void index_scores_backward(const scalar_t* q, const scalar_t* k, const scalar_t*
     std::vector<scalar_t>& gk = grad_k_copies[at::get_thread_num()];
     if (gk.empty()) gk.assign(B * T * DI, scalar_t(0));
     std::vector<int64_t> slot(K), offset(K);
-    std::vector<scalar_t> logits(HI * Kp), coeff(HI * K), g(Kp), head_sum(DI), head_weight(HI);
-    std::vector<int64_t> head_offset(HI);  // the heads' query rows within a row's (HI, DI) block
-    for (int64_t h = 0; h < HI; ++h) head_offset[h] = h * DI;
+    std::vector<scalar_t> logits(HI * Kp), coeff(HI * K), g(Kp);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = valid_slots(selected + row * K, K, (row / T) * T, DI, slot.data(), offset.data());
       row_logits(q, k, row, offset.data(), n, HI, DI, Kp, logits.data());  // recomputed, not saved
@@ -157,13 +212,7 @@ void index_scores_backward(const scalar_t* q, const scalar_t* k, const scalar_t*
         grad_w[row * HI + h] = relu_backward(logits.data() + h * Kp, g.data(), w[row * HI + h], n, c_h);
         weighted_rows_sum(k, offset.data(), c_h, n, DI, grad_q + (row * HI + h) * DI);
       }
-      for (int64_t i = 0; i < n; ++i) {  // dk[s] += sum_h coeff[h, s] q[h]: the heads summed first
-        // (no test for a zero coefficient: ReLU is active about half the time, so a branch on
-        // it would be mispredicted about half the time, and adding zero is cheaper)
-        for (int64_t h = 0; h < HI; ++h) head_weight[h] = coeff[h * K + i];
-        weighted_rows_sum(q + row * HI * DI, head_offset.data(), head_weight.data(), HI, DI, head_sum.data());
-        axpy(scalar_t(1), head_sum.data(), gk.data() + offset[i], DI);
-      }
+      add_head_combinations(q + row * HI * DI, coeff.data(), K, offset.data(), n, HI, DI, gk.data());
     }
   });
   for (const auto& copy : grad_k_copies)
@@ -258,8 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_kl_backward(
       for (int64_t i = 0; i < n; ++i) mass += p[row * K + slot[i]];
       const scalar_t inv = mass > scalar_t(0) ? scalar_t(1) / mass : scalar_t(0);
       const scalar_t has_mass = mass > scalar_t(0) ? scalar_t(1) : scalar_t(0);
-      for (int64_t i = 0; i < n; ++i)
-        g[i] = upstream[row] * (std::exp(g[i] - row_lse[row]) * has_mass - p[row * K + slot[i]] * inv);
+      exp_shifted(g, n, row_lse[row]);  // softmax(I)
+      for (int64_t i = 0; i < n; ++i) g[i] = upstream[row] * (g[i] * has_mass - p[row * K + slot[i]] * inv);
     };
     index_scores_backward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w_data,
                                     selected.data_ptr<int64_t>(), grad_q.data_ptr<scalar_t>(),

@@ -86,6 +86,35 @@ inline v8f exp8(v8f x) {
   return underflow ? splat8(0.f) : p;
 }
 
+// Natural log of 8 positive, finite floats (Cephes' logf: x = m * 2^e with m in [sqrt(1/2), sqrt(2)),
+// log(m) by a degree-9 polynomial in m - 1; relative error ~1e-7). Callers mask x <= 0 themselves.
+inline v8f log8(v8f x) {
+  v8i bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  v8i e = ((bits >> 23) & 0xff) - 126;  // x = m * 2^e, m in [0.5, 1)
+  bits = (bits & 0x807fffff) | 0x3f000000;
+  v8f m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const v8i small = m < 0.707106781186547524f;  // m in [0.5, sqrt(1/2)): use 2m, e - 1
+  e += small;  // true lanes are -1
+  m = (small ? m + m : m) - 1.0f;
+  const v8f ef = __builtin_convertvector(e, v8f);
+  const v8f z = m * m;
+  v8f y = splat8(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += ef * -2.12194440e-4f;
+  y -= 0.5f * z;
+  return m + y + ef * 0.693359375f;
+}
+
 // x[i] = exp(x[i] - shift) for i < n; x holds at least round_up(n, 8) entries.
 template <typename scalar_t>
 inline void exp_shifted(scalar_t* x, int64_t n, scalar_t shift) {
