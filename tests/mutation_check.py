@@ -493,10 +493,17 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "fused_topk_bound_too_high", FUSED_TOPK,
-        "bound = scratch[K - 1];",
-        "bound = scratch[K / 2];",
+        "(count_at_least(x, n, mid) >= K ? lo : hi) = mid;",
+        "(count_at_least(x, n, mid) >= K / 2 ? lo : hi) = mid;",
         (f"{FUSED_TESTS}::test_the_top_k_is_topk_causal_of_the_full_score_matrix",),
-        "the prefilter's bound is a higher group maximum than the k-th: keys that belong are skipped",
+        "the prefilter's bound sits above the k-th group maximum: keys that belong are skipped",
+    ),
+    Mutation(
+        "fused_topk_compaction_drops_entries_at_the_bound", FUSED_TOPK,
+        "_mm256_cmp_ps(_mm256_loadu_ps(row + s), b, _CMP_GE_OQ)",
+        "_mm256_cmp_ps(_mm256_loadu_ps(row + s), b, _CMP_GT_OQ)",
+        (f"{FUSED_TESTS}::test_integer_scores_with_many_exact_ties_select_as_the_reference",),
+        "the candidates leave out entries equal to the bound (AVX path)",
     ),
     Mutation(
         "fused_topk_row_sees_its_future_key", FUSED_TOPK,

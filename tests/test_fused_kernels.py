@@ -153,6 +153,22 @@ def test_ties_at_the_kth_score_keep_the_earliest_keys():
     assert torch.equal(fused_index_topk(q, keys, w, 16), topk_causal(scores, 16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_integer_scores_with_many_exact_ties_select_as_the_reference(dtype):
+    """Small integer queries, keys and weights: every score is an exact integer in float32 too, so
+    ties at the k-th score (and at the prefilter's bound) are common and no rounding can excuse a
+    difference from `topk_causal` of the same scores computed in float64."""
+    g = torch.Generator().manual_seed(11)
+    B, T, heads, dim = 2, 300, 4, 8
+    q = torch.randint(-2, 3, (B, T, heads, dim), generator=g).to(dtype)
+    k = torch.randint(-2, 3, (B, T, dim), generator=g).to(dtype)
+    w = torch.randint(1, 3, (B, T, heads), generator=g).to(dtype)
+    scores = torch.einsum("bthd,bsd->bths", q.double(), k.double()).relu().mul(w.double()[..., None]).sum(2)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))  # (B, T, T)
+    for top_k in (7, 16, 40):
+        assert torch.equal(fused_index_topk(q, k, w, top_k), topk_causal(scores, top_k))
+
+
 def test_the_top_k_in_float32_differs_from_the_reference_only_by_rounding():
     (q, k, w), full = indexer_inputs(300, 4, 32, seed=3, dtype=torch.float32)
     selected = fused_index_topk(q, k, w, 24)
