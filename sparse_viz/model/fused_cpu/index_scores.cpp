@@ -41,14 +41,14 @@ void index_scores_forward(const scalar_t* q, const scalar_t* k, const scalar_t* 
   const int64_t Kp = round8(K);
   at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> slot(K), offset(K);
-    std::vector<scalar_t> logits(HI * Kp), row(K);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = valid_slots(selected + r * K, K, (r / T) * T, DI, slot.data(), offset.data());
-      row_logits(q, k, r, offset.data(), n, HI, DI, Kp, logits.data());
-      row_scores(logits.data(), w, r, n, HI, Kp, row.data());
-      scalar_t* out = scores + r * K;
+    std::vector<scalar_t> logits(HI * Kp), values(K);  // values: the row's scores, valid slots in order
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = valid_slots(selected + row * K, K, (row / T) * T, DI, slot.data(), offset.data());
+      row_logits(q, k, row, offset.data(), n, HI, DI, Kp, logits.data());
+      row_scores(logits.data(), w, row, n, HI, Kp, values.data());
+      scalar_t* out = scores + row * K;
       std::fill(out, out + K, scalar_t(0));  // unfilled slots score 0
-      for (int64_t i = 0; i < n; ++i) out[slot[i]] = row[i];
+      for (int64_t i = 0; i < n; ++i) out[slot[i]] = values[i];
     }
   });
 }
@@ -105,11 +105,11 @@ void index_kl_forward(const scalar_t* q, const scalar_t* k, const scalar_t* w, c
   at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> slot(K), offset(K);
     std::vector<scalar_t> logits(HI * Kp), scores(Kp), p(Kp), e(Kp);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = valid_slots(selected + r * K, K, (r / T) * T, DI, slot.data(), offset.data());
-      row_logits(q, k, r, offset.data(), n, HI, DI, Kp, logits.data());
-      row_scores(logits.data(), w, r, n, HI, Kp, scores.data());
-      kl[r] = row_kl(scores.data(), target + r * K, slot.data(), n, p.data(), e.data(), lse + r);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = valid_slots(selected + row * K, K, (row / T) * T, DI, slot.data(), offset.data());
+      row_logits(q, k, row, offset.data(), n, HI, DI, Kp, logits.data());
+      row_scores(logits.data(), w, row, n, HI, Kp, scores.data());
+      kl[row] = row_kl(scores.data(), target + row * K, slot.data(), n, p.data(), e.data(), lse + row);
     }
   });
 }
