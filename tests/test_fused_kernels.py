@@ -259,6 +259,26 @@ def test_the_selected_key_kl_of_every_kernel_is_indexer_kl_of_the_selected_score
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_the_selected_key_kl_of_bfloat16_inputs_is_computed_in_float32():
+    """Under bfloat16 autocast the indexer's projections and the target arrive in bfloat16: the
+    loss is the float32 KL of those rounded values, returned in float32 with float32 gradients."""
+    g = torch.Generator().manual_seed(8)
+    (q, k, w), _ = indexer_inputs(30, 4, 16, seed=8, dtype=torch.float32)
+    selected = random_selection(2, 30, 10, g)
+    target = torch.rand(2, 30, 10, generator=g) * (selected >= 0)
+    q, k, w = (x.detach().bfloat16().requires_grad_() for x in (q, k, w))
+    kl = fused_selected_index_kl(q, k, w, selected, target.bfloat16())
+    assert kl.dtype == torch.float32
+    q32, k32, w32 = (x.detach().float().requires_grad_() for x in (q, k, w))
+    expected = fused_selected_index_kl(q32, k32, w32, selected, target.bfloat16().float())
+    torch.testing.assert_close(kl, expected)
+    kl.sum().backward()
+    expected.sum().backward()
+    for got, want in ((q, q32), (k, k32), (w, w32)):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.float(), want.grad.bfloat16().float())
+
+
 def test_a_sparse_training_step_is_the_csr_kernels_step():
     """The model's sparse stage on the fused kernels (the default on CPU) == on the CSR kernels:
     logits, per-layer KL and every gradient."""
