@@ -144,6 +144,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _indexer_compute_dtype(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype the indexer kernels compute (q, k, w) in: their common dtype, half precision as float32."""
+    return _compute_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype))
+
+
 class FusedSelectedAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(hd)) over the selected keys times v; saves the log-sum-exp only.
 
@@ -219,7 +224,7 @@ def fused_selected_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tenso
     """
     _check_cpu(q, k, w, selected)
     dtype = q.dtype
-    compute = _compute_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype))
+    compute = _indexer_compute_dtype(q, k, w)
     q, k, w = (x.to(compute).contiguous() for x in (q, k, w))
     return FusedSelectedIndexScores.apply(q, k, w, selected.contiguous()).to(dtype)
 
@@ -257,7 +262,7 @@ def fused_selected_index_kl(
         key or no target mass.
     """
     _check_cpu(q, k, w, selected, target)
-    compute = _compute_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype))
+    compute = _indexer_compute_dtype(q, k, w)
     q, k, w = (x.to(compute).contiguous() for x in (q, k, w))
     return FusedSelectedIndexKL.apply(q, k, w, selected.contiguous(), target.detach().to(compute).contiguous())
 
@@ -277,7 +282,7 @@ def fused_index_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: i
     _check_cpu(q, k, w)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    compute = _compute_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype))
+    compute = _indexer_compute_dtype(q, k, w)
     q, k, w = (x.detach().to(compute).contiguous() for x in (q, k, w))
     return _kernels().causal_index_topk(q, k, w, top_k)
 
