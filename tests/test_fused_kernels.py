@@ -344,3 +344,20 @@ def test_tensors_off_the_cpu_are_refused():
         fused_selected_attention(q, q, q, torch.zeros(1, 4, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         fused_index_topk(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 8), torch.zeros(1, 4, 2), 0)
+
+
+def test_the_kl_operators_refuse_a_target_not_shaped_like_the_selection():
+    """The kernels read the target with the selection's row stride: a mis-shaped one must be refused,
+    in backward as in forward, not read out of bounds."""
+    ops = load_fused_kernels()
+    (q, k, w), _ = indexer_inputs(12, 2, 8, dtype=torch.float32)
+    q, k, w = (x.detach().contiguous() for x in (q, k, w))
+    selected = random_selection(2, 12, 4, torch.Generator().manual_seed(0))
+    target = torch.rand(2, 12, 4)
+    kl, lse = ops.selected_index_kl_forward(q, k, w, selected, target)
+    with pytest.raises(RuntimeError, match="target must be a contiguous"):
+        ops.selected_index_kl_forward(q, k, w, selected, target[:, :, :3].contiguous())
+    with pytest.raises(RuntimeError, match="target must be a contiguous"):
+        ops.selected_index_kl_backward(torch.ones_like(kl), q, k, w, selected, target[:, :, :3].contiguous(), lse)
+    with pytest.raises(RuntimeError, match="grad_kl and lse must be contiguous"):
+        ops.selected_index_kl_backward(torch.ones_like(kl), q, k, w, selected, target, lse.t())

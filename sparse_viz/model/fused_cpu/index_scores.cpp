@@ -244,8 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_scores_backward(co
   const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
   check_selection(selected, B, T);
   const int64_t K = selected.size(2);
-  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == selected.sizes() && grad.scalar_type() == q.scalar_type(),
-              "grad must be a contiguous (B, T, K) tensor of q's dtype");
+  check_per_slot(grad, selected, q, "grad");
   auto grad_q = at::zeros_like(q);
   auto grad_k = at::zeros_like(k);
   auto grad_w = at::zeros_like(w);
@@ -271,8 +270,7 @@ std::tuple<at::Tensor, at::Tensor> selected_index_kl_forward(const at::Tensor& q
   const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
   check_selection(selected, B, T);
   const int64_t K = selected.size(2);
-  TORCH_CHECK(target.is_contiguous() && target.sizes() == selected.sizes() && target.scalar_type() == q.scalar_type(),
-              "target must be a contiguous (B, T, K) tensor of q's dtype");
+  check_per_slot(target, selected, q, "target");
   auto kl = at::empty({B, T}, q.options());
   auto lse = at::empty({B, T}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_kl_forward", [&] {
@@ -292,7 +290,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_kl_backward(
   const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
   check_selection(selected, B, T);
   const int64_t K = selected.size(2);
-  TORCH_CHECK(grad_kl.is_contiguous() && grad_kl.sizes() == lse.sizes() && lse.size(0) == B && lse.size(1) == T,
+  check_per_slot(target, selected, q, "target");
+  TORCH_CHECK(grad_kl.is_contiguous() && lse.is_contiguous() && grad_kl.sizes() == lse.sizes() && lse.dim() == 2 &&
+                  lse.size(0) == B && lse.size(1) == T,
               "grad_kl and lse must be contiguous (B, T) tensors");
   auto grad_q = at::zeros_like(q);
   auto grad_k = at::zeros_like(k);

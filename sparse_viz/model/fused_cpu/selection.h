@@ -27,6 +27,13 @@ inline void check_selection(const at::Tensor& selected, int64_t B, int64_t T) {
               "selected must be a contiguous (B, T, K) int64 tensor");
 }
 
+// A tensor with one entry per selection slot (an upstream gradient, a target): (B, T, K) like
+// selected, contiguous, in q's dtype.
+inline void check_per_slot(const at::Tensor& t, const at::Tensor& selected, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.sizes() == selected.sizes() && t.scalar_type() == q.scalar_type(), name,
+              " must be a contiguous (B, T, K) tensor of q's dtype");
+}
+
 inline void check_indexer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 3 && w.dim() == 3 && q.is_contiguous() && k.is_contiguous() &&
                   w.is_contiguous() && k.scalar_type() == q.scalar_type() && w.scalar_type() == q.scalar_type(),
