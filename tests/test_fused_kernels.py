@@ -72,6 +72,43 @@ def test_attention_and_its_gradients_equal_the_masked_path(dtype, head_dim):
         torch.testing.assert_close(grad, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 16, 12, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (8, 1), (6, 2)])  # groups of 2, 4, 8 (tiles) and 3
+def test_grouped_query_attention_equals_the_masked_path_on_repeated_key_value_heads(dtype, head_dim, heads, kv_heads):
+    """Query head h reads key/value head h // (H / HKV): the reference repeats each key/value head
+    for its group (autograd sums the repeated heads' gradients) and attends head by head."""
+    g = torch.Generator().manual_seed(heads * head_dim + kv_heads)
+    B, T, K = 2, 37, 20
+    group = heads // kv_heads
+    q = torch.randn(B, heads, T, head_dim, generator=g, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, T, head_dim, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    selected = random_selection(B, T, K, g)
+    out, probs = fused_selected_attention(q, k, v, selected, per_head_probs=True)
+    expected, expected_probs = masked_sparse_attention(
+        q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), selected, return_probs=True
+    )
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(probs, gather_selected(expected_probs, selected), **tol)
+    weights = torch.randn(out.shape, generator=g, dtype=dtype)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    if dtype == torch.float32:  # a key's gradient sums group-times more float32 terms
+        tol = dict(rtol=1e-5, atol=2e-6 * group)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, **tol)
+
+
+def test_key_value_heads_that_do_not_divide_the_query_heads_are_refused():
+    q, k = torch.zeros(1, 4, 5, 8), torch.zeros(1, 3, 5, 8)
+    selected = torch.zeros(1, 5, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="3 key/value heads do not divide 4 query heads"):
+        gathered_sparse_attention(q, k, k, selected)
+    with pytest.raises(RuntimeError, match="HKV dividing H"):
+        fused_selected_attention(q, k, k, selected)
+
+
 def test_attention_passes_torch_gradcheck():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -279,12 +316,14 @@ def test_the_selected_key_kl_of_bfloat16_inputs_is_computed_in_float32():
         torch.testing.assert_close(got.grad.float(), want.grad.bfloat16().float())
 
 
-def test_a_sparse_training_step_is_the_csr_kernels_step():
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_a_sparse_training_step_is_the_csr_kernels_step(kv_heads):
     """The model's sparse stage on the fused kernels (the default on CPU) == on the CSR kernels:
-    logits, per-layer KL and every gradient."""
+    logits, per-layer KL and every gradient; with one key/value head per query head and with one
+    shared by all (the CSR kernels repeat it)."""
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=48, max_seq_len=80, top_k=8,
-                         indexer_heads=4, indexer_dim=8, indexer_rope_dim=4)
+    config = ModelConfig(vocab_size=50, d_model=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, d_ff=48,
+                         max_seq_len=80, top_k=8, indexer_heads=4, indexer_dim=8, indexer_rope_dim=4)
     model = SparseTransformer(config)
     ids = torch.randint(0, 50, (2, 80))
 

@@ -91,6 +91,33 @@ def test_gathered_model_equals_masked_model_for_every_selector(selector):
         torch.testing.assert_close(b.attn_probs, a.attn_probs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+@pytest.mark.parametrize("path", ["masked", "gathered"])
+def test_grouped_query_model_equals_the_model_with_its_key_value_heads_repeated(path, attention):
+    """n_kv_heads=2 of 4: the same logits, KL and gradients as a 4-head model whose key and value
+    projections repeat each of the grouped model's heads for its two query heads."""
+    ids = torch.randint(0, 43, (2, 23), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    grouped = SparseTransformer(tiny_config(n_kv_heads=2, attention_path=path))
+    full = SparseTransformer(tiny_config(attention_path=path))
+    state = grouped.state_dict()
+    hd = grouped.config.head_dim
+    for name, weight in list(state.items()):
+        if name.endswith("attn.qkv.weight"):  # rows: q (4 heads), k (2 heads), v (2 heads)
+            q_rows, k_rows, v_rows = weight.split((4 * hd, 2 * hd, 2 * hd))
+            repeat = lambda rows: rows.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+            state[name] = torch.cat([q_rows, repeat(k_rows), repeat(v_rows)])
+    full.load_state_dict(state)
+    outputs = [model(ids, attention=attention, indexer_loss="selected" if attention == "sparse" else "all")
+               for model in (grouped, full)]
+    torch.testing.assert_close(outputs[0].logits, outputs[1].logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0].indexer_kl, outputs[1].indexer_kl, rtol=1e-4, atol=1e-6)
+    for out in outputs:
+        out.logits.square().mean().backward()
+    mlp_grads = [dict(m.named_parameters())["blocks.0.mlp_norm.weight"].grad for m in (grouped, full)]
+    torch.testing.assert_close(mlp_grads[0], mlp_grads[1], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", ["masked", "gathered"])
 def test_topk_with_k_at_least_T_equals_dense_attention(path):
     torch.manual_seed(0)
@@ -160,6 +187,8 @@ def test_a_dense_model_without_indexer_traces_no_index_scores():
     (dict(top_k=-3), "top_k must be > 0"),
     (dict(attention_path="sideways"), "unknown attention_path"),
     (dict(selector="topk", use_indexer=False), "needs the Lightning Indexer"),
+    (dict(n_kv_heads=3), "n_kv_heads=3 must be > 0 and divide n_heads=4"),
+    (dict(n_kv_heads=0), "n_kv_heads=0 must be > 0"),
 ])
 def test_bad_config_raises_a_clear_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -9,7 +9,9 @@ Three ways to attend, with one meaning:
   (`fused_kernels.py`, CPU), sparse CSR products (`csr_attention.py`, CPU) and plain gathered
   copies in query chunks (`gathered_by_copy`, any device).
 
-The selection (B, T, k) is shared by every head of the layer (REFERENCE §1).
+The selection (B, T, k) is shared by every head of the layer (REFERENCE §1). Keys and values may
+have fewer heads than queries (grouped-query attention, as DeepSeek runs DSA on MLA's one shared
+key-value entry): query head h reads key/value head h // (H / HKV).
 """
 
 from __future__ import annotations
@@ -28,16 +30,34 @@ from .rope import apply_rope
 ATTENTION_CHUNK = 256  # queries per chunk in the gathered path: bounds its (B, Tc, k, C) buffers
 
 
+def expand_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Keys or values of HKV heads repeated for H query heads (the identity when HKV == H).
+
+    Args:
+        x: (B, HKV, T, hd), HKV dividing n_heads.
+        n_heads: H.
+
+    Returns:
+        (B, H, T, hd): head h is x's head h // (H / HKV).
+    """
+    if n_heads % x.shape[1]:
+        raise ValueError(f"{x.shape[1]} key/value heads do not divide {n_heads} query heads")
+    groups = n_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
 def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Dense causal softmax(q k^T / sqrt(hd)).
 
     Args:
-        q, k: (B, H, T, hd).
+        q: (B, H, T, hd).
+        k: (B, HKV, T, hd), HKV dividing H.
 
     Returns:
         (B, H, T, T) probabilities; zero for future keys.
     """
     T = q.shape[-2]
+    k = expand_kv_heads(k, q.shape[1])  # (B, H, T, hd)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
@@ -47,12 +67,14 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     """Dense causal attention through fused SDPA (the fast path when no probabilities are needed).
 
     Args:
-        q, k, v: (B, H, T, hd).
+        q: (B, H, T, hd).
+        k, v: (B, HKV, T, hd), HKV dividing H.
 
     Returns:
         (B, H, T, hd).
     """
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expand_kv_heads(k[:, :, :0], q.shape[1])  # the same error as every other path for a bad head count
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def selection_mask(selected: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -110,7 +132,8 @@ def masked_sparse_attention(
     """Reference sparse attention: dense scores, -inf outside each query's selection.
 
     Args:
-        q, k, v: (B, H, T, hd).
+        q: (B, H, T, hd).
+        k, v: (B, HKV, T, hd), HKV dividing H.
         selected: (B, T, k) long, causal, -1 = unfilled; shared by all heads.
         return_probs: also return the probabilities.
 
@@ -119,6 +142,7 @@ def masked_sparse_attention(
         probs: (B, H, T, T) (zero off the selection) or None.
     """
     T = q.shape[-2]
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])  # (B, H, T, hd)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
     allowed = selection_mask(selected, T)[:, None]  # (B, 1, T, T)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # (B, H, T, T)
@@ -140,7 +164,9 @@ def gathered_sparse_attention(
     """Sparse attention that touches only the selected keys: O(T * k) scores and memory.
 
     Args:
-        q, k, v: (B, H, T, hd).
+        q: (B, H, T, hd).
+        k, v: (B, HKV, T, hd), HKV dividing H (the fused kernel reads each key/value head once
+            for its group of query heads; the other kernels repeat them).
         selected: (B, T, k) long, causal, -1 = unfilled; shared by all heads.
         return_probs: also return the probabilities in selection layout.
         chunk_size: queries per chunk of the `copy` kernel.
@@ -162,6 +188,7 @@ def gathered_sparse_attention(
     """
     if kernel not in ("auto", "fused", "csr", "copy"):
         raise ValueError(f"kernel must be auto, fused, csr or copy, got {kernel!r}")
+    expand_kv_heads(k[:, :, :0], q.shape[1])  # a head count that does not divide: one clear error
     if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
         out, probs = fused_selected_attention(q, k, v, selected, per_head_probs=return_probs and not sum_heads)
         return out, (probs if return_probs else None)
@@ -173,6 +200,7 @@ def gathered_sparse_attention(
 
 def _gathered_per_head(q, k, v, selected, return_probs, chunk_size, kernel, check_order, pattern):
     """The csr or copy kernel, probabilities per head (see `gathered_sparse_attention`)."""
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])  # (B, H, T, hd)
     if kernel == "csr" or (kernel == "auto" and csr_kernels_available(q)):
         if check_order and not rows_ascending(selected):
             if kernel == "auto":
@@ -199,6 +227,7 @@ def gathered_by_copy(
     Arguments and results as `gathered_sparse_attention`.
     """
     B, H, T, hd = q.shape
+    k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)  # (B, H, T, hd)
     keys = k.transpose(1, 2)  # (B, T, H, hd)
     values = v.transpose(1, 2)  # (B, T, H, hd)
     batch = torch.arange(B, device=q.device)[:, None, None]  # (B, 1, 1)
@@ -225,8 +254,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
+        self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        kv_width = self.n_kv_heads * self.head_dim
+        self.qkv_sizes = (config.d_model, kv_width, kv_width)
+        self.qkv = nn.Linear(config.d_model, sum(self.qkv_sizes), bias=False)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def project(
@@ -239,11 +271,12 @@ class CausalSelfAttention(nn.Module):
             cos, sin: (T, head_dim / 2).
 
         Returns:
-            q, k, v: (B, H, T, hd).
+            q: (B, H, T, hd); k, v: (B, HKV, T, hd).
         """
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))  # (B, T, H, hd)
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)  # (B, T, H * hd), (B, T, HKV * hd) x 2
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k, v = (t.view(B, T, self.n_kv_heads, self.head_dim) for t in (k, v))  # (B, T, HKV, hd)
         # Rotated token-major, returned as (B, H, T, hd) views: the fused sparse kernel reads that
         # layout as it is (no copy of q and k per layer), SDPA and matmul read any strides.
         cos, sin = cos[:, None], sin[:, None]  # (T, 1, hd/2): broadcast over heads

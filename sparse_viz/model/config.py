@@ -18,6 +18,10 @@ class ModelConfig:
         d_model: residual stream width.
         n_layers: number of decoder blocks.
         n_heads: attention heads per layer; head_dim = d_model // n_heads.
+        n_kv_heads: key/value heads per layer (grouped-query attention; query head h reads
+            key/value head h // (n_heads / n_kv_heads)); None = n_heads. DeepSeek runs DSA on MLA
+            in its MQA mode (one key-value entry shared by every head): a selected key's row is
+            then gathered once for all heads of its group.
         d_ff: hidden width of the SwiGLU MLP.
         max_seq_len: longest sequence the model accepts (RoPE tables are built for it).
         rope_theta: RoPE base.
@@ -62,6 +66,7 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int | None = None
     d_ff: int = 384
     max_seq_len: int = 256
     rope_theta: float = 10000.0
@@ -99,6 +104,8 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("head_dim must be even for RoPE")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must be > 0 and divide n_heads={self.n_heads}")
         if self.selector == "topk" and not self.use_indexer:
             raise ValueError("selector 'topk' needs the Lightning Indexer (use_indexer=True)")
         if self.indexer_rope_dim > self.indexer_dim or self.indexer_rope_dim % 2:
@@ -114,6 +121,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer (n_kv_heads, or n_heads when it is None)."""
+        return self.n_kv_heads or self.n_heads
 
     def to_dict(self) -> dict:
         return asdict(self)

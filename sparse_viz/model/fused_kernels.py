@@ -152,7 +152,7 @@ def _indexer_compute_dtype(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) ->
 class FusedSelectedAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(hd)) over the selected keys times v; saves the log-sum-exp only.
 
-    q, k, v and the output token-major: (B, T, H, hd), contiguous.
+    q and the output token-major (B, T, H, hd), k and v (B, T, HKV, hd); contiguous.
     """
 
     @staticmethod
@@ -179,12 +179,15 @@ def fused_selected_attention(
     """Sparse attention over the selected keys with the fused kernel.
 
     Args:
-        q, k, v: (B, H, T, hd), CPU floating point (half precision is computed in float32).
+        q: (B, H, T, hd), CPU floating point (half precision is computed in float32).
+        k, v: (B, HKV, T, hd), HKV dividing H: query head h reads key/value head h // (H / HKV),
+            and each gathered key/value row serves its whole group of query heads.
         selected: (B, T, k) long, causal, -1 = unfilled slot; shared by all heads; any order.
         per_head_probs: return the probabilities of every head, else their sum over heads.
 
     Returns:
-        out: (B, H, T, hd), dtype of q; differentiable in q, k and v.
+        out: (B, H, T, hd), dtype of q; differentiable in q, k and v (the gradients of k and v
+            summed over each group's query heads).
         probs: (B, H, T, k) if per_head_probs else (B, T, k) summed over heads, in selection
             layout (0 on unfilled slots); no gradient.
     """

@@ -18,6 +18,7 @@ from .attention import (
     CausalSelfAttention,
     causal_attention_probs,
     dense_causal_attention,
+    expand_kv_heads,
     gather_selected,
     gathered_sparse_attention,
     masked_sparse_attention,
@@ -93,7 +94,7 @@ class Block(nn.Module):
         h = self.attn_norm(x)
         if self.short_conv is not None:
             h = self.short_conv(h)  # attention and the indexer read the filtered input
-        q, k, v = self.attn.project(h, *rope)  # (B, H, T, hd) each
+        q, k, v = self.attn.project(h, *rope)  # q (B, H, T, hd); k, v (B, HKV, T, hd)
 
         selector = "dense" if attention == "dense" else cfg.selector
         run_indexer = self.indexer is not None and (selector == "topk" or indexer_loss is not None or bool(trace))
@@ -163,7 +164,7 @@ class Block(nn.Module):
 
         kl = None
         if indexer_loss == "all" and blockwise:
-            kl = blockwise_causal_kl(*projected, q, k, cfg.indexer_block_size).mean()
+            kl = blockwise_causal_kl(*projected, q, expand_kv_heads(k, cfg.n_heads), cfg.indexer_block_size).mean()
         elif indexer_loss == "all":
             target = dense_probs.detach().sum(1)  # (B, T, T), L1-normalised inside indexer_kl
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()

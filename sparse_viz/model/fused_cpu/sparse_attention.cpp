@@ -2,7 +2,9 @@
 // fused_kernels.py; its readable meaning: `masked_sparse_attention` in attention.py).
 // It keeps one log-sum-exp per (query, head) for backward instead of the (B, H, T, k)
 // probabilities, as flash attention does.
-// Layouts (contiguous): q, k, v, out, grad_out (B, T, H, D); lse (B, T, H); selected (B, T, K).
+// Layouts (contiguous): q, out, grad_out (B, T, H, D); k, v (B, T, HKV, D) with HKV dividing H
+// (grouped-query attention: query head h reads key/value head h / (H / HKV)); lse (B, T, H);
+// selected (B, T, K).
 
 #include <torch/library.h>
 
@@ -14,42 +16,45 @@
 namespace sparse_viz_fused {
 namespace {
 
-// Token-major layouts: q, k, v, out, grad_out (B, T, H, D); a selected key's rows of every head
-// are one contiguous H * D block, read once per query for all heads.
+// Token-major layouts: a selected key's rows of every head are one contiguous HKV * D block. The
+// G = H / HKV query heads of a group read their key/value head's gathered rows together, once.
 
 template <typename scalar_t>
 void attention_forward(const scalar_t* q, const scalar_t* k, const scalar_t* v, const int64_t* selected,
                        scalar_t* out, scalar_t* lse, scalar_t* probs, bool per_head_probs, int64_t B,
-                       int64_t H, int64_t T, int64_t D, int64_t K, scalar_t scale) {
+                       int64_t H, int64_t HKV, int64_t T, int64_t D, int64_t K, scalar_t scale) {
   const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
-  const int64_t Kp = round8(K), HD = H * D;
+  const int64_t Kp = round8(K), HD = H * D, KD = HKV * D, G = H / HKV;
   // Rows (b, t) in parallel: every output of a row is its own, so no two threads write one place.
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> s(H * Kp);  // (H, Kp) scores, then probabilities, of the valid slots
+    std::vector<scalar_t> s(G * Kp);  // (G, Kp) scores, then probabilities, of one group's heads
     std::vector<int64_t> slot(K), offset(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / T;
-      const int64_t n = valid_slots(selected + row * K, K, b * T, HD, slot.data(), offset.data());
+      const int64_t n = valid_slots(selected + row * K, K, b * T, KD, slot.data(), offset.data());
       const scalar_t* q_row = q + row * HD;
       scalar_t* o_row = out + row * HD;
-      for (int64_t h = 0; h < H; ++h) {
-        scalar_t* s_h = s.data() + h * Kp;
-        dots_with_rows(q_row + h * D, k + h * D, offset.data(), n, D, s_h);
-        if (n == 0) {  // no valid key: zero output and probabilities
-          lse[row * H + h] = neg_inf;
-          std::fill(o_row + h * D, o_row + (h + 1) * D, scalar_t(0));
-          continue;
+      if (n == 0) {  // no valid key: zero output and probabilities
+        std::fill(lse + row * H, lse + (row + 1) * H, neg_inf);
+        std::fill(o_row, o_row + HD, scalar_t(0));
+        continue;
+      }
+      for (int64_t g = 0; g < HKV; ++g) {
+        dots_of_heads_with_rows(q_row + g * G * D, G, k + g * D, offset.data(), n, D, s.data(), Kp);
+        for (int64_t i = 0; i < G; ++i) {
+          scalar_t* s_h = s.data() + i * Kp;
+          for (int64_t j = 0; j < n; ++j) s_h[j] *= scale;
+          const scalar_t m = max_of(s_h, n);
+          exp_shifted(s_h, n, m);
+          const scalar_t total = sum_of(s_h, n);
+          const scalar_t inv = scalar_t(1) / total;
+          for (int64_t j = 0; j < n; ++j) s_h[j] *= inv;
+          const int64_t h = g * G + i;
+          lse[row * H + h] = m + std::log(total);
+          scalar_t* p_row = per_head_probs ? probs + ((b * H + h) * T + row % T) * K : probs + row * K;
+          for (int64_t j = 0; j < n; ++j) p_row[slot[j]] += s_h[j];  // per head: once; summed: over heads
         }
-        for (int64_t i = 0; i < n; ++i) s_h[i] *= scale;
-        const scalar_t m = max_of(s_h, n);
-        exp_shifted(s_h, n, m);
-        const scalar_t total = sum_of(s_h, n);
-        const scalar_t inv = scalar_t(1) / total;
-        for (int64_t i = 0; i < n; ++i) s_h[i] *= inv;
-        lse[row * H + h] = m + std::log(total);
-        weighted_rows_sum(v + h * D, offset.data(), s_h, n, D, o_row + h * D);
-        scalar_t* p_row = per_head_probs ? probs + ((b * H + h) * T + row % T) * K : probs + row * K;
-        for (int64_t i = 0; i < n; ++i) p_row[slot[i]] += s_h[i];  // per head: once; summed: over heads
+        weighted_rows_sum_of_heads(v + g * D, offset.data(), s.data(), Kp, G, n, D, o_row + g * G * D);
       }
     }
   });
@@ -78,37 +83,39 @@ inline void transpose_selection(const int64_t* selected, int64_t B, int64_t T, i
 // Backward in two passes that only gather (a scatter into the key and value gradients from
 // every query would be read-modify-writes all over them, which is memory-bound):
 //   by query:  P and dS of the row's selected keys, dQ = scale * sum_j dS_j K_j;
-//   by key:    for the queries that selected the key, P and dS again,
+//   by key:    for the queries that selected the key (each of the group's heads), P and dS again,
 //              dK = scale * sum_t dS_t Q_t,  dV = sum_t P_t dO_t.
 // dS_j = P_j (dP_j - delta), dP_j = dO . V_j, delta = sum_i P_i dP_i = dO . O.
 template <typename scalar_t>
 void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                         const scalar_t* out, const scalar_t* lse, const int64_t* selected, scalar_t* grad_q,
-                        scalar_t* grad_k, scalar_t* grad_v, int64_t B, int64_t H, int64_t T, int64_t D, int64_t K,
-                        scalar_t scale) {
-  const int64_t Kp = round8(K), HD = H * D;
+                        scalar_t* grad_k, scalar_t* grad_v, int64_t B, int64_t H, int64_t HKV, int64_t T, int64_t D,
+                        int64_t K, scalar_t scale) {
+  const int64_t Kp = round8(K), HD = H * D, KD = HKV * D, G = H / HKV;
   std::vector<scalar_t> delta(B * T * H);  // (B, T, H)
   at::parallel_for(0, B * T * H, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) delta[i] = dot(grad_out + i * D, out + i * D, D);
   });
   // Pass 1, by query: dQ.
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p(H * Kp), ds(H * Kp);  // (H, Kp) of the valid slots
+    std::vector<scalar_t> p(G * Kp), ds(G * Kp);  // (G, Kp) of one group's heads
     std::vector<int64_t> slot(K), offset(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / T;
-      const int64_t n = valid_slots(selected + row * K, K, b * T, HD, slot.data(), offset.data());
-      const scalar_t* q_row = q + row * HD;
-      const scalar_t* go_row = grad_out + row * HD;
-      for (int64_t h = 0; h < H; ++h) {
-        scalar_t *p_h = p.data() + h * Kp, *ds_h = ds.data() + h * Kp;
-        dots_with_rows(q_row + h * D, k + h * D, offset.data(), n, D, p_h);
-        dots_with_rows(go_row + h * D, v + h * D, offset.data(), n, D, ds_h);
-        const scalar_t row_lse = lse[row * H + h], row_delta = delta[row * H + h];
-        for (int64_t i = 0; i < n; ++i) p_h[i] *= scale;
-        exp_shifted(p_h, n, row_lse);  // the forward's probabilities, recomputed
-        for (int64_t i = 0; i < n; ++i) ds_h[i] = p_h[i] * (ds_h[i] - row_delta) * scale;
-        weighted_rows_sum(k + h * D, offset.data(), ds_h, n, D, grad_q + row * HD + h * D);
+      const int64_t n = valid_slots(selected + row * K, K, b * T, KD, slot.data(), offset.data());
+      for (int64_t g = 0; g < HKV; ++g) {
+        const int64_t at = row * HD + g * G * D;  // the group's first query head
+        dots_of_heads_with_rows(q + at, G, k + g * D, offset.data(), n, D, p.data(), Kp);
+        dots_of_heads_with_rows(grad_out + at, G, v + g * D, offset.data(), n, D, ds.data(), Kp);
+        for (int64_t i = 0; i < G; ++i) {
+          scalar_t *p_h = p.data() + i * Kp, *ds_h = ds.data() + i * Kp;
+          const int64_t h = g * G + i;
+          const scalar_t row_lse = lse[row * H + h], row_delta = delta[row * H + h];
+          for (int64_t j = 0; j < n; ++j) p_h[j] *= scale;
+          exp_shifted(p_h, n, row_lse);  // the forward's probabilities, recomputed
+          for (int64_t j = 0; j < n; ++j) ds_h[j] = p_h[j] * (ds_h[j] - row_delta) * scale;
+        }
+        weighted_rows_sum_of_heads(k + g * D, offset.data(), ds.data(), Kp, G, n, D, grad_q + at);
       }
     }
   });
@@ -117,39 +124,49 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
   std::vector<int32_t> queries;
   transpose_selection(selected, B, T, K, offsets, queries);
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p, ds;  // (H, n) for the n queries of a key
-    std::vector<int64_t> offset, query;
+    std::vector<scalar_t> p, ds;  // one entry per (query, head of the group) that read the key
+    std::vector<int64_t> offset, entry;
     for (int64_t key_row = begin; key_row < end; ++key_row) {
       const int64_t b = key_row / T;
       const int32_t* rows = queries.data() + offsets[key_row];
-      const int64_t n = offsets[key_row + 1] - offsets[key_row], np = round8(n);
-      scalar_t* gk_row = grad_k + key_row * HD;
-      scalar_t* gv_row = grad_v + key_row * HD;
-      p.resize(H * np);
-      ds.resize(H * np);
+      const int64_t n = (offsets[key_row + 1] - offsets[key_row]) * G, np = round8(n);
+      p.resize(np);
+      ds.resize(np);
       offset.resize(n);
-      query.resize(n);
-      for (int64_t i = 0; i < n; ++i) {
-        query[i] = (b * T + rows[i]) * H;  // + h: the (query, head) entry of lse and delta
-        offset[i] = query[i] * D;
-      }
-      const scalar_t* key = k + key_row * HD;
-      const scalar_t* value = v + key_row * HD;
-      for (int64_t h = 0; h < H; ++h) {
-        scalar_t *p_h = p.data() + h * np, *ds_h = ds.data() + h * np;
-        dots_with_rows(key + h * D, q + h * D, offset.data(), n, D, p_h);
-        dots_with_rows(value + h * D, grad_out + h * D, offset.data(), n, D, ds_h);
-        for (int64_t i = 0; i < n; ++i) {
-          p_h[i] = p_h[i] * scale - lse[query[i] + h];  // each entry has its own query's log-sum-exp
-          ds_h[i] -= delta[query[i] + h];
+      entry.resize(n);
+      // Entry (query, i) of group 0: i-th head of the query; group g is g * G heads further.
+      for (int64_t j = 0, m = 0; j < n / G; ++j)
+        for (int64_t i = 0; i < G; ++i, ++m) {
+          entry[m] = (b * T + rows[j]) * H + i;  // the (query, head) entry of lse and delta
+          offset[m] = entry[m] * D;
         }
-        exp_shifted(p_h, n, scalar_t(0));
-        weighted_rows_sum(grad_out + h * D, offset.data(), p_h, n, D, gv_row + h * D);
-        for (int64_t i = 0; i < n; ++i) ds_h[i] *= p_h[i] * scale;
-        weighted_rows_sum(q + h * D, offset.data(), ds_h, n, D, gk_row + h * D);
+      for (int64_t g = 0; g < HKV; ++g) {
+        const scalar_t *q_g = q + g * G * D, *go_g = grad_out + g * G * D;
+        const scalar_t *lse_g = lse + g * G, *delta_g = delta.data() + g * G;
+        const scalar_t* key = k + key_row * KD + g * D;
+        const scalar_t* value = v + key_row * KD + g * D;
+        dots_with_rows(key, q_g, offset.data(), n, D, p.data());
+        dots_with_rows(value, go_g, offset.data(), n, D, ds.data());
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = p[j] * scale - lse_g[entry[j]];  // each entry has its own query's log-sum-exp
+          ds[j] -= delta_g[entry[j]];
+        }
+        exp_shifted(p.data(), n, scalar_t(0));
+        weighted_rows_sum(go_g, offset.data(), p.data(), n, D, grad_v + key_row * KD + g * D);
+        for (int64_t j = 0; j < n; ++j) ds[j] *= p[j] * scale;
+        weighted_rows_sum(q_g, offset.data(), ds.data(), n, D, grad_k + key_row * KD + g * D);
       }
     }
   });
+}
+
+// q (B, T, H, D); k and v (B, T, HKV, D) with HKV dividing H; contiguous, one dtype.
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
+                  k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+                  k.size(3) == q.size(3) && k.size(2) > 0 && q.size(2) % k.size(2) == 0 &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q (B, T, H, D), k and v (B, T, HKV, D) with HKV dividing H must be contiguous and of one dtype");
 }
 
 }  // namespace
@@ -158,11 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_forward(const at
                                                                         const at::Tensor& v,
                                                                         const at::Tensor& selected, double scale,
                                                                         bool per_head_probs) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
-                  k.sizes() == q.sizes() && v.sizes() == q.sizes() && k.scalar_type() == q.scalar_type() &&
-                  v.scalar_type() == q.scalar_type(),
-              "q, k, v must be contiguous (B, T, H, D) tensors of one shape and dtype");
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  check_attention_inputs(q, k, v);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), HKV = k.size(2), D = q.size(3);
   check_selection(selected, B, T);
   const int64_t K = selected.size(2);
   auto out = at::empty_like(q);
@@ -171,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_forward(const at
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_forward", [&] {
     attention_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                 selected.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                                probs.data_ptr<scalar_t>(), per_head_probs, B, H, T, D, K, scalar_t(scale));
+                                probs.data_ptr<scalar_t>(), per_head_probs, B, H, HKV, T, D, K, scalar_t(scale));
   });
   return {out, lse, probs};
 }
@@ -181,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward(
     const at::Tensor& lse, const at::Tensor& selected, double scale) {
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == q.sizes() && out.is_contiguous(),
               "grad_out and out must be contiguous and shaped like q");
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  check_attention_inputs(q, k, v);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), HKV = k.size(2), D = q.size(3);
   check_selection(selected, B, T);
   const int64_t K = selected.size(2);
   auto grad_q = at::empty_like(q);
@@ -191,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward(
     attention_backward<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                  v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                                  selected.data_ptr<int64_t>(), grad_q.data_ptr<scalar_t>(),
-                                 grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), B, H, T, D, K,
+                                 grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), B, H, HKV, T, D, K,
                                  scalar_t(scale));
   });
   return {grad_q, grad_k, grad_v};

@@ -206,6 +206,8 @@ inline void dots_with_rows_tiles(const float* fixed, const float* base, const in
   for (; i0 + 8 <= n; i0 += 8) {
     const float* rows[8];
     for (int r = 0; r < 8; ++r) rows[r] = base + offset[i0 + r];
+    if (i0 + 16 <= n)  // the next tile's rows start on their way from L2 / L3 while this one computes
+      for (int r = 0; r < 8; ++r) __builtin_prefetch(base + offset[i0 + 8 + r]);
     v8f acc[8];
     for (int r = 0; r < 8; ++r) acc[r] = f[0] * load8(rows[r]);
     for (int u = 1; u < U; ++u)
@@ -247,6 +249,10 @@ inline void weighted_rows_sum_tiles(const float* base, const int64_t* offset, co
   for (; i + 2 <= n; i += 2) {
     const float *a = base + offset[i], *b = base + offset[i + 1];
     const v8f wa = splat8(weight[i]), wb = splat8(weight[i + 1]);
+    if (i + 10 <= n) {
+      __builtin_prefetch(base + offset[i + 8]);
+      __builtin_prefetch(base + offset[i + 9]);
+    }
     for (int u = 0; u < U; ++u) {
       even[u] += wa * load8(a + 8 * u);
       odd[u] += wb * load8(b + 8 * u);
@@ -274,6 +280,125 @@ inline void weighted_rows_sum<float>(const float* base, const int64_t* offset, c
       std::fill(out, out + D, 0.f);
       for (int64_t i = 0; i < n; ++i) axpy(weight[i], base + offset[i], out, D);
   }
+}
+
+// ---- several heads against the same gathered rows (grouped-query attention) -------------------
+// G query heads sharing one key/value head read each gathered row once for all G: G multiply-adds
+// per float brought in from L2 / L3 instead of one.
+
+// out[i * stride + j] = fixed[i * D .. (i + 1) * D) . base[offset[j] .. offset[j] + D) for the G
+// fixed rows (contiguous, D apart) and n gathered rows.
+template <typename scalar_t>
+inline void dots_of_heads_with_rows(const scalar_t* fixed, int64_t G, const scalar_t* base, const int64_t* offset,
+                                    int64_t n, int64_t D, scalar_t* out, int64_t stride) {
+  for (int64_t i = 0; i < G; ++i) dots_with_rows(fixed + i * D, base, offset, n, D, out + i * stride);
+}
+
+// Tiles of R = 8 / G gathered rows x G heads: eight sums, one tree reduction.
+template <int U, int G>
+inline void dots_of_heads_tiles(const float* fixed, const float* base, const int64_t* offset, int64_t n, float* out,
+                                int64_t stride) {
+  constexpr int R = 8 / G;
+  constexpr int64_t D = 8 * U;
+  int64_t j0 = 0;
+  for (; j0 + R <= n; j0 += R) {
+    const float* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = base + offset[j0 + r];
+    if (j0 + 2 * R <= n)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(base + offset[j0 + R + r]);
+    v8f acc[8];  // acc[r * G + i]: row r, head i
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < G; ++i) acc[r * G + i] = load8(fixed + i * D) * load8(rows[r]);
+    for (int u = 1; u < U; ++u)
+      for (int r = 0; r < R; ++r) {
+        const v8f x = load8(rows[r] + 8 * u);
+        for (int i = 0; i < G; ++i) acc[r * G + i] += load8(fixed + i * D + 8 * u) * x;
+      }
+    float sums[8];
+    store8(sums, reduce8(acc));
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < G; ++i) out[i * stride + j0 + r] = sums[r * G + i];
+  }
+  for (; j0 < n; ++j0)
+    for (int i = 0; i < G; ++i) out[i * stride + j0] = dot(fixed + i * D, base + offset[j0], D);
+}
+
+template <int G>
+inline bool dots_of_heads_tiled(const float* fixed, const float* base, const int64_t* offset, int64_t n, int64_t D,
+                                float* out, int64_t stride) {
+  switch (D) {
+    case 16: dots_of_heads_tiles<2, G>(fixed, base, offset, n, out, stride); return true;
+    case 32: dots_of_heads_tiles<4, G>(fixed, base, offset, n, out, stride); return true;
+    case 64: dots_of_heads_tiles<8, G>(fixed, base, offset, n, out, stride); return true;
+    case 128: dots_of_heads_tiles<16, G>(fixed, base, offset, n, out, stride); return true;
+    default: return false;
+  }
+}
+
+template <>
+inline void dots_of_heads_with_rows<float>(const float* fixed, int64_t G, const float* base, const int64_t* offset,
+                                           int64_t n, int64_t D, float* out, int64_t stride) {
+  const bool tiled = G == 2   ? dots_of_heads_tiled<2>(fixed, base, offset, n, D, out, stride)
+                     : G == 4 ? dots_of_heads_tiled<4>(fixed, base, offset, n, D, out, stride)
+                     : G == 8 ? dots_of_heads_tiled<8>(fixed, base, offset, n, D, out, stride)
+                              : false;
+  if (!tiled)  // one head, or a group size without a tile: head by head
+    for (int64_t i = 0; i < G; ++i) dots_with_rows(fixed + i * D, base, offset, n, D, out + i * stride);
+}
+
+// out[i * D .. (i + 1) * D) = sum_j weight[i * stride + j] * base[offset[j] .. offset[j] + D) for
+// G heads: the weighted sums of the same n gathered rows with each head's weights.
+template <typename scalar_t>
+inline void weighted_rows_sum_of_heads(const scalar_t* base, const int64_t* offset, const scalar_t* weight,
+                                       int64_t stride, int64_t G, int64_t n, int64_t D, scalar_t* out) {
+  for (int64_t i = 0; i < G; ++i) weighted_rows_sum(base, offset, weight + i * stride, n, D, out + i * D);
+}
+
+// C chunks of eight floats per pass over the rows, G * C <= 16 accumulators in registers.
+template <int U, int G>
+inline void weighted_rows_sum_of_heads_tiles(const float* base, const int64_t* offset, const float* weight,
+                                             int64_t stride, int64_t n, float* out) {
+  constexpr int C = 16 / G < U ? 16 / G : U;
+  constexpr int64_t D = 8 * U;
+  for (int c0 = 0; c0 < U; c0 += C) {
+    v8f acc[G][C];
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < C; ++c) acc[i][c] = splat8(0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* row = base + offset[j] + 8 * c0;
+      v8f x[C];
+      for (int c = 0; c < C; ++c) x[c] = load8(row + 8 * c);
+      for (int i = 0; i < G; ++i) {
+        const v8f w = splat8(weight[i * stride + j]);
+        for (int c = 0; c < C; ++c) acc[i][c] += w * x[c];
+      }
+    }
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < C; ++c) store8(out + i * D + 8 * (c0 + c), acc[i][c]);
+  }
+}
+
+template <int G>
+inline bool weighted_rows_sum_of_heads_tiled(const float* base, const int64_t* offset, const float* weight,
+                                             int64_t stride, int64_t n, int64_t D, float* out) {
+  switch (D) {
+    case 16: weighted_rows_sum_of_heads_tiles<2, G>(base, offset, weight, stride, n, out); return true;
+    case 32: weighted_rows_sum_of_heads_tiles<4, G>(base, offset, weight, stride, n, out); return true;
+    case 64: weighted_rows_sum_of_heads_tiles<8, G>(base, offset, weight, stride, n, out); return true;
+    case 128: weighted_rows_sum_of_heads_tiles<16, G>(base, offset, weight, stride, n, out); return true;
+    default: return false;
+  }
+}
+
+template <>
+inline void weighted_rows_sum_of_heads<float>(const float* base, const int64_t* offset, const float* weight,
+                                              int64_t stride, int64_t G, int64_t n, int64_t D, float* out) {
+  const bool tiled = G == 2   ? weighted_rows_sum_of_heads_tiled<2>(base, offset, weight, stride, n, D, out)
+                     : G == 4 ? weighted_rows_sum_of_heads_tiled<4>(base, offset, weight, stride, n, D, out)
+                     : G == 8 ? weighted_rows_sum_of_heads_tiled<8>(base, offset, weight, stride, n, D, out)
+                              : false;
+  if (!tiled)
+    for (int64_t i = 0; i < G; ++i) weighted_rows_sum(base, offset, weight + i * stride, n, D, out + i * D);
 }
 
 }  // namespace sparse_viz_fused
