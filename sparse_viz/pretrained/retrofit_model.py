@@ -180,7 +180,6 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     # The project's kernels scale scores by hd**-0.5; folding the model's own `scaling` into the
     # queries makes them compute this model's softmax exactly.
     q = query * (scaling * math.sqrt(hd))  # (B, H, T, hd)
-    k, v = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, T, hd): head h reads KV head h // groups
     indexer = owner.indexers[layer]
     normed = run.normed.pop(layer)  # (B, T, D)
     full_target = run.indexer_loss == "all" and owner.warmup_kl == "full"
@@ -194,10 +193,10 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     dense_probs = None
     if run.trace or full_target:
         with torch.set_grad_enabled(torch.is_grad_enabled() and run.attention == "dense"):
-            dense_probs = causal_attention_probs(q, k)  # (B, H, T, T)
+            dense_probs = causal_attention_probs(q, key)  # (B, H, T, T); head h reads KV head h // groups
     if selected is None:
         if dense_probs is not None:  # eager attention from the probabilities the loss reads anyway
-            out = (dense_probs @ v).transpose(1, 2).contiguous()  # (B, T, H, hd)
+            out = (dense_probs @ repeat_kv(value, groups)).transpose(1, 2).contiguous()  # (B, T, H, hd)
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling,
                                             is_causal=True)
@@ -206,8 +205,11 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         # A CSR pattern only where the CSR kernels are the ones used (the fused kernels need none).
         pattern = SelectionPattern(selected) if csr_kernels_available(q) and not fused_kernels_available(q) else None
         need_probs = run.indexer_loss == "selected" or run.trace
-        y, selected_probs = gathered_sparse_attention(q, k, v, selected, return_probs=need_probs, check_order=False,
-                                                      pattern=pattern, sum_heads=not run.trace)  # (B, H, T, hd)
+        # The checkpoint's own key/value heads: the fused kernel reads each once for its group of
+        # query heads (the other kernels repeat them).
+        y, selected_probs = gathered_sparse_attention(q, key, value, selected, return_probs=need_probs,
+                                                      check_order=False, pattern=pattern,
+                                                      sum_heads=not run.trace)  # (B, H, T, hd)
         out = y.transpose(1, 2).contiguous()  # (B, T, H, hd) as transformers' attention functions return
         used_probs = scatter_selected(selected_probs, selected, T).detach() if run.trace else None
         if run.trace and selected_probs is not None:
@@ -219,7 +221,8 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         run.kl[layer] = indexer_kl(target, index_scores, torch.isfinite(index_scores)).mean()
     elif run.indexer_loss == "all":
         recompute = owner.warmup_kl == "checkpointed"
-        run.kl[layer] = blockwise_causal_kl(*projected, q, k, run.block_size, recompute=recompute).mean()
+        run.kl[layer] = blockwise_causal_kl(*projected, q, repeat_kv(key, groups), run.block_size,
+                                            recompute=recompute).mean()
     elif run.indexer_loss == "selected":
         if selected is None:
             raise ValueError("indexer_loss='selected' needs attention='sparse'")
