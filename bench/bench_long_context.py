@@ -2,11 +2,14 @@
 
     python bench/bench_long_context.py [--seq-lens 1024 2048 4096 8192] [--rounds 2] [--steps 2]
         [--threads 1] [--indexer-at 8192] [--with-csr] [--with-full-indexer] [--with-ranked-topk] [--with-warmup]
+        [--kv-heads 4]
     python bench/bench_long_context.py --breakdown --seq-lens 8192   (one layer's pieces, one process)
     python bench/bench_long_context.py --profile dsa --seq-lens 8192  (one step's operators, torch profiler)
 
 Model (the long-context step the goal was set on): d_model 256, 2 layers, 4 heads, SwiGLU 768, vocab 2048, indexer 4 heads x 32,
-batch 1, top_k 256; one forward + backward per step. Candidates:
+batch 1, top_k 256; one forward + backward per step. `--kv-heads 1` gives both models one key/value
+head shared by the 4 query heads (MQA, as DeepSeek runs DSA on MLA; grouped-query attention for
+2); the default, 4, is the multi-head model the goal was set on. Candidates:
 - `dense`: no indexer, fused SDPA causal attention, LM loss (the baseline);
 - `dsa`: DSA sparse stage on the default paths: the fused CPU kernels (`fused_kernels.py`: the
   indexer's top-k row by row, sparse attention saving a log-sum-exp, the indexer's KL over the
@@ -183,7 +186,8 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
     model = SparseTransformer(ModelConfig(**MODEL, max_seq_len=T))
     x = torch.randn(1, T, MODEL["d_model"])
     q_i, k_i, w_i = (t.detach().requires_grad_() for t in model.blocks[0].indexer.project(x, *model.indexer_rope(T)))
-    q, k, v = (torch.randn(1, H, T, hd, requires_grad=True) for _ in range(3))
+    q = torch.randn(1, H, T, hd, requires_grad=True)
+    k, v = (torch.randn(1, MODEL["n_kv_heads"], T, hd, requires_grad=True) for _ in range(2))
     selected = blockwise_topk(q_i, k_i, w_i, MODEL["top_k"])
 
     # The last k keys of each query: the gathers of a local window are contiguous, the indexer's
@@ -229,7 +233,8 @@ def breakdown(seq_len: int, reps: int, threads: int) -> None:
 
 def run_worker(name: str, seq_len: int, steps: int, threads: int, device: str = "cpu", dtype: str = "float32") -> dict:
     command = [sys.executable, __file__, "--worker", name, "--seq-lens", str(seq_len), "--steps", str(steps),
-               "--threads", str(threads), "--device", device, "--dtype", dtype]
+               "--threads", str(threads), "--device", device, "--dtype", dtype,
+               "--kv-heads", str(MODEL["n_kv_heads"])]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"worker {name} T={seq_len} failed:\n{done.stderr[-2000:]}")
@@ -259,8 +264,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: allocator peak instead of RSS)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="bfloat16: each step under autocast")
+    parser.add_argument("--kv-heads", type=int, default=MODEL["n_heads"],
+                        help="key/value heads of both models (dividing the 4 query heads; 1 = MQA)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.kv_heads <= 0 or MODEL["n_heads"] % args.kv_heads:
+        parser.error(f"--kv-heads must divide the {MODEL['n_heads']} query heads, got {args.kv_heads}")
+    MODEL["n_kv_heads"] = args.kv_heads
     if args.breakdown:
         breakdown(args.seq_lens[0], max(args.rounds, 3), args.threads)
         return
@@ -294,7 +304,7 @@ def main() -> None:
     first = next(iter(results.values()))[0]
     memory = "allocator peak" if args.device.startswith("cuda") else "peak RSS"
     print(f"torch {first['torch']} on {first['device']} ({args.dtype}), {first['threads']} thread(s) per worker, "
-          f"batch 1, k={MODEL['top_k']}, {args.rounds} rounds x {args.steps} timed steps, one fresh process per "
+          f"batch 1, k={MODEL['top_k']}, {MODEL['n_kv_heads']} key/value heads, {args.rounds} rounds x {args.steps} timed steps, one fresh process per "
           f"measurement, memory = {memory}; RSS after importing torch: {first['baseline_rss_mb']:.0f} MB; "
           f"wall {time.time() - started:.0f} s")
 
