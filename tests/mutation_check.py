@@ -60,6 +60,7 @@ TRAINING_REPORT_TESTS = "tests/test_training_report.py"
 FUSED_TOPK = "sparse_viz/model/fused_cpu/index_topk.cpp"
 FUSED_ATTENTION = "sparse_viz/model/fused_cpu/sparse_attention.cpp"
 FUSED_SCORES = "sparse_viz/model/fused_cpu/index_scores.cpp"
+FUSED_VECTOR_OPS = "sparse_viz/model/fused_cpu/vector_ops.h"
 FUSED_TESTS = "tests/test_fused_kernels.py"
 
 MUTATIONS: list[Mutation] = [
@@ -514,17 +515,45 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "fused_attention_backward_drops_delta", FUSED_ATTENTION,
-        "ds_h[i] = p_h[i] * (ds_h[i] - row_delta) * scale;",
-        "ds_h[i] = p_h[i] * ds_h[i] * scale;",
+        "ds_h[j] = p_h[j] * (ds_h[j] - row_delta) * scale;",
+        "ds_h[j] = p_h[j] * ds_h[j] * scale;",
         (f"{FUSED_TESTS}::test_attention_and_its_gradients_equal_the_masked_path",),
         "softmax backward without the row's sum P . dP: the query gradient is wrong",
     ),
     Mutation(
         "fused_attention_key_pass_reads_head_0", FUSED_ATTENTION,
-        "p_h[i] = p_h[i] * scale - lse[query[i] + h];",
-        "p_h[i] = p_h[i] * scale - lse[query[i]];",
+        "p[i] = p[i] * scale - lse[query[i] + h];",
+        "p[i] = p[i] * scale - lse[query[i]];",
         (f"{FUSED_TESTS}::test_attention_and_its_gradients_equal_the_masked_path",),
         "the key/value pass normalises every head by head 0's log-sum-exp",
+    ),
+    Mutation(
+        "fused_attention_group_dots_mix_heads", FUSED_VECTOR_OPS,
+        "out[i * stride + j0 + r] = sums[r * G + i];",
+        "out[i * stride + j0 + r] = sums[i * R + r];",
+        (f"{FUSED_TESTS}::test_grouped_query_attention_equals_the_masked_path_on_repeated_key_value_heads",),
+        "a group's tile of rows x heads is read back in the wrong order: heads get each other's scores",
+    ),
+    Mutation(
+        "fused_attention_group_sums_use_head_0s_weights", FUSED_VECTOR_OPS,
+        "const v8f w = splat8(weight[i * stride + j]);",
+        "const v8f w = splat8(weight[j]);",
+        (f"{FUSED_TESTS}::test_grouped_query_attention_equals_the_masked_path_on_repeated_key_value_heads",),
+        "every head of a group sums the values with head 0's probabilities",
+    ),
+    Mutation(
+        "fused_attention_scatter_uses_head_0s_weights", FUSED_VECTOR_OPS,
+        "for (int i = 0; i < G; ++i) w[i] = splat8(weight[i * stride + j]);",
+        "for (int i = 0; i < G; ++i) w[i] = splat8(weight[j]);",
+        (f"{FUSED_TESTS}::test_grouped_query_attention_equals_the_masked_path_on_repeated_key_value_heads",),
+        "the scattered key/value gradients weight every head of a group by head 0's dS and P",
+    ),
+    Mutation(
+        "fused_attention_scatter_drops_other_threads", FUSED_ATTENTION,
+        "          grad_k[i] += extra_k[t][i];",
+        "          grad_k[i] += 0 * extra_k[t][i];",
+        (f"{FUSED_TESTS}::test_attention_gradients_with_two_threads_equal_the_masked_path",),
+        "the key gradients scattered by the second thread are never added",
     ),
     Mutation(
         "fused_index_scores_weight_grad_ignores_relu", FUSED_SCORES,

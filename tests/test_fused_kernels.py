@@ -100,6 +100,30 @@ def test_grouped_query_attention_equals_the_masked_path_on_repeated_key_value_he
         torch.testing.assert_close(grad, want, **tol)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # the key pass; the scattered gradients of groups of 2 and 4
+def test_attention_gradients_with_two_threads_equal_the_masked_path(kv_heads):
+    """Threads split the queries: where the key/value gradients are scattered from each query, the
+    second thread's terms go to its own copy, added at the end."""
+    g = torch.Generator().manual_seed(11)
+    B, H, T, D, K = 2, 4, 64, 16, 20  # 128 rows: more than one thread's share
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, T, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    selected = random_selection(B, T, K, g)
+    weights = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    group = H // kv_heads
+    expected, _ = masked_sparse_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), selected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, _ = fused_selected_attention(q, k, v, selected)
+        grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+
+
 def test_key_value_heads_that_do_not_divide_the_query_heads_are_refused():
     q, k = torch.zeros(1, 4, 5, 8), torch.zeros(1, 3, 5, 8)
     selected = torch.zeros(1, 5, 1, dtype=torch.long)

@@ -9,6 +9,10 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <cstdlib>
+#ifndef SCATTER_MIN_G
+#define SCATTER_MIN_G 2
+#endif
 
 #include "selection.h"
 #include "vector_ops.h"
@@ -80,11 +84,16 @@ inline void transpose_selection(const int64_t* selected, int64_t B, int64_t T, i
   }
 }
 
-// Backward in two passes that only gather (a scatter into the key and value gradients from
-// every query would be read-modify-writes all over them, which is memory-bound):
-//   by query:  P and dS of the row's selected keys, dQ = scale * sum_j dS_j K_j;
-//   by key:    for the queries that selected the key (each of the group's heads), P and dS again,
-//              dK = scale * sum_t dS_t Q_t,  dV = sum_t P_t dO_t.
+// Backward, by query: P and dS of the row's selected keys again, dQ = scale * sum_j dS_j K_j.
+// The key and value gradients, dK = scale * sum_t dS_t Q_t and dV = sum_t P_t dO_t, go one of two
+// ways:
+//   one query head per key/value head: a second pass by key, over the queries that selected it,
+//     recomputing P and dS there; it only gathers (a scatter from every query would read, add to
+//     and write back rows all over dK and dV, one multiply-add per float moved: memory-bound);
+//   a group of G >= 2 query heads: that scatter, in the query pass, while P and dS are at hand;
+//     each row of dK and dV moved then takes G multiply-adds per float, and the key pass's two
+//     recomputed products are gone (measured: `bench/bench_long_context.py --breakdown --kv-heads`).
+//     Threads beyond the first add into their own copies of dK and dV, summed at the end.
 // dS_j = P_j (dP_j - delta), dP_j = dO . V_j, delta = sum_i P_i dP_i = dO . O.
 template <typename scalar_t>
 void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k, const scalar_t* v,
@@ -96,10 +105,24 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
   at::parallel_for(0, B * T * H, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) delta[i] = dot(grad_out + i * D, out + i * D, D);
   });
-  // Pass 1, by query: dQ.
+  const bool scatter = G >= 2;
+  // By query: dQ (and, scattered, dK and dV).
+  const int threads = at::get_num_threads();
+  std::vector<std::vector<scalar_t>> extra_k(threads), extra_v(threads);  // (B, T, HKV, D) of threads > 0
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> p(G * Kp), ds(G * Kp);  // (G, Kp) of one group's heads
     std::vector<int64_t> slot(K), offset(K);
+    const int tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "sparse_attention_backward: thread ", tid, " of ", threads);
+    scalar_t *gk = grad_k, *gv = grad_v;
+    if (scatter && tid > 0) {
+      if (extra_k[tid].empty()) {
+        extra_k[tid].assign(B * T * KD, scalar_t(0));
+        extra_v[tid].assign(B * T * KD, scalar_t(0));
+      }
+      gk = extra_k[tid].data();
+      gv = extra_v[tid].data();
+    }
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / T;
       const int64_t n = valid_slots(selected + row * K, K, b * T, KD, slot.data(), offset.data());
@@ -116,45 +139,56 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
           for (int64_t j = 0; j < n; ++j) ds_h[j] = p_h[j] * (ds_h[j] - row_delta) * scale;
         }
         weighted_rows_sum_of_heads(k + g * D, offset.data(), ds.data(), Kp, G, n, D, grad_q + at);
+        if (scatter) {
+          add_weighted_heads_to_rows(q + at, G, ds.data(), Kp, n, D, gk + g * D, offset.data());
+          add_weighted_heads_to_rows(grad_out + at, G, p.data(), Kp, n, D, gv + g * D, offset.data());
+        }
       }
     }
   });
-  // Pass 2, by key: dK and dV.
+  if (scatter) {  // the other threads' terms
+    for (int t = 1; t < threads; ++t) {
+      if (extra_k[t].empty()) continue;
+      at::parallel_for(0, B * T * KD, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          grad_k[i] += extra_k[t][i];
+          grad_v[i] += extra_v[t][i];
+        }
+      });
+    }
+    return;
+  }
+  // By key (one query head per key/value head: HKV == H, KD == HD): dK and dV.
   std::vector<int64_t> offsets;
   std::vector<int32_t> queries;
   transpose_selection(selected, B, T, K, offsets, queries);
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p, ds;  // one entry per (query, head of the group) that read the key
-    std::vector<int64_t> offset, entry;
+    std::vector<scalar_t> p, ds;  // (n) for the n queries of a key
+    std::vector<int64_t> offset, query;
     for (int64_t key_row = begin; key_row < end; ++key_row) {
       const int64_t b = key_row / T;
       const int32_t* rows = queries.data() + offsets[key_row];
-      const int64_t n = (offsets[key_row + 1] - offsets[key_row]) * G, np = round8(n);
-      p.resize(np);
-      ds.resize(np);
+      const int64_t n = offsets[key_row + 1] - offsets[key_row];
+      p.resize(round8(n));
+      ds.resize(round8(n));
       offset.resize(n);
-      entry.resize(n);
-      // Entry (query, i) of group 0: i-th head of the query; group g is g * G heads further.
-      for (int64_t j = 0, m = 0; j < n / G; ++j)
-        for (int64_t i = 0; i < G; ++i, ++m) {
-          entry[m] = (b * T + rows[j]) * H + i;  // the (query, head) entry of lse and delta
-          offset[m] = entry[m] * D;
-        }
-      for (int64_t g = 0; g < HKV; ++g) {
-        const scalar_t *q_g = q + g * G * D, *go_g = grad_out + g * G * D;
-        const scalar_t *lse_g = lse + g * G, *delta_g = delta.data() + g * G;
-        const scalar_t* key = k + key_row * KD + g * D;
-        const scalar_t* value = v + key_row * KD + g * D;
-        dots_with_rows(key, q_g, offset.data(), n, D, p.data());
-        dots_with_rows(value, go_g, offset.data(), n, D, ds.data());
-        for (int64_t j = 0; j < n; ++j) {
-          p[j] = p[j] * scale - lse_g[entry[j]];  // each entry has its own query's log-sum-exp
-          ds[j] -= delta_g[entry[j]];
+      query.resize(n);
+      for (int64_t i = 0; i < n; ++i) {
+        query[i] = (b * T + rows[i]) * H;  // + h: the (query, head) entry of lse and delta
+        offset[i] = query[i] * D;
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t at = key_row * HD + h * D;
+        dots_with_rows(k + at, q + h * D, offset.data(), n, D, p.data());
+        dots_with_rows(v + at, grad_out + h * D, offset.data(), n, D, ds.data());
+        for (int64_t i = 0; i < n; ++i) {
+          p[i] = p[i] * scale - lse[query[i] + h];  // each entry has its own query's log-sum-exp
+          ds[i] -= delta[query[i] + h];
         }
         exp_shifted(p.data(), n, scalar_t(0));
-        weighted_rows_sum(go_g, offset.data(), p.data(), n, D, grad_v + key_row * KD + g * D);
-        for (int64_t j = 0; j < n; ++j) ds[j] *= p[j] * scale;
-        weighted_rows_sum(q_g, offset.data(), ds.data(), n, D, grad_k + key_row * KD + g * D);
+        weighted_rows_sum(grad_out + h * D, offset.data(), p.data(), n, D, grad_v + at);
+        for (int64_t i = 0; i < n; ++i) ds[i] *= p[i] * scale;
+        weighted_rows_sum(q + h * D, offset.data(), ds.data(), n, D, grad_k + at);
       }
     }
   });

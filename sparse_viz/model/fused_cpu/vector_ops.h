@@ -401,4 +401,63 @@ inline void weighted_rows_sum_of_heads<float>(const float* base, const int64_t* 
     for (int64_t i = 0; i < G; ++i) weighted_rows_sum(base, offset, weight + i * stride, n, D, out + i * D);
 }
 
+// base[offset[j] .. offset[j] + D) += sum_i weight[i * stride + j] * fixed[i * D .. (i + 1) * D)
+// for the n rows (distinct): each gathered row read, added to and written back, once for the G
+// heads' terms.
+template <typename scalar_t>
+inline void add_weighted_heads_to_rows(const scalar_t* fixed, int64_t G, const scalar_t* weight, int64_t stride,
+                                       int64_t n, int64_t D, scalar_t* base, const int64_t* offset) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < G; ++i) axpy(weight[i * stride + j], fixed + i * D, base + offset[j], D);
+}
+
+// C chunks of eight floats per pass over the rows, the G heads' chunks (G * C <= 16) in registers.
+template <int U, int G>
+inline void add_weighted_heads_to_rows_tiles(const float* fixed, const float* weight, int64_t stride, int64_t n,
+                                             float* base, const int64_t* offset) {
+  constexpr int C = 16 / G < U ? 16 / G : U;
+  constexpr int64_t D = 8 * U;
+  for (int c0 = 0; c0 < U; c0 += C) {
+    v8f f[G][C];
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < C; ++c) f[i][c] = load8(fixed + i * D + 8 * (c0 + c));
+    for (int64_t j = 0; j < n; ++j) {
+      float* row = base + offset[j] + 8 * c0;
+      if (j + 8 < n) __builtin_prefetch(base + offset[j + 8] + 8 * c0, 1);
+      v8f w[G];
+      for (int i = 0; i < G; ++i) w[i] = splat8(weight[i * stride + j]);
+      for (int c = 0; c < C; ++c) {
+        v8f acc = load8(row + 8 * c);
+        for (int i = 0; i < G; ++i) acc += w[i] * f[i][c];
+        store8(row + 8 * c, acc);
+      }
+    }
+  }
+}
+
+template <int G>
+inline bool add_weighted_heads_to_rows_tiled(const float* fixed, const float* weight, int64_t stride, int64_t n,
+                                             int64_t D, float* base, const int64_t* offset) {
+  switch (D) {
+    case 16: add_weighted_heads_to_rows_tiles<2, G>(fixed, weight, stride, n, base, offset); return true;
+    case 32: add_weighted_heads_to_rows_tiles<4, G>(fixed, weight, stride, n, base, offset); return true;
+    case 64: add_weighted_heads_to_rows_tiles<8, G>(fixed, weight, stride, n, base, offset); return true;
+    case 128: add_weighted_heads_to_rows_tiles<16, G>(fixed, weight, stride, n, base, offset); return true;
+    default: return false;
+  }
+}
+
+template <>
+inline void add_weighted_heads_to_rows<float>(const float* fixed, int64_t G, const float* weight, int64_t stride,
+                                              int64_t n, int64_t D, float* base, const int64_t* offset) {
+  const bool tiled = G == 1   ? add_weighted_heads_to_rows_tiled<1>(fixed, weight, stride, n, D, base, offset)
+                     : G == 2 ? add_weighted_heads_to_rows_tiled<2>(fixed, weight, stride, n, D, base, offset)
+                     : G == 4 ? add_weighted_heads_to_rows_tiled<4>(fixed, weight, stride, n, D, base, offset)
+                     : G == 8 ? add_weighted_heads_to_rows_tiled<8>(fixed, weight, stride, n, D, base, offset)
+                              : false;
+  if (!tiled)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < G; ++i) axpy(weight[i * stride + j], fixed + i * D, base + offset[j], D);
+}
+
 }  // namespace sparse_viz_fused
