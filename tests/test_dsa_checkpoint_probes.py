@@ -23,14 +23,14 @@ TEXT = "the cat sat on the mat and the dog sat on the log; the bird sang in the 
 PROMPT = "the dog sat on the mat by the tree and the cat sang"
 
 
-def make_run(root, selector="topk", top_k=4, seed=0):
+def make_run(root, selector="topk", top_k=4, seed=0, n_kv_heads=None):
     """A run directory as training leaves it: checkpoints/last.ckpt (Lightning's format: state_dict
     and hyper_parameters) and tokenizer.json, with random weights of the tiny config's sizes."""
     tokenizer = train_bpe([TEXT], 300)
     torch.manual_seed(seed)
     module = DSALightningModule(vocab_size=tokenizer.get_vocab_size(), d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                                max_seq_len=64, selector=selector, top_k=top_k, indexer_heads=2, indexer_dim=16,
-                                indexer_rope_dim=8, use_indexer=True)
+                                n_kv_heads=n_kv_heads, max_seq_len=64, selector=selector, top_k=top_k,
+                                indexer_heads=2, indexer_dim=16, indexer_rope_dim=8, use_indexer=True)
     (root / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": "2.6.6"}, root / "checkpoints" / "last.ckpt")
@@ -44,9 +44,11 @@ def topk_run(tmp_path_factory):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("selector", ["topk", "local", "oracle", "sink_local"])
-def test_the_converted_checkpoint_computes_the_dsa_models_logits(tmp_path, selector):
-    dsa, checkpoint = make_run(tmp_path, selector=selector, top_k=6 if selector == "sink_local" else 4)
+@pytest.mark.parametrize("selector,n_kv_heads", [("topk", None), ("local", None), ("oracle", None),
+                                                 ("sink_local", None), ("topk", 1)])  # 1: one key/value head
+def test_the_converted_checkpoint_computes_the_dsa_models_logits(tmp_path, selector, n_kv_heads):
+    dsa, checkpoint = make_run(tmp_path, selector=selector, top_k=6 if selector == "sink_local" else 4,
+                               n_kv_heads=n_kv_heads)
     loaded = load_model(checkpoint, device="cpu")
     ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     assert ids.shape[1] > 8  # long enough for the selection to leave keys out

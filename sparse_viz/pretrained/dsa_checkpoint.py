@@ -65,18 +65,18 @@ def llama_from_dsa(config: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Mo
                              "Llama does not: the probes cannot run on it")
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
         head_dim=config.head_dim, max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         tie_word_embeddings=config.tie_embeddings, attention_bias=False, mlp_bias=False,
         attn_implementation="eager", bos_token_id=None, eos_token_id=None, pad_token_id=None,
     ))
-    d = config.d_model
+    kv_width = config.kv_heads * config.head_dim
     mapped = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["final_norm.weight"],
               "lm_head.weight": state.get("lm_head.weight", state["embed.weight"])}
     for i in range(config.n_layers):
         block, layer = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = state[block + "attn.qkv.weight"].split(d, dim=0)
+        q, k, v = state[block + "attn.qkv.weight"].split((config.d_model, kv_width, kv_width), dim=0)
         mapped.update({
             layer + "input_layernorm.weight": state[block + "attn_norm.weight"],
             layer + "self_attn.q_proj.weight": q, layer + "self_attn.k_proj.weight": k,

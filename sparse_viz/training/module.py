@@ -216,6 +216,7 @@ class DSALightningModule(StagedLightningModule):
         d_model: int = 128,
         n_layers: int = 4,
         n_heads: int = 4,
+        n_kv_heads: int | None = None,
         d_ff: int = 384,
         max_seq_len: int = 256,
         rope_theta: float = 10000.0,
@@ -243,7 +244,7 @@ class DSALightningModule(StagedLightningModule):
         self.save_hyperparameters()
         try:
             self.model_config = ModelConfig(
-                vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                 d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=rope_theta,
                 tie_embeddings=tie_embeddings, norm_eps=norm_eps, short_conv=short_conv, selector=selector, top_k=top_k,
                 sink_tokens=sink_tokens, selector_seed=selector_seed, use_indexer=use_indexer,
