@@ -36,10 +36,12 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def test_gathered_attention_on_cuda_equals_the_masked_reference_on_cpu():
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped, one shared key/value head
+def test_gathered_attention_on_cuda_equals_the_masked_reference_on_cpu(kv_heads):
     g = torch.Generator().manual_seed(0)
-    B, H, T, hd = 2, 3, 300, 16
-    q, k, v = (torch.randn(B, H, T, hd, generator=g, requires_grad=True) for _ in range(3))
+    B, H, T, hd = 2, 4, 300, 16
+    q = torch.randn(B, H, T, hd, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, T, hd, generator=g, requires_grad=True) for _ in range(2))
     selected = select_keys("topk", top_k=32, seq_len=T, index_scores=torch.randn(B, T, T, generator=g))
     grad = torch.randn(B, H, T, hd, generator=g)
     want = masked_sparse_attention(q, k, v, selected)[0]

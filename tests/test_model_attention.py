@@ -91,6 +91,24 @@ def test_gathered_model_equals_masked_model_for_every_selector(selector):
         torch.testing.assert_close(b.attn_probs, a.attn_probs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", ["copy", "csr", "fused"])
+def test_every_kernel_with_grouped_key_value_heads_equals_the_naive_loop_on_repeated_heads(kernel):
+    g = torch.Generator().manual_seed(6)
+    B, H, T, hd = 2, 4, 11, 4
+    q = torch.randn(B, H, T, hd, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, 2, T, hd, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    selected = select_keys("topk", top_k=4, seq_len=T, index_scores=torch.randn(B, T, T, generator=g), batch_size=B)
+    repeated_k, repeated_v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # heads 0,1 -> 0; 2,3 -> 1
+    expected = naive_sparse_attention(q.detach(), repeated_k.detach(), repeated_v.detach(), selected)
+    out, _ = gathered_sparse_attention(q, k, v, selected, kernel=kernel, chunk_size=3)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    masked, _ = masked_sparse_attention(q, repeated_k, repeated_v, selected)
+    for grad, want in zip(grads, torch.autograd.grad((masked * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("attention", ["dense", "sparse"])
 @pytest.mark.parametrize("path", ["masked", "gathered"])
 def test_grouped_query_model_equals_the_model_with_its_key_value_heads_repeated(path, attention):
