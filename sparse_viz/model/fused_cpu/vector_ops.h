@@ -455,9 +455,20 @@ inline void add_weighted_heads_to_rows<float>(const float* fixed, int64_t G, con
                      : G == 4 ? add_weighted_heads_to_rows_tiled<4>(fixed, weight, stride, n, D, base, offset)
                      : G == 8 ? add_weighted_heads_to_rows_tiled<8>(fixed, weight, stride, n, D, base, offset)
                               : false;
-  if (!tiled)
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t i = 0; i < G; ++i) axpy(weight[i * stride + j], fixed + i * D, base + offset[j], D);
+  if (tiled) return;
+  if (D % 8 == 0) {  // other group sizes: still one read-modify-write of each row for all G heads
+    for (int64_t j = 0; j < n; ++j) {
+      float* row = base + offset[j];
+      for (int64_t c = 0; c < D; c += 8) {
+        v8f acc = load8(row + c);
+        for (int64_t i = 0; i < G; ++i) acc += splat8(weight[i * stride + j]) * load8(fixed + i * D + c);
+        store8(row + c, acc);
+      }
+    }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < G; ++i) axpy(weight[i * stride + j], fixed + i * D, base + offset[j], D);
 }
 
 }  // namespace sparse_viz_fused
