@@ -30,6 +30,13 @@ from .rope import apply_rope
 ATTENTION_CHUNK = 256  # queries per chunk in the gathered path: bounds its (B, Tc, k, C) buffers
 
 
+def kv_groups(n_heads: int, n_kv_heads: int) -> int:
+    """Query heads per key/value head; ValueError when n_kv_heads does not divide n_heads."""
+    if n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ValueError(f"{n_kv_heads} key/value heads do not divide {n_heads} query heads")
+    return n_heads // n_kv_heads
+
+
 def expand_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Keys or values of HKV heads repeated for H query heads (the identity when HKV == H).
 
@@ -40,9 +47,7 @@ def expand_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     Returns:
         (B, H, T, hd): head h is x's head h // (H / HKV).
     """
-    if n_heads % x.shape[1]:
-        raise ValueError(f"{x.shape[1]} key/value heads do not divide {n_heads} query heads")
-    groups = n_heads // x.shape[1]
+    groups = kv_groups(n_heads, x.shape[1])
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
@@ -73,8 +78,8 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     Returns:
         (B, H, T, hd).
     """
-    expand_kv_heads(k[:, :, :0], q.shape[1])  # the same error as every other path for a bad head count
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    grouped = kv_groups(q.shape[1], k.shape[1]) > 1  # the same error as every other path for a bad head count
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
 
 
 def selection_mask(selected: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -188,7 +193,7 @@ def gathered_sparse_attention(
     """
     if kernel not in ("auto", "fused", "csr", "copy"):
         raise ValueError(f"kernel must be auto, fused, csr or copy, got {kernel!r}")
-    expand_kv_heads(k[:, :, :0], q.shape[1])  # a head count that does not divide: one clear error
+    kv_groups(q.shape[1], k.shape[1])  # a head count that does not divide: one clear error, whatever the kernel
     if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
         out, probs = fused_selected_attention(q, k, v, selected, per_head_probs=return_probs and not sum_heads)
         return out, (probs if return_probs else None)

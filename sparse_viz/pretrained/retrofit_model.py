@@ -27,7 +27,12 @@ import torch
 from torch import nn
 
 from sparse_viz.errors import UserInputError
-from sparse_viz.model.attention import causal_attention_probs, gathered_sparse_attention, scatter_selected
+from sparse_viz.model.attention import (
+    causal_attention_probs,
+    expand_kv_heads,
+    gathered_sparse_attention,
+    scatter_selected,
+)
 from sparse_viz.model.csr_attention import SelectionPattern, csr_kernels_available
 from sparse_viz.model.fused_kernels import fused_kernels_available
 from sparse_viz.model.indexer import indexer_kl
@@ -37,7 +42,6 @@ from sparse_viz.model.trace import AttentionTrace
 from sparse_viz.model.transformer import TransformerOutput
 from sparse_viz.pretrained.adapter import ArchitectureAdapter
 from sparse_viz.pretrained.retrofit_indexers import RetrofitIndexers
-from sparse_viz.pretrained.selected_attention import repeat_kv
 
 RETROFIT_ATTENTION = "sparse_viz_retrofit"
 ATTENTIONS = ("dense", "sparse")
@@ -176,7 +180,6 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         raise UserInputError("retrofit attention needs unpadded causal sequences (got an attention mask)")
     layer = module.layer_idx
     B, H, T, hd = query.shape
-    groups = H // key.shape[1]
     # The project's kernels scale scores by hd**-0.5; folding the model's own `scaling` into the
     # queries makes them compute this model's softmax exactly.
     q = query * (scaling * math.sqrt(hd))  # (B, H, T, hd)
@@ -193,10 +196,10 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     dense_probs = None
     if run.trace or full_target:
         with torch.set_grad_enabled(torch.is_grad_enabled() and run.attention == "dense"):
-            dense_probs = causal_attention_probs(q, key)  # (B, H, T, T); head h reads KV head h // groups
+            dense_probs = causal_attention_probs(q, key)  # (B, H, T, T); query head h reads KV head h // (H / HKV)
     if selected is None:
         if dense_probs is not None:  # eager attention from the probabilities the loss reads anyway
-            out = (dense_probs @ repeat_kv(value, groups)).transpose(1, 2).contiguous()  # (B, T, H, hd)
+            out = (dense_probs @ expand_kv_heads(value, H)).transpose(1, 2).contiguous()  # (B, T, H, hd)
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling,
                                             is_causal=True)
@@ -221,7 +224,7 @@ def retrofit_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
         run.kl[layer] = indexer_kl(target, index_scores, torch.isfinite(index_scores)).mean()
     elif run.indexer_loss == "all":
         recompute = owner.warmup_kl == "checkpointed"
-        run.kl[layer] = blockwise_causal_kl(*projected, q, repeat_kv(key, groups), run.block_size,
+        run.kl[layer] = blockwise_causal_kl(*projected, q, expand_kv_heads(key, H), run.block_size,
                                             recompute=recompute).mean()
     elif run.indexer_loss == "selected":
         if selected is None:
