@@ -1,4 +1,5 @@
 // Small vector routines shared by the fused CPU kernels: dot products, weighted sums of gathered
+// rows (one head's, or a group of heads' against the same rows), adding weighted rows into gathered
 // rows, exp, max and sum, for float through 8-lane vectors (GCC/Clang vector extensions: AVX
 // where the compiler targets it, two SSE halves elsewhere) and for double through plain loops.
 #pragma once
