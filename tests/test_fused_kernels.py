@@ -214,16 +214,20 @@ def test_ties_at_the_kth_score_keep_the_earliest_keys():
     assert torch.equal(fused_index_topk(q, keys, w, 16), topk_causal(scores, 16))
 
 
+@pytest.mark.parametrize("weights", ["positive", "negative", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_integer_scores_with_many_exact_ties_select_as_the_reference(dtype):
+def test_integer_scores_with_many_exact_ties_select_as_the_reference(dtype, weights):
     """Small integer queries, keys and weights: every score is an exact integer in float32 too, so
     ties at the k-th score (and at the prefilter's bound) are common and no rounding can excuse a
-    difference from `topk_causal` of the same scores computed in float64."""
+    difference from `topk_causal` of the same scores computed in float64. Negative head weights
+    put the ties at negative scores too (whose bit patterns order the other way)."""
     g = torch.Generator().manual_seed(11)
     B, T, heads, dim = 2, 300, 4, 8
     q = torch.randint(-2, 3, (B, T, heads, dim), generator=g).to(dtype)
     k = torch.randint(-2, 3, (B, T, dim), generator=g).to(dtype)
     w = torch.randint(1, 3, (B, T, heads), generator=g).to(dtype)
+    if weights != "positive":
+        w = -w if weights == "negative" else w * torch.randint(0, 2, w.shape, generator=g).mul(2).sub(1).to(dtype)
     scores = torch.einsum("bthd,bsd->bths", q.double(), k.double()).relu().mul(w.double()[..., None]).sum(2)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))  # (B, T, T)
     for top_k in (7, 16, 40):

@@ -164,24 +164,18 @@ inline int64_t entries_at_least(const scalar_t* row, int64_t n, scalar_t bound, 
   return count;
 }
 
-#ifdef __AVX__
-// For float with AVX: eight entries per comparison; only blocks with an entry above the bound
-// (a few percent of them) visit their entries, one set bit of the comparison's mask at a time.
-template <>
-inline int64_t entries_at_least<float>(const float* row, int64_t n, float bound, int32_t* out) {
-  int64_t count = 0, s = 0;
-  const __m256 b = _mm256_set1_ps(bound);
-  for (; s + 8 <= n; s += 8) {
-    unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + s), b, _CMP_GE_OQ)));
-    for (; mask != 0; mask &= mask - 1) out[count++] = int32_t(s + __builtin_ctz(mask));
+// row_topk's bound: entries below it cannot be among the K largest (-inf for short rows).
+template <typename scalar_t>
+scalar_t prefilter_bound(const scalar_t* row, int64_t n, int64_t K, std::vector<scalar_t>& scratch) {
+  if (n < 4 * K) return -std::numeric_limits<scalar_t>::infinity();  // short rows: every entry
+  const int64_t groups = std::max<int64_t>(2 * K, n / 16);
+  scratch.assign(row, row + groups);
+  for (int64_t start = groups; start < n; start += groups) {
+    const int64_t len = std::min(groups, n - start);
+    for (int64_t i = 0; i < len; ++i) scratch[i] = std::max(scratch[i], row[start + i]);
   }
-  for (; s < n; ++s) {
-    out[count] = int32_t(s);
-    count += row[s] >= bound;
-  }
-  return count;
+  return kth_largest_lower_bound(scratch.data(), groups, K);
 }
-#endif
 
 // The K largest of row[0 .. n) (n > K), earliest indices among ties at the K-th largest value
 // (the rule of selectors.topk_earliest_ties), written ascending into out[0 .. K).
@@ -193,16 +187,7 @@ inline int64_t entries_at_least<float>(const float* row, int64_t n, float bound,
 template <typename scalar_t>
 void row_topk(const scalar_t* row, int64_t n, int64_t K, std::vector<scalar_t>& scratch,
               std::vector<int32_t>& candidates, int64_t* out) {
-  scalar_t bound = -std::numeric_limits<scalar_t>::infinity();
-  const int64_t groups = std::max<int64_t>(2 * K, n / 16);
-  if (n >= 4 * K) {
-    scratch.assign(row, row + groups);
-    for (int64_t start = groups; start < n; start += groups) {
-      const int64_t len = std::min(groups, n - start);
-      for (int64_t i = 0; i < len; ++i) scratch[i] = std::max(scratch[i], row[start + i]);
-    }
-    bound = kth_largest_lower_bound(scratch.data(), groups, K);
-  }
+  const scalar_t bound = prefilter_bound(row, n, K, scratch);
   candidates.resize(n);
   const int64_t count = entries_at_least(row, n, bound, candidates.data());
   scratch.resize(count);
@@ -217,6 +202,67 @@ void row_topk(const scalar_t* row, int64_t n, int64_t K, std::vector<scalar_t>& 
     if (x > kth || (x == kth && ties_left-- > 0)) out[filled++] = candidates[i];
   }
 }
+
+#ifdef __AVX512F__
+// For float with AVX-512, the same selection without a branch per entry: the candidates and their
+// scores, as order-preserving unsigned keys, are compacted sixteen entries per comparison; the K-th
+// largest key comes from fixing its 32 bits from the top, each by one vectorised count over the
+// candidates (instead of nth_element's data-dependent branches); the output takes the candidates in
+// index order, ties at the K-th key while any are left.
+
+// x's bits mapped so that unsigned order is float order (-0.0 first made +0.0: they are equal).
+inline __m512i ordered_keys(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(_mm512_add_ps(x, _mm512_setzero_ps()));
+  const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(int32_t(0x80000000u)));
+  return _mm512_xor_si512(bits, flip);
+}
+
+// How many of keys[0 .. n) are >= v.
+inline int64_t keys_at_least(const float* keys, int64_t n, uint32_t v) {
+  const __m512i vv = _mm512_set1_epi32(int32_t(v));
+  int64_t count = 0, i = 0;
+  for (; i + 16 <= n; i += 16)
+    count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + i), vv));
+  const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
+  count += __builtin_popcount(_mm512_mask_cmpge_epu32_mask(tail, _mm512_maskz_loadu_epi32(tail, keys + i), vv));
+  return count;
+}
+
+template <>
+void row_topk<float>(const float* row, int64_t n, int64_t K, std::vector<float>& scratch,
+                     std::vector<int32_t>& candidates, int64_t* out) {
+  const float bound = prefilter_bound(row, n, K, scratch);
+  candidates.resize(n + 16);  // each compaction step stores sixteen lanes
+  scratch.resize(n + 16);      // the candidates' keys, as float storage (read through intrinsics and memcpy)
+  float* keys = scratch.data();
+  const __m512 b = _mm512_set1_ps(bound);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t count = 0;
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 valid = n - s >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - s)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(valid, row + s);
+    const __mmask16 take = _mm512_mask_cmp_ps_mask(valid, x, b, _CMP_GE_OQ);
+    const __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(int32_t(s)));
+    _mm512_storeu_si512(candidates.data() + count, _mm512_maskz_compress_epi32(take, index));
+    _mm512_storeu_si512(keys + count, _mm512_maskz_compress_epi32(take, ordered_keys(x)));
+    count += __builtin_popcount(take);
+  }
+  uint32_t kth = 0;  // the largest key with at least K candidates >= it: the K-th largest
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = kth | (1u << bit);
+    if (keys_at_least(keys, count, trial) >= K) kth = trial;
+  }
+  const int64_t above = kth == 0xffffffffu ? 0 : keys_at_least(keys, count, kth + 1);
+  int64_t ties_left = K - above, filled = 0;  // ties at the K-th value: the earliest ones
+  for (int64_t i = 0; i < count && filled < K; ++i) {
+    uint32_t key;
+    std::memcpy(&key, keys + i, sizeof(key));
+    out[filled] = candidates[i];
+    filled += key > kth || (key == kth && ties_left > 0);
+    ties_left -= key == kth;
+  }
+}
+#endif
 
 template <typename scalar_t>
 void index_topk(const scalar_t* q, const scalar_t* k_t, const scalar_t* w, int64_t* selected, int64_t B,
