@@ -156,6 +156,7 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
     return;
   }
   // By key (one query head per key/value head: HKV == H, KD == HD): dK and dV.
+  TORCH_INTERNAL_ASSERT(G == 1, "the key pass reads one query head per key/value head");
   std::vector<int64_t> offsets;
   std::vector<int32_t> queries;
   transpose_selection(selected, B, T, K, offsets, queries);
