@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace sparse_viz_fused {
@@ -287,6 +288,28 @@ inline void weighted_rows_sum<float>(const float* base, const int64_t* offset, c
 // G query heads sharing one key/value head read each gathered row once for all G: G multiply-adds
 // per float brought in from L2 / L3 instead of one.
 
+// Calls run(U, G), each a std::integral_constant<int, ...>, for a head size D = 8U and group size
+// G with a tile kernel (D 16, 32, 64, 128; G 2, 4, 8) and returns true; false for the others,
+// which the callers compute head by head.
+template <typename Run>
+inline bool with_group_tile(int64_t D, int64_t G, Run&& run) {
+  auto for_group = [&](auto g) {
+    switch (D) {
+      case 16: run(std::integral_constant<int, 2>{}, g); return true;
+      case 32: run(std::integral_constant<int, 4>{}, g); return true;
+      case 64: run(std::integral_constant<int, 8>{}, g); return true;
+      case 128: run(std::integral_constant<int, 16>{}, g); return true;
+      default: return false;
+    }
+  };
+  switch (G) {
+    case 2: return for_group(std::integral_constant<int, 2>{});
+    case 4: return for_group(std::integral_constant<int, 4>{});
+    case 8: return for_group(std::integral_constant<int, 8>{});
+    default: return false;
+  }
+}
+
 // out[i * stride + j] = fixed[i * D .. (i + 1) * D) . base[offset[j] .. offset[j] + D) for the G
 // fixed rows (contiguous, D apart) and n gathered rows.
 template <typename scalar_t>
@@ -324,25 +347,12 @@ inline void dots_of_heads_tiles(const float* fixed, const float* base, const int
     for (int i = 0; i < G; ++i) out[i * stride + j0] = dot(fixed + i * D, base + offset[j0], D);
 }
 
-template <int G>
-inline bool dots_of_heads_tiled(const float* fixed, const float* base, const int64_t* offset, int64_t n, int64_t D,
-                                float* out, int64_t stride) {
-  switch (D) {
-    case 16: dots_of_heads_tiles<2, G>(fixed, base, offset, n, out, stride); return true;
-    case 32: dots_of_heads_tiles<4, G>(fixed, base, offset, n, out, stride); return true;
-    case 64: dots_of_heads_tiles<8, G>(fixed, base, offset, n, out, stride); return true;
-    case 128: dots_of_heads_tiles<16, G>(fixed, base, offset, n, out, stride); return true;
-    default: return false;
-  }
-}
-
 template <>
 inline void dots_of_heads_with_rows<float>(const float* fixed, int64_t G, const float* base, const int64_t* offset,
                                            int64_t n, int64_t D, float* out, int64_t stride) {
-  const bool tiled = G == 2   ? dots_of_heads_tiled<2>(fixed, base, offset, n, D, out, stride)
-                     : G == 4 ? dots_of_heads_tiled<4>(fixed, base, offset, n, D, out, stride)
-                     : G == 8 ? dots_of_heads_tiled<8>(fixed, base, offset, n, D, out, stride)
-                              : false;
+  const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
+    dots_of_heads_tiles<decltype(u)::value, decltype(g)::value>(fixed, base, offset, n, out, stride);
+  });
   if (!tiled)  // one head, or a group size without a tile: head by head
     for (int64_t i = 0; i < G; ++i) dots_with_rows(fixed + i * D, base, offset, n, D, out + i * stride);
 }
@@ -379,25 +389,12 @@ inline void weighted_rows_sum_of_heads_tiles(const float* base, const int64_t* o
   }
 }
 
-template <int G>
-inline bool weighted_rows_sum_of_heads_tiled(const float* base, const int64_t* offset, const float* weight,
-                                             int64_t stride, int64_t n, int64_t D, float* out) {
-  switch (D) {
-    case 16: weighted_rows_sum_of_heads_tiles<2, G>(base, offset, weight, stride, n, out); return true;
-    case 32: weighted_rows_sum_of_heads_tiles<4, G>(base, offset, weight, stride, n, out); return true;
-    case 64: weighted_rows_sum_of_heads_tiles<8, G>(base, offset, weight, stride, n, out); return true;
-    case 128: weighted_rows_sum_of_heads_tiles<16, G>(base, offset, weight, stride, n, out); return true;
-    default: return false;
-  }
-}
-
 template <>
 inline void weighted_rows_sum_of_heads<float>(const float* base, const int64_t* offset, const float* weight,
                                               int64_t stride, int64_t G, int64_t n, int64_t D, float* out) {
-  const bool tiled = G == 2   ? weighted_rows_sum_of_heads_tiled<2>(base, offset, weight, stride, n, D, out)
-                     : G == 4 ? weighted_rows_sum_of_heads_tiled<4>(base, offset, weight, stride, n, D, out)
-                     : G == 8 ? weighted_rows_sum_of_heads_tiled<8>(base, offset, weight, stride, n, D, out)
-                              : false;
+  const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
+    weighted_rows_sum_of_heads_tiles<decltype(u)::value, decltype(g)::value>(base, offset, weight, stride, n, out);
+  });
   if (!tiled)
     for (int64_t i = 0; i < G; ++i) weighted_rows_sum(base, offset, weight + i * stride, n, D, out + i * D);
 }
@@ -436,26 +433,12 @@ inline void add_weighted_heads_to_rows_tiles(const float* fixed, const float* we
   }
 }
 
-template <int G>
-inline bool add_weighted_heads_to_rows_tiled(const float* fixed, const float* weight, int64_t stride, int64_t n,
-                                             int64_t D, float* base, const int64_t* offset) {
-  switch (D) {
-    case 16: add_weighted_heads_to_rows_tiles<2, G>(fixed, weight, stride, n, base, offset); return true;
-    case 32: add_weighted_heads_to_rows_tiles<4, G>(fixed, weight, stride, n, base, offset); return true;
-    case 64: add_weighted_heads_to_rows_tiles<8, G>(fixed, weight, stride, n, base, offset); return true;
-    case 128: add_weighted_heads_to_rows_tiles<16, G>(fixed, weight, stride, n, base, offset); return true;
-    default: return false;
-  }
-}
-
 template <>
 inline void add_weighted_heads_to_rows<float>(const float* fixed, int64_t G, const float* weight, int64_t stride,
                                               int64_t n, int64_t D, float* base, const int64_t* offset) {
-  const bool tiled = G == 1   ? add_weighted_heads_to_rows_tiled<1>(fixed, weight, stride, n, D, base, offset)
-                     : G == 2 ? add_weighted_heads_to_rows_tiled<2>(fixed, weight, stride, n, D, base, offset)
-                     : G == 4 ? add_weighted_heads_to_rows_tiled<4>(fixed, weight, stride, n, D, base, offset)
-                     : G == 8 ? add_weighted_heads_to_rows_tiled<8>(fixed, weight, stride, n, D, base, offset)
-                              : false;
+  const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
+    add_weighted_heads_to_rows_tiles<decltype(u)::value, decltype(g)::value>(fixed, weight, stride, n, base, offset);
+  });
   if (tiled) return;
   if (D % 8 == 0) {  // other group sizes: still one read-modify-write of each row for all G heads
     for (int64_t j = 0; j < n; ++j) {
