@@ -223,10 +223,7 @@ void index_scores_backward(const scalar_t* q, const scalar_t* k, const scalar_t*
 
 at::Tensor selected_index_scores_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                                          const at::Tensor& selected) {
-  check_indexer(q, k, w);
-  const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
-  check_selection(selected, B, T);
-  const int64_t K = selected.size(2);
+  const auto [B, T, HI, DI, K] = check_indexer_selection(q, k, w, selected);
   auto scores = at::empty({B, T, K}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_scores_forward", [&] {
     index_scores_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
@@ -240,10 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_scores_backward(co
                                                                               const at::Tensor& k,
                                                                               const at::Tensor& w,
                                                                               const at::Tensor& selected) {
-  check_indexer(q, k, w);
-  const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
-  check_selection(selected, B, T);
-  const int64_t K = selected.size(2);
+  const auto [B, T, HI, DI, K] = check_indexer_selection(q, k, w, selected);
   check_per_slot(grad, selected, q, "grad");
   auto grad_q = at::zeros_like(q);
   auto grad_k = at::zeros_like(k);
@@ -266,10 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_scores_backward(co
 std::tuple<at::Tensor, at::Tensor> selected_index_kl_forward(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& w, const at::Tensor& selected,
                                                              const at::Tensor& target) {
-  check_indexer(q, k, w);
-  const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
-  check_selection(selected, B, T);
-  const int64_t K = selected.size(2);
+  const auto [B, T, HI, DI, K] = check_indexer_selection(q, k, w, selected);
   check_per_slot(target, selected, q, "target");
   auto kl = at::empty({B, T}, q.options());
   auto lse = at::empty({B, T}, q.options());
@@ -286,10 +277,7 @@ std::tuple<at::Tensor, at::Tensor> selected_index_kl_forward(const at::Tensor& q
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_kl_backward(
     const at::Tensor& grad_kl, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
     const at::Tensor& selected, const at::Tensor& target, const at::Tensor& lse) {
-  check_indexer(q, k, w);
-  const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
-  check_selection(selected, B, T);
-  const int64_t K = selected.size(2);
+  const auto [B, T, HI, DI, K] = check_indexer_selection(q, k, w, selected);
   check_per_slot(target, selected, q, "target");
   TORCH_CHECK(grad_kl.is_contiguous() && lse.is_contiguous() && grad_kl.sizes() == lse.sizes() && lse.dim() == 2 &&
                   lse.size(0) == B && lse.size(1) == T,

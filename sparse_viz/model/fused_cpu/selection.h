@@ -43,4 +43,17 @@ inline void check_indexer(const at::Tensor& q, const at::Tensor& k, const at::Te
               "indexer q, k and w disagree in shape");
 }
 
+// The sizes the selected-key indexer kernels run on, after checking the indexer's tensors and the
+// selection: batch, tokens, indexer heads, indexer dims, selection slots.
+struct IndexerSelectionSizes {
+  int64_t B, T, HI, DI, K;
+};
+
+inline IndexerSelectionSizes check_indexer_selection(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
+                                                     const at::Tensor& selected) {
+  check_indexer(q, k, w);
+  check_selection(selected, q.size(0), q.size(1));
+  return {q.size(0), q.size(1), q.size(2), q.size(3), selected.size(2)};
+}
+
 }  // namespace sparse_viz_fused
