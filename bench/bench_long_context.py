@@ -304,8 +304,8 @@ def main() -> None:
     first = next(iter(results.values()))[0]
     memory = "allocator peak" if args.device.startswith("cuda") else "peak RSS"
     print(f"torch {first['torch']} on {first['device']} ({args.dtype}), {first['threads']} thread(s) per worker, "
-          f"batch 1, k={MODEL['top_k']}, {MODEL['n_kv_heads']} key/value heads, {args.rounds} rounds x {args.steps} timed steps, one fresh process per "
-          f"measurement, memory = {memory}; RSS after importing torch: {first['baseline_rss_mb']:.0f} MB; "
+          f"batch 1, k={MODEL['top_k']}, {MODEL['n_kv_heads']} key/value heads, {args.rounds} rounds x {args.steps} "
+          f"timed steps, one fresh process per measurement, memory = {memory}; RSS after importing torch: {first['baseline_rss_mb']:.0f} MB; "
           f"wall {time.time() - started:.0f} s")
 
     summary: dict[tuple[int, str], tuple[float, float, float]] = {}
