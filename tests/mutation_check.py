@@ -566,10 +566,31 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "fused_attention_scatter_drops_other_threads", FUSED_ATTENTION,
-        "          grad_k[i] += extra_k[t][i];",
-        "          grad_k[i] += 0 * extra_k[t][i];",
+        "          dk += sums_k[t][i];",
+        "          dk += t == 0 ? sums_k[t][i] : 0;",
         (f"{FUSED_TESTS}::test_attention_gradients_with_two_threads_equal_the_masked_path",),
         "the key gradients scattered by the second thread are never added",
+    ),
+    Mutation(
+        "fused_attention_bfloat16_loads_drop_a_bit", FUSED_VECTOR_OPS,
+        "  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));",
+        "  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_and_si128(h, _mm_set1_epi16(-2))), 16));",
+        (f"{FUSED_TESTS}::test_bfloat16_is_read_as_stored_computed_in_float32_and_rounded_once",),
+        "bfloat16 rows widened to float lose their last mantissa bit",
+    ),
+    Mutation(
+        "fused_attention_bfloat16_scores_rounded", FUSED_ATTENTION,
+        "          for (int64_t j = 0; j < n; ++j) s_h[j] *= scale;\n          const acc_t m",
+        "          for (int64_t j = 0; j < n; ++j) s_h[j] = acc_t(scalar_t(s_h[j] * scale));\n          const acc_t m",
+        (f"{FUSED_TESTS}::test_bfloat16_is_read_as_stored_computed_in_float32_and_rounded_once",),
+        "the forward's scores are rounded to the inputs' dtype before the softmax (bfloat16 arithmetic)",
+    ),
+    Mutation(
+        "fused_attention_bfloat16_key_pass_sums_rounded", FUSED_VECTOR_OPS,
+        "      odd[u] += wb * load8(b + 8 * u);",
+        "      odd[u] += wb * load8(b + 8 * u);\n      if constexpr (!std::is_same_v<row_t, float>) for (int c = 0; c < 8; ++c) odd[u][c] = float(at::BFloat16(odd[u][c]));",
+        (f"{FUSED_TESTS}::test_bfloat16_is_read_as_stored_computed_in_float32_and_rounded_once",),
+        "a bfloat16 row's weighted sums (the key pass's dK and dV, dQ of one head) accumulate in bfloat16",
     ),
     Mutation(
         "fused_index_scores_weight_grad_ignores_relu", FUSED_SCORES,

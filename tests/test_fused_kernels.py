@@ -152,14 +152,94 @@ def test_a_row_without_keys_gives_zero_output_and_no_gradient():
     assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
 
 
-def test_half_precision_is_computed_in_float32():
+def test_float16_is_computed_in_float32():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 20, 64, generator=g) for _ in range(3))
     selected = random_selection(1, 20, 6, g)
-    out, _ = fused_selected_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), selected)
-    assert out.dtype == torch.bfloat16
-    expected, _ = masked_sparse_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), selected)
-    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+    out, _ = fused_selected_attention(q.half(), k.half(), v.half(), selected)
+    assert out.dtype == torch.float16
+    expected, _ = masked_sparse_attention(q.half().float(), k.half().float(), v.half().float(), selected)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-3, atol=1e-3)
+
+
+def selection_mask(selected: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T, T) bool: mask[b, t, s] is True where row t of batch b selected key s."""
+    B = selected.shape[0]
+    keys = torch.where(selected >= 0, selected, T)  # unfilled slots to a column that is cut off
+    mask = torch.zeros(B, T, T + 1, dtype=torch.bool).scatter_(2, keys, True)
+    return mask[..., :T]
+
+
+def attention_gradients_from_the_stored_output(q, k, v, selected, out, grad_out):
+    """Sparse attention's gradients in float64, written out: dS = P (dO V^T - delta), dQ = dS K / sqrt(d),
+    dK = dS^T Q / sqrt(d), dV = P^T dO, each key/value head's summed over its query heads, with
+    delta = dO . O from the output as stored (flash attention's backward reads the stored O, not
+    the exact one). All inputs (B, heads, T, D); returns float64 (dQ, dK, dV)."""
+    q, k, v, out, grad_out = (x.double() for x in (q, k, v, out, grad_out))
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    scores = (q @ k.transpose(-1, -2)) * D**-0.5  # (B, H, T, T)
+    scores = scores.masked_fill(~selection_mask(selected, T)[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    dp = grad_out @ v.transpose(-1, -2)
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    ds = probs * (dp - delta)
+    grad_q = ds @ k * D**-0.5
+    grad_k = (ds.transpose(-1, -2) @ q * D**-0.5).unflatten(1, (-1, G)).sum(2)
+    grad_v = (probs.transpose(-1, -2) @ grad_out).unflatten(1, (-1, G)).sum(2)
+    return grad_q, grad_k, grad_v
+
+
+def assert_rounded_once_to_bfloat16(got: torch.Tensor, exact: torch.Tensor):
+    """got (bfloat16) is exact (float64) rounded to the nearest bfloat16: within half a bfloat16 step
+    of it (2^-8 of its magnitude), plus float32 round-off of the largest entry's size."""
+    assert got.dtype == torch.bfloat16
+    step = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)  # bfloat16's spacing at |exact|
+    error = (got.double() - exact).abs()
+    bound = 0.5 * step + 1e-5 * exact.abs().max()
+    assert (error <= bound).all(), f"worst error {(error / step).max().item():.2f} steps"
+
+
+@pytest.mark.parametrize("head_dim", [64, 12, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1), (6, 2)])  # key pass; scatter with tiles; without
+def test_bfloat16_is_read_as_stored_computed_in_float32_and_rounded_once(head_dim, heads, kv_heads):
+    """bfloat16 q, k, v (autocast's) go into the kernel as they are: scores, softmax and every sum in
+    float32, the output and each gradient rounded once to bfloat16. Summing in bfloat16 would miss
+    the half-step bound by far."""
+    g = torch.Generator().manual_seed(heads * head_dim + kv_heads)
+    B, T, K = 2, 37, 20
+    q = torch.randn(B, heads, T, head_dim, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(B, kv_heads, T, head_dim, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    selected = random_selection(B, T, K, g)
+    out, probs = fused_selected_attention(q, k, v, selected, per_head_probs=True)
+    group = heads // kv_heads
+    q64, k64, v64 = (x.detach().double() for x in (q, k, v))
+    expected, expected_probs = masked_sparse_attention(
+        q64, k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1), selected, return_probs=True
+    )
+    assert_rounded_once_to_bfloat16(out, expected)
+    assert_rounded_once_to_bfloat16(probs, gather_selected(expected_probs, selected))
+    grad_out = torch.randn(out.shape, generator=g).bfloat16()
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected_grads = attention_gradients_from_the_stored_output(q64, k64, v64, selected, out.detach(), grad_out)
+    for grad, want in zip(grads, expected_grads):
+        assert_rounded_once_to_bfloat16(grad, want)
+
+
+def test_bfloat16_attention_keeps_no_float32_copy_of_its_inputs_for_backward():
+    """What backward needs is kept as given: q, k, v and the output in bfloat16 (half the memory of
+    float32 copies), the log-sum-exp in float32 (one number per query and head)."""
+    g = torch.Generator().manual_seed(4)
+    B, H, T, D, K = 1, 4, 32, 16, 8
+    q, k, v = (torch.randn(B, H, T, D, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    selected = random_selection(B, T, K, g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused_selected_attention(q, k, v, selected)
+    big = [t for t in saved if t.numel() == q.numel()]
+    assert len(big) == 4 and all(t.dtype == torch.bfloat16 for t in big)  # q, k, v, out
+    assert not any(t.dtype == torch.float32 and t.numel() > B * T * H for t in saved)
 
 
 def test_the_gathered_paths_auto_kernel_is_the_fused_one_on_cpu():

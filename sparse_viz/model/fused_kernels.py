@@ -22,7 +22,8 @@ The C++ sources are compiled once per machine by `torch.utils.cpp_extension` (g+
 result is cached under ~/.cache/torch_extensions) the first time a kernel is asked for;
 `scripts/setup.sh` builds it ahead. Where it cannot be built, `fused_kernels_available` is False,
 one warning names the reason, and the model uses the CSR kernels (`csr_attention.py`) instead.
-float32 and float64 on CPU; other dtypes are computed in float32.
+float32 and float64 on CPU; the sparse attention also reads bfloat16 as stored (computing in
+float32); other dtypes are computed in float32.
 """
 
 from __future__ import annotations
@@ -179,7 +180,9 @@ def fused_selected_attention(
     """Sparse attention over the selected keys with the fused kernel.
 
     Args:
-        q: (B, H, T, hd), CPU floating point (half precision is computed in float32).
+        q: (B, H, T, hd), CPU floating point. bfloat16 q, k and v are read as stored and computed
+            in float32 (softmax and every sum; the gradients rounded once); float16 and mixed
+            dtypes are converted to float32 first.
         k, v: (B, HKV, T, hd), HKV dividing H: query head h reads key/value head h // (H / HKV),
             and each gathered key/value row serves its whole group of query heads.
         selected: (B, T, k) long, causal, -1 = unfilled slot; shared by all heads; any order.
@@ -193,9 +196,9 @@ def fused_selected_attention(
     """
     _check_cpu(q, k, v, selected)
     dtype = q.dtype
-    compute = _compute_dtype(dtype)
+    stored = dtype if q.dtype == k.dtype == v.dtype == torch.bfloat16 else _compute_dtype(dtype)
     # Token-major (B, T, H, hd): a selected key's rows of every head are one block in memory.
-    q, k, v = (x.to(compute).transpose(1, 2).contiguous() for x in (q, k, v))
+    q, k, v = (x.to(stored).transpose(1, 2).contiguous() for x in (q, k, v))
     out, probs = FusedSelectedAttention.apply(q, k, v, selected.contiguous(), per_head_probs)
     return out.transpose(1, 2).to(dtype), probs.to(dtype)
 

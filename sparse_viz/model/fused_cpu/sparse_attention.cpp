@@ -5,6 +5,10 @@
 // Layouts (contiguous): q, out, grad_out (B, T, H, D); k, v (B, T, HKV, D) with HKV dividing H
 // (grouped-query attention: query head h reads key/value head h / (H / HKV)); lse (B, T, H);
 // selected (B, T, K).
+// q, k, v, out and grad_out are float64, float32 or bfloat16 (stored as given: a bfloat16 row
+// gathered is half a float32 one's bytes); scores, softmax, lse, probabilities and every sum are
+// in the compute type (float for bfloat16), and gradients are summed there before their one
+// rounding to the inputs' dtype.
 
 #include <torch/library.h>
 
@@ -16,46 +20,59 @@
 namespace sparse_viz_fused {
 namespace {
 
+// A row of sums in the compute type, rounded to the stored dtype (bfloat16: to nearest even).
+template <typename scalar_t, typename acc_t>
+inline void store_rounded(const acc_t* sums, int64_t n, scalar_t* to) {
+  for (int64_t i = 0; i < n; ++i) to[i] = scalar_t(sums[i]);
+}
+
 // Token-major layouts: a selected key's rows of every head are one contiguous HKV * D block. The
 // G = H / HKV query heads of a group read their key/value head's gathered rows together, once.
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = compute_type<scalar_t>>
 void attention_forward(const scalar_t* q, const scalar_t* k, const scalar_t* v, const int64_t* selected,
-                       scalar_t* out, scalar_t* lse, scalar_t* probs, bool per_head_probs, int64_t B,
-                       int64_t H, int64_t HKV, int64_t T, int64_t D, int64_t K, scalar_t scale) {
-  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+                       scalar_t* out, acc_t* lse, acc_t* probs, bool per_head_probs, int64_t B, int64_t H,
+                       int64_t HKV, int64_t T, int64_t D, int64_t K, acc_t scale) {
+  constexpr bool stored_as_computed = std::is_same_v<scalar_t, acc_t>;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t Kp = round8(K), HD = H * D, KD = HKV * D, G = H / HKV;
   // Rows (b, t) in parallel: every output of a row is its own, so no two threads write one place.
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> s(G * Kp);  // (G, Kp) scores, then probabilities, of one group's heads
+    std::vector<acc_t> s(G * Kp);  // (G, Kp) scores, then probabilities, of one group's heads
+    std::vector<acc_t> o_sums(stored_as_computed ? 0 : HD);  // a bfloat16 row's output before rounding
     std::vector<int64_t> slot(K), offset(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / T;
       const int64_t n = valid_slots(selected + row * K, K, b * T, KD, slot.data(), offset.data());
       const scalar_t* q_row = q + row * HD;
-      scalar_t* o_row = out + row * HD;
+      acc_t* o_row;
+      if constexpr (stored_as_computed)
+        o_row = out + row * HD;
+      else
+        o_row = o_sums.data();
       if (n == 0) {  // no valid key: zero output and probabilities
         std::fill(lse + row * H, lse + (row + 1) * H, neg_inf);
-        std::fill(o_row, o_row + HD, scalar_t(0));
+        std::fill(out + row * HD, out + (row + 1) * HD, scalar_t(0));
         continue;
       }
       for (int64_t g = 0; g < HKV; ++g) {
         dots_of_heads_with_rows(q_row + g * G * D, G, k + g * D, offset.data(), n, D, s.data(), Kp);
         for (int64_t i = 0; i < G; ++i) {
-          scalar_t* s_h = s.data() + i * Kp;
+          acc_t* s_h = s.data() + i * Kp;
           for (int64_t j = 0; j < n; ++j) s_h[j] *= scale;
-          const scalar_t m = max_of(s_h, n);
+          const acc_t m = max_of(s_h, n);
           exp_shifted(s_h, n, m);
-          const scalar_t total = sum_of(s_h, n);
-          const scalar_t inv = scalar_t(1) / total;
+          const acc_t total = sum_of(s_h, n);
+          const acc_t inv = acc_t(1) / total;
           for (int64_t j = 0; j < n; ++j) s_h[j] *= inv;
           const int64_t h = g * G + i;
           lse[row * H + h] = m + std::log(total);
-          scalar_t* p_row = per_head_probs ? probs + ((b * H + h) * T + row % T) * K : probs + row * K;
+          acc_t* p_row = per_head_probs ? probs + ((b * H + h) * T + row % T) * K : probs + row * K;
           for (int64_t j = 0; j < n; ++j) p_row[slot[j]] += s_h[j];  // per head: once; summed: over heads
         }
         weighted_rows_sum_of_heads(v + g * D, offset.data(), s.data(), Kp, G, n, D, o_row + g * G * D);
       }
+      if constexpr (!stored_as_computed) store_rounded(o_row, HD, out + row * HD);
     }
   });
 }
@@ -92,67 +109,86 @@ inline void transpose_selection(const int64_t* selected, int64_t B, int64_t T, i
 //     the faster, timed side by side on the long-context shapes.)
 //     Threads beyond the first add into their own copies of dK and dV, summed at the end.
 // dS_j = P_j (dP_j - delta), dP_j = dO . V_j, delta = sum_i P_i dP_i = dO . O.
-template <typename scalar_t>
+// Every gradient entry is summed in the compute type and rounded once to the inputs' dtype: a row
+// of dQ (and, by key, of dK and dV) when it is complete; scattered dK and dV at the end, from
+// copies in the compute type (every thread's, for bfloat16).
+template <typename scalar_t, typename acc_t = compute_type<scalar_t>>
 void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                        const scalar_t* out, const scalar_t* lse, const int64_t* selected, scalar_t* grad_q,
+                        const scalar_t* out, const acc_t* lse, const int64_t* selected, scalar_t* grad_q,
                         scalar_t* grad_k, scalar_t* grad_v, int64_t B, int64_t H, int64_t HKV, int64_t T, int64_t D,
-                        int64_t K, scalar_t scale) {
+                        int64_t K, acc_t scale) {
+  constexpr bool stored_as_computed = std::is_same_v<scalar_t, acc_t>;
   const int64_t Kp = round8(K), HD = H * D, KD = HKV * D, G = H / HKV;
-  std::vector<scalar_t> delta(B * T * H);  // (B, T, H)
+  std::vector<acc_t> delta(B * T * H);  // (B, T, H)
   at::parallel_for(0, B * T * H, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) delta[i] = dot(grad_out + i * D, out + i * D, D);
   });
   const bool scatter = G >= 2;
   // By query: dQ (and, scattered, dK and dV).
   const int threads = at::get_num_threads();
-  std::vector<std::vector<scalar_t>> extra_k(threads), extra_v(threads);  // (B, T, HKV, D) of threads > 0
+  // (B, T, HKV, D) sums of dK and dV by thread; thread 0 adds into the gradients themselves where
+  // they are in the compute type.
+  std::vector<std::vector<acc_t>> sums_k(threads), sums_v(threads);
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p(G * Kp), ds(G * Kp);  // (G, Kp) of one group's heads
+    std::vector<acc_t> p(G * Kp), ds(G * Kp);  // (G, Kp) of one group's heads
+    std::vector<acc_t> gq_sums(stored_as_computed ? 0 : HD);  // a bfloat16 row of dQ before rounding
     std::vector<int64_t> slot(K), offset(K);
     const int tid = at::get_thread_num();
     TORCH_CHECK(tid < threads, "sparse_attention_backward: thread ", tid, " of ", threads);
-    scalar_t *gk = grad_k, *gv = grad_v;
-    if (scatter && tid > 0) {
-      if (extra_k[tid].empty()) {
-        extra_k[tid].assign(B * T * KD, scalar_t(0));
-        extra_v[tid].assign(B * T * KD, scalar_t(0));
+    acc_t *gk = nullptr, *gv = nullptr;  // where this thread's scattered dK and dV go
+    if constexpr (stored_as_computed)
+      if (tid == 0) gk = grad_k, gv = grad_v;
+    if (scatter && gk == nullptr) {
+      if (sums_k[tid].empty()) {
+        sums_k[tid].assign(B * T * KD, acc_t(0));
+        sums_v[tid].assign(B * T * KD, acc_t(0));
       }
-      gk = extra_k[tid].data();
-      gv = extra_v[tid].data();
+      gk = sums_k[tid].data();
+      gv = sums_v[tid].data();
     }
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / T;
       const int64_t n = valid_slots(selected + row * K, K, b * T, KD, slot.data(), offset.data());
+      acc_t* gq_row;
+      if constexpr (stored_as_computed)
+        gq_row = grad_q + row * HD;
+      else
+        gq_row = gq_sums.data();
       for (int64_t g = 0; g < HKV; ++g) {
         const int64_t at = row * HD + g * G * D;  // the group's first query head
         dots_of_heads_with_rows(q + at, G, k + g * D, offset.data(), n, D, p.data(), Kp);
         dots_of_heads_with_rows(grad_out + at, G, v + g * D, offset.data(), n, D, ds.data(), Kp);
         for (int64_t i = 0; i < G; ++i) {
-          scalar_t *p_h = p.data() + i * Kp, *ds_h = ds.data() + i * Kp;
+          acc_t *p_h = p.data() + i * Kp, *ds_h = ds.data() + i * Kp;
           const int64_t h = g * G + i;
-          const scalar_t row_lse = lse[row * H + h], row_delta = delta[row * H + h];
+          const acc_t row_lse = lse[row * H + h], row_delta = delta[row * H + h];
           for (int64_t j = 0; j < n; ++j) p_h[j] *= scale;
           exp_shifted(p_h, n, row_lse);  // the forward's probabilities, recomputed
           for (int64_t j = 0; j < n; ++j) ds_h[j] = p_h[j] * (ds_h[j] - row_delta) * scale;
         }
-        weighted_rows_sum_of_heads(k + g * D, offset.data(), ds.data(), Kp, G, n, D, grad_q + at);
+        weighted_rows_sum_of_heads(k + g * D, offset.data(), ds.data(), Kp, G, n, D, gq_row + g * G * D);
         if (scatter) {
           add_weighted_heads_to_rows(q + at, G, ds.data(), Kp, n, D, gk + g * D, offset.data());
           add_weighted_heads_to_rows(grad_out + at, G, p.data(), Kp, n, D, gv + g * D, offset.data());
         }
       }
+      if constexpr (!stored_as_computed) store_rounded(gq_row, HD, grad_q + row * HD);
     }
   });
-  if (scatter) {  // the other threads' terms
-    for (int t = 1; t < threads; ++t) {
-      if (extra_k[t].empty()) continue;
-      at::parallel_for(0, B * T * KD, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          grad_k[i] += extra_k[t][i];
-          grad_v[i] += extra_v[t][i];
+  if (scatter) {  // the threads' sums, rounded once
+    at::parallel_for(0, B * T * KD, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t dk = 0, dv = 0;
+        if constexpr (stored_as_computed) dk = grad_k[i], dv = grad_v[i];
+        for (int t = 0; t < threads; ++t) {
+          if (sums_k[t].empty()) continue;
+          dk += sums_k[t][i];
+          dv += sums_v[t][i];
         }
-      });
-    }
+        grad_k[i] = scalar_t(dk);
+        grad_v[i] = scalar_t(dv);
+      }
+    });
     return;
   }
   // By key (one query head per key/value head: HKV == H, KD == HD): dK and dV.
@@ -161,7 +197,8 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
   std::vector<int32_t> queries;
   transpose_selection(selected, B, T, K, offsets, queries);
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> p, ds;  // (n) for the n queries of a key
+    std::vector<acc_t> p, ds;  // (n) for the n queries of a key
+    std::vector<acc_t> row_sums(stored_as_computed ? 0 : D);  // a bfloat16 head row of dK or dV
     std::vector<int64_t> offset, query;
     for (int64_t key_row = begin; key_row < end; ++key_row) {
       const int64_t b = key_row / T;
@@ -183,10 +220,17 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
           p[i] = p[i] * scale - lse[query[i] + h];  // each entry has its own query's log-sum-exp
           ds[i] -= delta[query[i] + h];
         }
-        exp_shifted(p.data(), n, scalar_t(0));
-        weighted_rows_sum(grad_out + h * D, offset.data(), p.data(), n, D, grad_v + at);
+        exp_shifted(p.data(), n, acc_t(0));
         for (int64_t i = 0; i < n; ++i) ds[i] *= p[i] * scale;
-        weighted_rows_sum(q + h * D, offset.data(), ds.data(), n, D, grad_k + at);
+        if constexpr (stored_as_computed) {
+          weighted_rows_sum(grad_out + h * D, offset.data(), p.data(), n, D, grad_v + at);
+          weighted_rows_sum(q + h * D, offset.data(), ds.data(), n, D, grad_k + at);
+        } else {
+          weighted_rows_sum(grad_out + h * D, offset.data(), p.data(), n, D, row_sums.data());
+          store_rounded(row_sums.data(), D, grad_v + at);
+          weighted_rows_sum(q + h * D, offset.data(), ds.data(), n, D, row_sums.data());
+          store_rounded(row_sums.data(), D, grad_k + at);
+        }
       }
     }
   });
@@ -199,6 +243,13 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                   k.size(3) == q.size(3) && k.size(2) > 0 && q.size(2) % k.size(2) == 0 &&
                   k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "q (B, T, H, D), k and v (B, T, HKV, D) with HKV dividing H must be contiguous and of one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kDouble || q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "q, k and v must be float64, float32 or bfloat16");
+}
+
+// The options of what the kernels compute in (lse, probabilities, gradients before rounding).
+at::TensorOptions compute_options(const at::Tensor& q) {
+  return q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
 }
 
 }  // namespace
@@ -212,12 +263,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_forward(const at
   check_selection(selected, B, T);
   const int64_t K = selected.size(2);
   auto out = at::empty_like(q);
-  auto lse = at::empty({B, T, H}, q.options());
-  auto probs = per_head_probs ? at::zeros({B, H, T, K}, q.options()) : at::zeros({B, T, K}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_forward", [&] {
+  auto lse = at::empty({B, T, H}, compute_options(q));
+  auto probs = per_head_probs ? at::zeros({B, H, T, K}, compute_options(q)) : at::zeros({B, T, K}, compute_options(q));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "sparse_attention_forward", [&] {
+    using acc_t = compute_type<scalar_t>;
     attention_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                selected.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                                probs.data_ptr<scalar_t>(), per_head_probs, B, H, HKV, T, D, K, scalar_t(scale));
+                                selected.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+                                probs.data_ptr<acc_t>(), per_head_probs, B, H, HKV, T, D, K, acc_t(scale));
   });
   return {out, lse, probs};
 }
@@ -234,12 +286,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward(
   auto grad_q = at::empty_like(q);
   auto grad_k = at::zeros_like(k);
   auto grad_v = at::zeros_like(v);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "sparse_attention_backward", [&] {
+    using acc_t = compute_type<scalar_t>;
     attention_backward<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                 v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                                 v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
                                  selected.data_ptr<int64_t>(), grad_q.data_ptr<scalar_t>(),
                                  grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), B, H, HKV, T, D, K,
-                                 scalar_t(scale));
+                                 acc_t(scale));
   });
   return {grad_q, grad_k, grad_v};
 }

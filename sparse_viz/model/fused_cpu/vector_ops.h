@@ -2,6 +2,8 @@
 // rows (one head's, or a group of heads' against the same rows), adding weighted rows into gathered
 // rows, exp, max and sum, for float through 8-lane vectors (GCC/Clang vector extensions: AVX
 // where the compiler targets it, two SSE halves elsewhere) and for double through plain loops.
+// Rows read (fixed and gathered) may be stored in bfloat16: they are computed in float, the
+// type every sum and weight takes (compute_type), and only the bytes brought in are halved.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,50 +17,73 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 namespace sparse_viz_fused {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+
+// The type a kernel computes rows of T in: float for float and bfloat16, double for double.
+template <typename T>
+using compute_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Rows whose fast paths run in 8-lane float vectors.
+template <typename T>
+constexpr bool float_lanes = std::is_same_v<compute_type<T>, float>;
 
 inline v8f load8(const float* p) { v8f x; std::memcpy(&x, p, sizeof(x)); return x; }
+// A bfloat16 is a float's upper 16 bits: widen and shift, exactly. (GCC splits the generic
+// widening into 128-bit halves; AVX2 has it as one instruction.)
+inline v8f load8(const at::BFloat16* p) {
+#ifdef __AVX2__
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+  v8u16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const v8i bits = __builtin_convertvector(h, v8i) << 16;
+  v8f x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
 inline void store8(float* p, v8f x) { std::memcpy(p, &x, sizeof(x)); }
 inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 inline float sum8(v8f x) { return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7])); }
 
 // ---- small vector routines: a . b, y += a * x, exp --------------------------------------------
 
-template <typename scalar_t>
-inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  scalar_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <>
-inline float dot<float>(const float* a, const float* b, int64_t n) {
-  v8f acc0 = splat8(0.f), acc1 = splat8(0.f);  // two chains: the adds do not wait on each other
+template <typename row_t>
+inline compute_type<row_t> dot(const row_t* a, const row_t* b, int64_t n) {
+  using acc_t = compute_type<row_t>;
+  acc_t s = 0;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 += load8(a + i) * load8(b + i);
-    acc1 += load8(a + i + 8) * load8(b + i + 8);
+  if constexpr (float_lanes<row_t>) {
+    v8f acc0 = splat8(0.f), acc1 = splat8(0.f);  // two chains: the adds do not wait on each other
+    for (; i + 16 <= n; i += 16) {
+      acc0 += load8(a + i) * load8(b + i);
+      acc1 += load8(a + i + 8) * load8(b + i + 8);
+    }
+    for (; i + 8 <= n; i += 8) acc0 += load8(a + i) * load8(b + i);
+    s = sum8(acc0 + acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 += load8(a + i) * load8(b + i);
-  float s = sum8(acc0 + acc1);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += acc_t(a[i]) * acc_t(b[i]);
   return s;
 }
 
-template <typename scalar_t>
-inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-template <>
-inline void axpy<float>(float alpha, const float* x, float* y, int64_t n) {
-  const v8f a = splat8(alpha);
+// y += alpha * x, y in x's compute type.
+template <typename row_t>
+inline void axpy(compute_type<row_t> alpha, const row_t* x, compute_type<row_t>* y, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + a * load8(x + i));
-  for (; i < n; ++i) y[i] += alpha * x[i];
+  if constexpr (float_lanes<row_t>) {
+    const v8f a = splat8(alpha);
+    for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + a * load8(x + i));
+  }
+  for (; i < n; ++i) y[i] += alpha * compute_type<row_t>(x[i]);
 }
 
 // exp of 8 floats (Cephes' expf: 2^n * e^r with |r| <= ln2 / 2, degree-6 polynomial; relative
@@ -190,23 +215,21 @@ inline v8f reduce8(const v8f* parts) {
          __builtin_shufflevector(p0123, p4567, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+// ---- rows gathered from anywhere --------------------------------------------------------------
+// Each routine takes rows of row_t (float, double or bfloat16) and sums in compute_type<row_t>;
+// the 8-lane tiles serve float and bfloat16 rows, double takes the plain loops.
+
 // out[i] = fixed[0 .. D) . base[offset[i] .. offset[i] + D) for n rows gathered from anywhere:
 // one query against its selected keys, or one key against the queries that selected it.
-template <typename scalar_t>
-inline void dots_with_rows(const scalar_t* fixed, const scalar_t* base, const int64_t* offset, int64_t n, int64_t D,
-                    scalar_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = dot(fixed, base + offset[i], D);
-}
-
 // The fixed row stays in U registers; eight gathered rows at a time, one accumulator each
 // (eight independent chains of adds), then one tree reduction for the eight sums.
-template <int U>
-inline void dots_with_rows_tiles(const float* fixed, const float* base, const int64_t* offset, int64_t n, float* out) {
+template <int U, typename row_t>
+inline void dots_with_rows_tiles(const row_t* fixed, const row_t* base, const int64_t* offset, int64_t n, float* out) {
   v8f f[U];
   for (int u = 0; u < U; ++u) f[u] = load8(fixed + 8 * u);
   int64_t i0 = 0;
   for (; i0 + 8 <= n; i0 += 8) {
-    const float* rows[8];
+    const row_t* rows[8];
     for (int r = 0; r < 8; ++r) rows[r] = base + offset[i0 + r];
     if (i0 + 16 <= n)  // the next tile's rows start on their way from L2 / L3 while this one computes
       for (int r = 0; r < 8; ++r) __builtin_prefetch(base + offset[i0 + 8 + r]);
@@ -219,37 +242,33 @@ inline void dots_with_rows_tiles(const float* fixed, const float* base, const in
   for (; i0 < n; ++i0) out[i0] = dot(fixed, base + offset[i0], 8 * U);
 }
 
-template <>
-inline void dots_with_rows<float>(const float* fixed, const float* base, const int64_t* offset, int64_t n, int64_t D,
-                           float* out) {
-  switch (D) {
-    case 16: return dots_with_rows_tiles<2>(fixed, base, offset, n, out);
-    case 32: return dots_with_rows_tiles<4>(fixed, base, offset, n, out);
-    case 64: return dots_with_rows_tiles<8>(fixed, base, offset, n, out);
-    case 128: return dots_with_rows_tiles<16>(fixed, base, offset, n, out);
-    default:  // other sizes: the plain dot
-      for (int64_t i = 0; i < n; ++i) out[i] = dot(fixed, base + offset[i], D);
+template <typename row_t>
+inline void dots_with_rows(const row_t* fixed, const row_t* base, const int64_t* offset, int64_t n, int64_t D,
+                           compute_type<row_t>* out) {
+  if constexpr (float_lanes<row_t>) {
+    switch (D) {
+      case 16: return dots_with_rows_tiles<2>(fixed, base, offset, n, out);
+      case 32: return dots_with_rows_tiles<4>(fixed, base, offset, n, out);
+      case 64: return dots_with_rows_tiles<8>(fixed, base, offset, n, out);
+      case 128: return dots_with_rows_tiles<16>(fixed, base, offset, n, out);
+      default: break;  // other sizes: the plain dot
+    }
   }
+  for (int64_t i = 0; i < n; ++i) out[i] = dot(fixed, base + offset[i], D);
 }
 
 // out[0 .. D) = sum_i weight[i] * base[offset[i] .. offset[i] + D): the weighted sum of n rows
 // gathered from anywhere. For float the sum stays in registers over all n rows: accumulating
 // row by row into memory would chain every row's add through a store and a load.
-template <typename scalar_t>
-inline void weighted_rows_sum(const scalar_t* base, const int64_t* offset, const scalar_t* weight, int64_t n, int64_t D,
-                       scalar_t* out) {
-  std::fill(out, out + D, scalar_t(0));
-  for (int64_t i = 0; i < n; ++i) axpy(weight[i], base + offset[i], out, D);
-}
-
 // Two sets of U accumulators (even and odd rows): 2U independent chains of adds.
-template <int U>
-inline void weighted_rows_sum_tiles(const float* base, const int64_t* offset, const float* weight, int64_t n, float* out) {
+template <int U, typename row_t>
+inline void weighted_rows_sum_tiles(const row_t* base, const int64_t* offset, const float* weight, int64_t n,
+                                    float* out) {
   v8f even[U], odd[U];
   for (int u = 0; u < U; ++u) even[u] = odd[u] = splat8(0.f);
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
-    const float *a = base + offset[i], *b = base + offset[i + 1];
+    const row_t *a = base + offset[i], *b = base + offset[i + 1];
     const v8f wa = splat8(weight[i]), wb = splat8(weight[i + 1]);
     if (i + 10 <= n) {
       __builtin_prefetch(base + offset[i + 8]);
@@ -261,27 +280,29 @@ inline void weighted_rows_sum_tiles(const float* base, const int64_t* offset, co
     }
   }
   if (i < n) {
-    const float* a = base + offset[i];
+    const row_t* a = base + offset[i];
     const v8f wa = splat8(weight[i]);
     for (int u = 0; u < U; ++u) even[u] += wa * load8(a + 8 * u);
   }
   for (int u = 0; u < U; ++u) store8(out + 8 * u, even[u] + odd[u]);
 }
 
-template <>
-inline void weighted_rows_sum<float>(const float* base, const int64_t* offset, const float* weight, int64_t n, int64_t D,
-                              float* out) {
-  switch (D) {
-    case 16: return weighted_rows_sum_tiles<2>(base, offset, weight, n, out);
-    case 32: return weighted_rows_sum_tiles<4>(base, offset, weight, n, out);
-    case 64: return weighted_rows_sum_tiles<8>(base, offset, weight, n, out);
-    case 128:
-      weighted_rows_sum_tiles<8>(base, offset, weight, n, out);
-      return weighted_rows_sum_tiles<8>(base + 64, offset, weight, n, out + 64);
-    default:  // other sizes: row by row
-      std::fill(out, out + D, 0.f);
-      for (int64_t i = 0; i < n; ++i) axpy(weight[i], base + offset[i], out, D);
+template <typename row_t>
+inline void weighted_rows_sum(const row_t* base, const int64_t* offset, const compute_type<row_t>* weight, int64_t n,
+                              int64_t D, compute_type<row_t>* out) {
+  if constexpr (float_lanes<row_t>) {
+    switch (D) {
+      case 16: return weighted_rows_sum_tiles<2>(base, offset, weight, n, out);
+      case 32: return weighted_rows_sum_tiles<4>(base, offset, weight, n, out);
+      case 64: return weighted_rows_sum_tiles<8>(base, offset, weight, n, out);
+      case 128:
+        weighted_rows_sum_tiles<8>(base, offset, weight, n, out);
+        return weighted_rows_sum_tiles<8>(base + 64, offset, weight, n, out + 64);
+      default: break;  // other sizes: row by row
+    }
   }
+  std::fill(out, out + D, compute_type<row_t>(0));
+  for (int64_t i = 0; i < n; ++i) axpy(weight[i], base + offset[i], out, D);
 }
 
 // ---- several heads against the same gathered rows (grouped-query attention) -------------------
@@ -312,21 +333,15 @@ inline bool with_group_tile(int64_t D, int64_t G, Run&& run) {
 
 // out[i * stride + j] = fixed[i * D .. (i + 1) * D) . base[offset[j] .. offset[j] + D) for the G
 // fixed rows (contiguous, D apart) and n gathered rows.
-template <typename scalar_t>
-inline void dots_of_heads_with_rows(const scalar_t* fixed, int64_t G, const scalar_t* base, const int64_t* offset,
-                                    int64_t n, int64_t D, scalar_t* out, int64_t stride) {
-  for (int64_t i = 0; i < G; ++i) dots_with_rows(fixed + i * D, base, offset, n, D, out + i * stride);
-}
-
 // Tiles of R = 8 / G gathered rows x G heads: eight sums, one tree reduction.
-template <int U, int G>
-inline void dots_of_heads_tiles(const float* fixed, const float* base, const int64_t* offset, int64_t n, float* out,
+template <int U, int G, typename row_t>
+inline void dots_of_heads_tiles(const row_t* fixed, const row_t* base, const int64_t* offset, int64_t n, float* out,
                                 int64_t stride) {
   constexpr int R = 8 / G;
   constexpr int64_t D = 8 * U;
   int64_t j0 = 0;
   for (; j0 + R <= n; j0 += R) {
-    const float* rows[R];
+    const row_t* rows[R];
     for (int r = 0; r < R; ++r) rows[r] = base + offset[j0 + r];
     if (j0 + 2 * R <= n)
       for (int r = 0; r < R; ++r) __builtin_prefetch(base + offset[j0 + R + r]);
@@ -347,27 +362,24 @@ inline void dots_of_heads_tiles(const float* fixed, const float* base, const int
     for (int i = 0; i < G; ++i) out[i * stride + j0] = dot(fixed + i * D, base + offset[j0], D);
 }
 
-template <>
-inline void dots_of_heads_with_rows<float>(const float* fixed, int64_t G, const float* base, const int64_t* offset,
-                                           int64_t n, int64_t D, float* out, int64_t stride) {
-  const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
-    dots_of_heads_tiles<decltype(u)::value, decltype(g)::value>(fixed, base, offset, n, out, stride);
-  });
-  if (!tiled)  // one head, or a group size without a tile: head by head
-    for (int64_t i = 0; i < G; ++i) dots_with_rows(fixed + i * D, base, offset, n, D, out + i * stride);
+template <typename row_t>
+inline void dots_of_heads_with_rows(const row_t* fixed, int64_t G, const row_t* base, const int64_t* offset, int64_t n,
+                                    int64_t D, compute_type<row_t>* out, int64_t stride) {
+  if constexpr (float_lanes<row_t>) {
+    const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
+      dots_of_heads_tiles<decltype(u)::value, decltype(g)::value>(fixed, base, offset, n, out, stride);
+    });
+    if (tiled) return;
+  }
+  // one head, or a group size without a tile: head by head
+  for (int64_t i = 0; i < G; ++i) dots_with_rows(fixed + i * D, base, offset, n, D, out + i * stride);
 }
 
 // out[i * D .. (i + 1) * D) = sum_j weight[i * stride + j] * base[offset[j] .. offset[j] + D) for
 // G heads: the weighted sums of the same n gathered rows with each head's weights.
-template <typename scalar_t>
-inline void weighted_rows_sum_of_heads(const scalar_t* base, const int64_t* offset, const scalar_t* weight,
-                                       int64_t stride, int64_t G, int64_t n, int64_t D, scalar_t* out) {
-  for (int64_t i = 0; i < G; ++i) weighted_rows_sum(base, offset, weight + i * stride, n, D, out + i * D);
-}
-
 // C chunks of eight floats per pass over the rows, G * C <= 16 accumulators in registers.
-template <int U, int G>
-inline void weighted_rows_sum_of_heads_tiles(const float* base, const int64_t* offset, const float* weight,
+template <int U, int G, typename row_t>
+inline void weighted_rows_sum_of_heads_tiles(const row_t* base, const int64_t* offset, const float* weight,
                                              int64_t stride, int64_t n, float* out) {
   constexpr int C = 16 / G < U ? 16 / G : U;
   constexpr int64_t D = 8 * U;
@@ -376,7 +388,7 @@ inline void weighted_rows_sum_of_heads_tiles(const float* base, const int64_t* o
     for (int i = 0; i < G; ++i)
       for (int c = 0; c < C; ++c) acc[i][c] = splat8(0.f);
     for (int64_t j = 0; j < n; ++j) {
-      const float* row = base + offset[j] + 8 * c0;
+      const row_t* row = base + offset[j] + 8 * c0;
       v8f x[C];
       for (int c = 0; c < C; ++c) x[c] = load8(row + 8 * c);
       for (int i = 0; i < G; ++i) {
@@ -389,29 +401,24 @@ inline void weighted_rows_sum_of_heads_tiles(const float* base, const int64_t* o
   }
 }
 
-template <>
-inline void weighted_rows_sum_of_heads<float>(const float* base, const int64_t* offset, const float* weight,
-                                              int64_t stride, int64_t G, int64_t n, int64_t D, float* out) {
-  const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
-    weighted_rows_sum_of_heads_tiles<decltype(u)::value, decltype(g)::value>(base, offset, weight, stride, n, out);
-  });
-  if (!tiled)
-    for (int64_t i = 0; i < G; ++i) weighted_rows_sum(base, offset, weight + i * stride, n, D, out + i * D);
+template <typename row_t>
+inline void weighted_rows_sum_of_heads(const row_t* base, const int64_t* offset, const compute_type<row_t>* weight,
+                                       int64_t stride, int64_t G, int64_t n, int64_t D, compute_type<row_t>* out) {
+  if constexpr (float_lanes<row_t>) {
+    const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
+      weighted_rows_sum_of_heads_tiles<decltype(u)::value, decltype(g)::value>(base, offset, weight, stride, n, out);
+    });
+    if (tiled) return;
+  }
+  for (int64_t i = 0; i < G; ++i) weighted_rows_sum(base, offset, weight + i * stride, n, D, out + i * D);
 }
 
 // base[offset[j] .. offset[j] + D) += sum_i weight[i * stride + j] * fixed[i * D .. (i + 1) * D)
 // for the n rows (distinct): each gathered row read, added to and written back, once for the G
-// heads' terms.
-template <typename scalar_t>
-inline void add_weighted_heads_to_rows(const scalar_t* fixed, int64_t G, const scalar_t* weight, int64_t stride,
-                                       int64_t n, int64_t D, scalar_t* base, const int64_t* offset) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < G; ++i) axpy(weight[i * stride + j], fixed + i * D, base + offset[j], D);
-}
-
+// heads' terms. The gathered rows are sums (compute type); the fixed rows may be bfloat16.
 // C chunks of eight floats per pass over the rows, the G heads' chunks (G * C <= 16) in registers.
-template <int U, int G>
-inline void add_weighted_heads_to_rows_tiles(const float* fixed, const float* weight, int64_t stride, int64_t n,
+template <int U, int G, typename row_t>
+inline void add_weighted_heads_to_rows_tiles(const row_t* fixed, const float* weight, int64_t stride, int64_t n,
                                              float* base, const int64_t* offset) {
   constexpr int C = 16 / G < U ? 16 / G : U;
   constexpr int64_t D = 8 * U;
@@ -433,23 +440,25 @@ inline void add_weighted_heads_to_rows_tiles(const float* fixed, const float* we
   }
 }
 
-template <>
-inline void add_weighted_heads_to_rows<float>(const float* fixed, int64_t G, const float* weight, int64_t stride,
-                                              int64_t n, int64_t D, float* base, const int64_t* offset) {
-  const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
-    add_weighted_heads_to_rows_tiles<decltype(u)::value, decltype(g)::value>(fixed, weight, stride, n, base, offset);
-  });
-  if (tiled) return;
-  if (D % 8 == 0) {  // other group sizes: still one read-modify-write of each row for all G heads
-    for (int64_t j = 0; j < n; ++j) {
-      float* row = base + offset[j];
-      for (int64_t c = 0; c < D; c += 8) {
-        v8f acc = load8(row + c);
-        for (int64_t i = 0; i < G; ++i) acc += splat8(weight[i * stride + j]) * load8(fixed + i * D + c);
-        store8(row + c, acc);
+template <typename row_t>
+inline void add_weighted_heads_to_rows(const row_t* fixed, int64_t G, const compute_type<row_t>* weight, int64_t stride,
+                                       int64_t n, int64_t D, compute_type<row_t>* base, const int64_t* offset) {
+  if constexpr (float_lanes<row_t>) {
+    const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
+      add_weighted_heads_to_rows_tiles<decltype(u)::value, decltype(g)::value>(fixed, weight, stride, n, base, offset);
+    });
+    if (tiled) return;
+    if (D % 8 == 0) {  // other group sizes: still one read-modify-write of each row for all G heads
+      for (int64_t j = 0; j < n; ++j) {
+        float* row = base + offset[j];
+        for (int64_t c = 0; c < D; c += 8) {
+          v8f acc = load8(row + c);
+          for (int64_t i = 0; i < G; ++i) acc += splat8(weight[i * stride + j]) * load8(fixed + i * D + c);
+          store8(row + c, acc);
+        }
       }
+      return;
     }
-    return;
   }
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < G; ++i) axpy(weight[i * stride + j], fixed + i * D, base + offset[j], D);
