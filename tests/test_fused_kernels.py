@@ -424,6 +424,27 @@ def test_the_selected_key_kl_of_bfloat16_inputs_is_computed_in_float32():
         torch.testing.assert_close(got.grad.float(), want.grad.bfloat16().float())
 
 
+def test_the_selected_key_kl_keeps_its_bfloat16_target_as_given_for_backward():
+    """The target (the main attention at the selected keys, bfloat16 under autocast) is saved as it
+    came, not as a float32 copy twice its size; the loss and gradients are those of the float32 target."""
+    g = torch.Generator().manual_seed(9)
+    (q, k, w), _ = indexer_inputs(30, 4, 16, seed=9, dtype=torch.float32)
+    q, k, w = (x.detach().requires_grad_() for x in (q, k, w))
+    selected = random_selection(2, 30, 10, g)
+    target = (torch.rand(2, 30, 10, generator=g) * (selected >= 0)).bfloat16()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kl = fused_selected_index_kl(q, k, w, selected, target)
+    per_slot = [t for t in saved if t.shape == target.shape and t.is_floating_point()]
+    assert len(per_slot) == 1 and per_slot[0].dtype == torch.bfloat16
+    grads = torch.autograd.grad(kl.sum(), (q, k, w))
+    q32, k32, w32 = (x.detach().requires_grad_() for x in (q, k, w))
+    expected = fused_selected_index_kl(q32, k32, w32, selected, target.float())
+    torch.testing.assert_close(kl, expected, rtol=0, atol=0)
+    for grad, want in zip(grads, torch.autograd.grad(expected.sum(), (q32, k32, w32))):
+        torch.testing.assert_close(grad, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kv_heads", [None, 1])
 def test_a_sparse_training_step_is_the_csr_kernels_step(kv_heads):
     """The model's sparse stage on the fused kernels (the default on CPU) == on the CSR kernels:

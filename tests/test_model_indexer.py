@@ -75,6 +75,26 @@ def test_key_layer_norm_uses_the_reference_epsilon_not_the_models():
     torch.testing.assert_close(scores[0], expected, rtol=1e-4, atol=1e-9)
 
 
+def test_under_autocast_the_three_projections_share_one_cast_of_the_input():
+    """Autocast casts a linear's input at each call, and backward keeps every copy: the indexer
+    casts its input once for W_q, W_k and W_w. The numbers are autocast's own (its projections of
+    the input in bfloat16); the memory kept is one bfloat16 copy, not three."""
+    config = ModelConfig(d_model=16, n_heads=2, indexer_heads=3, indexer_dim=8, indexer_rope_dim=4)
+    torch.manual_seed(0)
+    indexer = LightningIndexer(config)
+    x = torch.randn(2, 7, 16)
+    cos, sin = rope_tables(4, 7, THETA)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            projected = indexer.project(x, cos, sin)
+        expected = indexer.project(x.bfloat16(), cos, sin)  # autocast leaves a bfloat16 input as it is
+    copies = {t.untyped_storage().data_ptr() for t in saved if t.numel() == x.numel() and t.dtype == torch.bfloat16}
+    assert len(copies) == 1
+    for got, want in zip(projected, expected):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("rope_dim", [0, 4, 8])
 def test_index_scores_equal_a_naive_loop_of_eq1(rope_dim):
     config = ModelConfig(d_model=12, n_heads=2, indexer_heads=3, indexer_dim=8, indexer_rope_dim=rope_dim)

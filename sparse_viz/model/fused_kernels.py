@@ -240,14 +240,18 @@ class FusedSelectedIndexKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, w, selected, target):
-        kl, lse = _kernels().selected_index_kl_forward(q, k, w, selected, target)
+        # The target is kept as given (bfloat16 under autocast: half a float32 copy's memory) and
+        # converted to the kernels' dtype where each reads it.
+        kl, lse = _kernels().selected_index_kl_forward(q, k, w, selected, target.to(q.dtype).contiguous())
         ctx.save_for_backward(q, k, w, selected, target, lse)
         return kl
 
     @staticmethod
     def backward(ctx, grad):
         q, k, w, selected, target, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_w = _kernels().selected_index_kl_backward(grad.contiguous(), q, k, w, selected, target, lse)
+        grad_q, grad_k, grad_w = _kernels().selected_index_kl_backward(
+            grad.contiguous(), q, k, w, selected, target.to(q.dtype).contiguous(), lse
+        )
         return grad_q, grad_k, grad_w, None, None
 
 
@@ -270,7 +274,7 @@ def fused_selected_index_kl(
     _check_cpu(q, k, w, selected, target)
     compute = _indexer_compute_dtype(q, k, w)
     q, k, w = (x.to(compute).contiguous() for x in (q, k, w))
-    return FusedSelectedIndexKL.apply(q, k, w, selected.contiguous(), target.detach().to(compute).contiguous())
+    return FusedSelectedIndexKL.apply(q, k, w, selected.contiguous(), target.detach())
 
 
 @torch.no_grad()

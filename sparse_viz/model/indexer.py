@@ -53,6 +53,10 @@ class LightningIndexer(nn.Module):
                 (ReLU(x) * c == ReLU(x * c) for c > 0, which saves a pass over the logits).
         """
         x = x.detach()
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast would cast x for each of the three projections, and each copy is kept for
+            # backward: one cast, shared, is the same numbers in a third of the memory.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H_I, d_I)
         k = self.k_norm(self.wk(x))  # (B, T, d_I)
