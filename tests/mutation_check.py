@@ -593,6 +593,20 @@ MUTATIONS: list[Mutation] = [
         "a bfloat16 row's weighted sums (the key pass's dK and dV, dQ of one head) accumulate in bfloat16",
     ),
     Mutation(
+        "fused_attention_dpbf16_dots_skip_the_last_chunk", FUSED_VECTOR_OPS,
+        "    for (int c = 1; c < C; ++c)\n      for (int r = 0; r < 8; ++r) acc[r] = _mm256_dpbf16_ps",
+        "    for (int c = 1; c < C - 1; ++c)\n      for (int r = 0; r < 8; ++r) acc[r] = _mm256_dpbf16_ps",
+        (f"{FUSED_TESTS}::test_bfloat16_is_read_as_stored_computed_in_float32_and_rounded_once",),
+        "the AVX512-BF16 dots of one head leave out the row's last sixteen dims (machines with AVX512-BF16)",
+    ),
+    Mutation(
+        "fused_attention_dpbf16_group_dots_mix_heads", FUSED_VECTOR_OPS,
+        "acc[r * G + i] = _mm256_dpbf16_ps(acc[r * G + i], load16_bf16(fixed + i * D + 16 * c), x);",
+        "acc[r * G + i] = _mm256_dpbf16_ps(acc[r * G + i], load16_bf16(fixed + (G - 1 - i) * D + 16 * c), x);",
+        (f"{FUSED_TESTS}::test_bfloat16_is_read_as_stored_computed_in_float32_and_rounded_once",),
+        "the AVX512-BF16 group tiles give each head another head's scores (machines with AVX512-BF16)",
+    ),
+    Mutation(
         "fused_index_scores_weight_grad_ignores_relu", FUSED_SCORES,
         "    sum += active ? gi * x : zero;",
         "    sum += gi * x;",

@@ -3,7 +3,9 @@
 // rows, exp, max and sum, for float through 8-lane vectors (GCC/Clang vector extensions: AVX
 // where the compiler targets it, two SSE halves elsewhere) and for double through plain loops.
 // Rows read (fixed and gathered) may be stored in bfloat16: they are computed in float, the
-// type every sum and weight takes (compute_type), and only the bytes brought in are halved.
+// type every sum and weight takes (compute_type), and only the bytes brought in are halved. Dot
+// products of two bfloat16 rows take AVX512-BF16's vdpbf16ps where the CPU has it (exact products,
+// float32 sums: twice the multiply-adds per instruction, no widening).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -242,9 +244,51 @@ inline void dots_with_rows_tiles(const row_t* fixed, const row_t* base, const in
   for (; i0 < n; ++i0) out[i0] = dot(fixed, base + offset[i0], 8 * U);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+// bfloat16 rows where the CPU has AVX512-BF16: vdpbf16ps multiplies sixteen bfloat16 pairs (each
+// product exact in float) and adds them into the eight float lanes, two per lane, in float32 with
+// round-to-nearest; no widening of the rows first. (It reads bfloat16 subnormals, |x| < 1.2e-38,
+// as 0: the one way it departs from widening.)
+inline __m256bh load16_bf16(const at::BFloat16* p) {
+  return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+template <int U>
+inline void dots_with_rows_tiles_dpbf16(const at::BFloat16* fixed, const at::BFloat16* base, const int64_t* offset,
+                                        int64_t n, float* out) {
+  constexpr int C = U / 2;  // sixteen bfloat16 per register
+  __m256bh f[C];
+  for (int c = 0; c < C; ++c) f[c] = load16_bf16(fixed + 16 * c);
+  int64_t i0 = 0;
+  for (; i0 + 8 <= n; i0 += 8) {
+    const at::BFloat16* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = base + offset[i0 + r];
+    if (i0 + 16 <= n)
+      for (int r = 0; r < 8; ++r) __builtin_prefetch(base + offset[i0 + 8 + r]);
+    v8f acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_dpbf16_ps(_mm256_setzero_ps(), f[0], load16_bf16(rows[r]));
+    for (int c = 1; c < C; ++c)
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_dpbf16_ps(acc[r], f[c], load16_bf16(rows[r] + 16 * c));
+    store8(out + i0, reduce8(acc));
+  }
+  for (; i0 < n; ++i0) out[i0] = dot(fixed, base + offset[i0], 8 * U);
+}
+#endif
+
 template <typename row_t>
 inline void dots_with_rows(const row_t* fixed, const row_t* base, const int64_t* offset, int64_t n, int64_t D,
                            compute_type<row_t>* out) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  if constexpr (std::is_same_v<row_t, at::BFloat16>) {
+    switch (D) {
+      case 16: return dots_with_rows_tiles_dpbf16<2>(fixed, base, offset, n, out);
+      case 32: return dots_with_rows_tiles_dpbf16<4>(fixed, base, offset, n, out);
+      case 64: return dots_with_rows_tiles_dpbf16<8>(fixed, base, offset, n, out);
+      case 128: return dots_with_rows_tiles_dpbf16<16>(fixed, base, offset, n, out);
+      default: break;
+    }
+  }
+#endif
   if constexpr (float_lanes<row_t>) {
     switch (D) {
       case 16: return dots_with_rows_tiles<2>(fixed, base, offset, n, out);
@@ -362,9 +406,47 @@ inline void dots_of_heads_tiles(const row_t* fixed, const row_t* base, const int
     for (int i = 0; i < G; ++i) out[i * stride + j0] = dot(fixed + i * D, base + offset[j0], D);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+// The same tiles for bfloat16 rows with vdpbf16ps (see dots_with_rows_tiles_dpbf16).
+template <int U, int G>
+inline void dots_of_heads_tiles_dpbf16(const at::BFloat16* fixed, const at::BFloat16* base, const int64_t* offset,
+                                       int64_t n, float* out, int64_t stride) {
+  constexpr int R = 8 / G, C = U / 2;
+  constexpr int64_t D = 8 * U;
+  int64_t j0 = 0;
+  for (; j0 + R <= n; j0 += R) {
+    const at::BFloat16* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = base + offset[j0 + r];
+    if (j0 + 2 * R <= n)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(base + offset[j0 + R + r]);
+    v8f acc[8];  // acc[r * G + i]: row r, head i
+    for (int a = 0; a < 8; ++a) acc[a] = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) {
+        const __m256bh x = load16_bf16(rows[r] + 16 * c);
+        for (int i = 0; i < G; ++i) acc[r * G + i] = _mm256_dpbf16_ps(acc[r * G + i], load16_bf16(fixed + i * D + 16 * c), x);
+      }
+    float sums[8];
+    store8(sums, reduce8(acc));
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < G; ++i) out[i * stride + j0 + r] = sums[r * G + i];
+  }
+  for (; j0 < n; ++j0)
+    for (int i = 0; i < G; ++i) out[i * stride + j0] = dot(fixed + i * D, base + offset[j0], D);
+}
+#endif
+
 template <typename row_t>
 inline void dots_of_heads_with_rows(const row_t* fixed, int64_t G, const row_t* base, const int64_t* offset, int64_t n,
                                     int64_t D, compute_type<row_t>* out, int64_t stride) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  if constexpr (std::is_same_v<row_t, at::BFloat16>) {
+    const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
+      dots_of_heads_tiles_dpbf16<decltype(u)::value, decltype(g)::value>(fixed, base, offset, n, out, stride);
+    });
+    if (tiled) return;
+  }
+#endif
   if constexpr (float_lanes<row_t>) {
     const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
       dots_of_heads_tiles<decltype(u)::value, decltype(g)::value>(fixed, base, offset, n, out, stride);
