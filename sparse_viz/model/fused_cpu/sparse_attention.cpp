@@ -247,7 +247,7 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
               "q, k and v must be float64, float32 or bfloat16");
 }
 
-// The options of what the kernels compute in (lse, probabilities, gradients before rounding).
+// The options of what the kernels compute in, for lse and the probabilities.
 at::TensorOptions compute_options(const at::Tensor& q) {
   return q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
 }
