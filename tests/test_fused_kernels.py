@@ -529,3 +529,39 @@ def test_the_kl_operators_refuse_a_target_not_shaped_like_the_selection():
         ops.selected_index_kl_backward(torch.ones_like(kl), q, k, w, selected, target[:, :, :3].contiguous(), lse)
     with pytest.raises(RuntimeError, match="grad_kl and lse must be contiguous"):
         ops.selected_index_kl_backward(torch.ones_like(kl), q, k, w, selected, target, lse.t())
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # the key pass (it transposes the selection); the scatter
+def test_int32_selections_give_the_int64_selections_results(kv_heads):
+    """The kernels read the selection as int64 or int32 (the model hands them int32: the copy their
+    backward keeps is half the size). The same keys give the same numbers, bit for bit."""
+    g = torch.Generator().manual_seed(12)
+    B, H, T, D, K = 2, 4, 37, 16, 20
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, T, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    selected = random_selection(B, T, K, g)
+    weights = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    results = []
+    for selection in (selected, selected.to(torch.int32)):
+        out, probs = fused_selected_attention(q, k, v, selection, per_head_probs=True)
+        results.append((out, probs, *torch.autograd.grad((out * weights).sum(), (q, k, v))))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+    (q_i, k_i, w_i), _ = indexer_inputs(T, 4, 16, seed=12)
+    q_i, k_i, w_i = (x.detach().requires_grad_() for x in (q_i, k_i, w_i))
+    target = torch.rand(B, T, K, generator=g, dtype=torch.float64) * (selected >= 0)
+    results = []
+    for selection in (selected, selected.to(torch.int32)):
+        scores = fused_selected_index_scores(q_i, k_i, w_i, selection)
+        kl = fused_selected_index_kl(q_i, k_i, w_i, selection, target)
+        grads = torch.autograd.grad((scores * target).sum() + kl.sum(), (q_i, k_i, w_i))
+        results.append((scores, kl, *grads))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_a_selection_of_another_integer_type_is_refused():
+    q = torch.zeros(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="int64 or int32"):
+        fused_selected_attention(q, q, q, torch.zeros(1, 5, 2, dtype=torch.int16))

@@ -244,3 +244,19 @@ def test_bfloat16_on_cpu_uses_the_csr_kernel_in_float32_and_matches_the_masked_p
     assert out.dtype == torch.bfloat16 and probs.dtype == torch.bfloat16
     reference, _ = masked_sparse_attention(q.float(), k.float(), v.float(), selected)
     torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2)  # bf16 rounding of the output only
+
+
+def test_the_sparse_stage_keeps_each_layers_selection_once_in_int32_for_backward():
+    """With the fused kernels the attention and the indexer's loss of a layer read one int32 copy of
+    its selection, and that copy is all of the selection their backward keeps (int64 would be twice)."""
+    config = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, indexer_heads=2, indexer_dim=8,
+                         indexer_rope_dim=4, top_k=6, max_seq_len=24)
+    torch.manual_seed(0)
+    model = SparseTransformer(config)
+    ids = torch.randint(0, 32, (2, 24))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(ids, attention="sparse", indexer_loss="selected")
+    selections = {t.untyped_storage().data_ptr(): t for t in saved if t.shape == (2, 24, 6) and not t.is_floating_point()}
+    assert len(selections) == config.n_layers
+    assert all(t.dtype == torch.int32 for t in selections.values())

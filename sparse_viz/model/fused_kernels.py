@@ -185,7 +185,8 @@ def fused_selected_attention(
             dtypes are converted to float32 first.
         k, v: (B, HKV, T, hd), HKV dividing H: query head h reads key/value head h // (H / HKV),
             and each gathered key/value row serves its whole group of query heads.
-        selected: (B, T, k) long, causal, -1 = unfilled slot; shared by all heads; any order.
+        selected: (B, T, k) long or int32 (kept for backward: int32 is half the memory), causal,
+            -1 = unfilled slot; shared by all heads; any order.
         per_head_probs: return the probabilities of every head, else their sum over heads.
 
     Returns:
@@ -223,7 +224,7 @@ def fused_selected_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tenso
 
     Args:
         q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
-        selected: (B, T, kk) long, causal, -1 = unfilled (its score is 0); any order.
+        selected: (B, T, kk) long or int32, causal, -1 = unfilled (its score is 0); any order.
 
     Returns:
         (B, T, kk) in q's dtype.
@@ -263,7 +264,7 @@ def fused_selected_index_kl(
 
     Args:
         q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
-        selected: (B, T, kk) long, causal, -1 = unfilled; any order.
+        selected: (B, T, kk) long or int32, causal, -1 = unfilled; any order.
         target: (B, T, kk) non-negative weights at the selected keys (the main attention summed
             over heads); no gradient flows into it.
 

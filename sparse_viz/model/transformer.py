@@ -137,6 +137,7 @@ class Block(nn.Module):
         used_probs = None  # (B, H, T, T) probabilities actually used, when a trace wants them
         selected_probs = None  # (B, T, k) the same on the selection summed over heads, for the sparse-stage KL
         need_sparse_probs = indexer_loss == "selected" or trace == "full"
+        kernel_selected = selected  # what the attention and the indexer's loss read
         if selected is None:
             if dense_probs is not None:
                 y = dense_probs @ v  # (B, H, T, hd)
@@ -150,10 +151,14 @@ class Block(nn.Module):
         else:
             # One CSR pattern of the selection for the attention and the indexer's selected-key
             # scores, where the CSR kernels are the ones used (the fused kernels need none).
-            use_csr = csr_kernels_available(q) and not fused_kernels_available(q)
+            fused = fused_kernels_available(q)
+            use_csr = csr_kernels_available(q) and not fused
             pattern = SelectionPattern(selected) if use_csr else None
+            # The fused kernels read int32 selections: one copy, shared by the attention and the
+            # indexer's loss and kept for their backward, at half the int64 selection's memory.
+            kernel_selected = selected.to(torch.int32) if fused else selected
             y, selected_probs = gathered_sparse_attention(
-                q, k, v, selected, return_probs=need_sparse_probs, check_order=False, pattern=pattern,
+                q, k, v, kernel_selected, return_probs=need_sparse_probs, check_order=False, pattern=pattern,
                 sum_heads=trace != "full",
             )  # select_keys returns rows in the order the csr kernel needs
             if trace == "full":
@@ -174,7 +179,7 @@ class Block(nn.Module):
             # from the gathered path directly; the masked (reference) path gathers it from (B, H, T, T).
             target = selected_probs.detach()  # (B, T, k)
             if blockwise:  # scores at the selected keys only: T*k*H_I*d_I work
-                kl = selected_index_kl(*projected, selected, target, pattern=pattern).mean()
+                kl = selected_index_kl(*projected, kernel_selected, target, pattern=pattern).mean()
             else:
                 scores = gather_selected(index_scores, selected)  # (B, T, k) read from (B, T, T)
                 kl = indexer_kl(target, scores, selected >= 0).mean()

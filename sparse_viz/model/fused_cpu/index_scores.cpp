@@ -35,8 +35,8 @@ inline void row_scores(const scalar_t* logits, const scalar_t* w, int64_t row, i
   }
 }
 
-template <typename scalar_t>
-void index_scores_forward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const int64_t* selected,
+template <typename scalar_t, typename idx_t>
+void index_scores_forward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const idx_t* selected,
                           scalar_t* scores, int64_t B, int64_t T, int64_t HI, int64_t DI, int64_t K) {
   const int64_t Kp = round8(K);
   at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
@@ -97,8 +97,8 @@ inline scalar_t row_kl(const scalar_t* scores, const scalar_t* target, const int
   return kl_terms(p, scores, n, *lse) / mass - std::log(mass);
 }
 
-template <typename scalar_t>
-void index_kl_forward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const int64_t* selected,
+template <typename scalar_t, typename idx_t>
+void index_kl_forward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const idx_t* selected,
                       const scalar_t* target, scalar_t* kl, scalar_t* lse, int64_t B, int64_t T, int64_t HI,
                       int64_t DI, int64_t K) {
   const int64_t Kp = round8(K);
@@ -189,8 +189,8 @@ inline void add_head_combinations<float>(const float* q_row, const float* coeff,
 
 // The backward of I at the selected keys, given each row's gradient dL/dI at its valid keys:
 // row_grad(row, n, slot, logits, g) writes g[0 .. n) from the row's recomputed logits (HI, Kp).
-template <typename scalar_t, typename RowGrad>
-void index_scores_backward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const int64_t* selected,
+template <typename scalar_t, typename idx_t, typename RowGrad>
+void index_scores_backward(const scalar_t* q, const scalar_t* k, const scalar_t* w, const idx_t* selected,
                            scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_w, int64_t B, int64_t T, int64_t HI,
                            int64_t DI, int64_t K, const RowGrad& row_grad) {
   const int64_t Kp = round8(K);
@@ -225,9 +225,11 @@ at::Tensor selected_index_scores_forward(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& selected) {
   const auto [B, T, HI, DI, K] = check_indexer_selection(q, k, w, selected);
   auto scores = at::empty({B, T, K}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_scores_forward", [&] {
-    index_scores_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                   selected.data_ptr<int64_t>(), scores.data_ptr<scalar_t>(), B, T, HI, DI, K);
+  with_selection(selected, [&](const auto* sel) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_scores_forward", [&] {
+      index_scores_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sel,
+                                     scores.data_ptr<scalar_t>(), B, T, HI, DI, K);
+    });
   });
   return scores;
 }
@@ -242,15 +244,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_scores_backward(co
   auto grad_q = at::zeros_like(q);
   auto grad_k = at::zeros_like(k);
   auto grad_w = at::zeros_like(w);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_scores_backward", [&] {
-    const scalar_t* upstream = grad.data_ptr<scalar_t>();
-    auto read_upstream = [&](int64_t row, int64_t n, const int64_t* slot, const scalar_t*, scalar_t* g) {
-      for (int64_t i = 0; i < n; ++i) g[i] = upstream[row * K + slot[i]];
-    };
-    index_scores_backward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                    selected.data_ptr<int64_t>(), grad_q.data_ptr<scalar_t>(),
-                                    grad_k.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), B, T, HI, DI, K,
-                                    read_upstream);
+  with_selection(selected, [&](const auto* sel) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_scores_backward", [&] {
+      const scalar_t* upstream = grad.data_ptr<scalar_t>();
+      auto read_upstream = [&](int64_t row, int64_t n, const int64_t* slot, const scalar_t*, scalar_t* g) {
+        for (int64_t i = 0; i < n; ++i) g[i] = upstream[row * K + slot[i]];
+      };
+      index_scores_backward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sel,
+                                      grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+                                      grad_w.data_ptr<scalar_t>(), B, T, HI, DI, K, read_upstream);
+    });
   });
   return {grad_q, grad_k, grad_w};
 }
@@ -264,10 +267,12 @@ std::tuple<at::Tensor, at::Tensor> selected_index_kl_forward(const at::Tensor& q
   check_per_slot(target, selected, q, "target");
   auto kl = at::empty({B, T}, q.options());
   auto lse = at::empty({B, T}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_kl_forward", [&] {
-    index_kl_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                               selected.data_ptr<int64_t>(), target.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(),
-                               lse.data_ptr<scalar_t>(), B, T, HI, DI, K);
+  with_selection(selected, [&](const auto* sel) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_kl_forward", [&] {
+      index_kl_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sel,
+                                 target.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B,
+                                 T, HI, DI, K);
+    });
   });
   return {kl, lse};
 }
@@ -285,23 +290,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selected_index_kl_backward(
   auto grad_q = at::zeros_like(q);
   auto grad_k = at::zeros_like(k);
   auto grad_w = at::zeros_like(w);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_kl_backward", [&] {
-    const scalar_t *upstream = grad_kl.data_ptr<scalar_t>(), *p = target.data_ptr<scalar_t>(),
-                   *row_lse = lse.data_ptr<scalar_t>(), *w_data = w.data_ptr<scalar_t>();
-    const int64_t Kp = round8(K);
-    auto kl_grad = [&](int64_t row, int64_t n, const int64_t* slot, const scalar_t* logits, scalar_t* g) {
-      row_scores(logits, w_data, row, n, HI, Kp, g);  // g = I, then its gradient in place
-      scalar_t mass = 0;
-      for (int64_t i = 0; i < n; ++i) mass += p[row * K + slot[i]];
-      const scalar_t inv = mass > scalar_t(0) ? scalar_t(1) / mass : scalar_t(0);
-      const scalar_t has_mass = mass > scalar_t(0) ? scalar_t(1) : scalar_t(0);
-      exp_shifted(g, n, row_lse[row]);  // softmax(I)
-      for (int64_t i = 0; i < n; ++i) g[i] = upstream[row] * (g[i] * has_mass - p[row * K + slot[i]] * inv);
-    };
-    index_scores_backward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w_data,
-                                    selected.data_ptr<int64_t>(), grad_q.data_ptr<scalar_t>(),
-                                    grad_k.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), B, T, HI, DI, K,
-                                    kl_grad);
+  with_selection(selected, [&](const auto* sel) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "selected_index_kl_backward", [&] {
+      const scalar_t *upstream = grad_kl.data_ptr<scalar_t>(), *p = target.data_ptr<scalar_t>(),
+                     *row_lse = lse.data_ptr<scalar_t>(), *w_data = w.data_ptr<scalar_t>();
+      const int64_t Kp = round8(K);
+      auto kl_grad = [&](int64_t row, int64_t n, const int64_t* slot, const scalar_t* logits, scalar_t* g) {
+        row_scores(logits, w_data, row, n, HI, Kp, g);  // g = I, then its gradient in place
+        scalar_t mass = 0;
+        for (int64_t i = 0; i < n; ++i) mass += p[row * K + slot[i]];
+        const scalar_t inv = mass > scalar_t(0) ? scalar_t(1) / mass : scalar_t(0);
+        const scalar_t has_mass = mass > scalar_t(0) ? scalar_t(1) : scalar_t(0);
+        exp_shifted(g, n, row_lse[row]);  // softmax(I)
+        for (int64_t i = 0; i < n; ++i) g[i] = upstream[row] * (g[i] * has_mass - p[row * K + slot[i]] * inv);
+      };
+      index_scores_backward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), w_data, sel,
+                                      grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+                                      grad_w.data_ptr<scalar_t>(), B, T, HI, DI, K, kl_grad);
+    });
   });
   return {grad_q, grad_k, grad_w};
 }

@@ -1,5 +1,6 @@
 // The selection as the fused CPU kernels read it, and the checks of their tensor arguments.
-//   selected: (B, T, K) int64, -1 = unfilled slot; shared by every head; any order
+//   selected: (B, T, K) int64 or int32 (half the memory where a backward keeps it), -1 =
+//   unfilled slot; shared by every head; any order
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,7 +11,8 @@ namespace sparse_viz_fused {
 
 // The valid slots of one selection row: slot[i] = j and offset[i] = (b * T + selected[j]) * HD,
 // for the n valid slots in order.
-inline int64_t valid_slots(const int64_t* sel, int64_t K, int64_t first_row, int64_t HD, int64_t* slot,
+template <typename idx_t>
+inline int64_t valid_slots(const idx_t* sel, int64_t K, int64_t first_row, int64_t HD, int64_t* slot,
                            int64_t* offset) {
   int64_t n = 0;
   for (int64_t j = 0; j < K; ++j) {
@@ -22,9 +24,18 @@ inline int64_t valid_slots(const int64_t* sel, int64_t K, int64_t first_row, int
 }
 
 inline void check_selection(const at::Tensor& selected, int64_t B, int64_t T) {
-  TORCH_CHECK(selected.scalar_type() == at::kLong && selected.dim() == 3 && selected.size(0) == B &&
-                  selected.size(1) == T && selected.is_contiguous(),
-              "selected must be a contiguous (B, T, K) int64 tensor");
+  TORCH_CHECK((selected.scalar_type() == at::kLong || selected.scalar_type() == at::kInt) && selected.dim() == 3 &&
+                  selected.size(0) == B && selected.size(1) == T && selected.is_contiguous(),
+              "selected must be a contiguous (B, T, K) int64 or int32 tensor");
+}
+
+// Calls run(p) with the selection's entries, p a const int64_t* or const int32_t*.
+template <typename Run>
+inline void with_selection(const at::Tensor& selected, Run&& run) {
+  if (selected.scalar_type() == at::kInt)
+    run(selected.data_ptr<int32_t>());
+  else
+    run(selected.data_ptr<int64_t>());
 }
 
 // A tensor with one entry per selection slot (an upstream gradient, a target): (B, T, K) like

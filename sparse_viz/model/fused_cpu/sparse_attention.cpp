@@ -4,7 +4,7 @@
 // probabilities, as flash attention does.
 // Layouts (contiguous): q, out, grad_out (B, T, H, D); k, v (B, T, HKV, D) with HKV dividing H
 // (grouped-query attention: query head h reads key/value head h / (H / HKV)); lse (B, T, H);
-// selected (B, T, K).
+// selected (B, T, K) int64 or int32.
 // q, k, v, out and grad_out are float64, float32 or bfloat16 (stored as given: a bfloat16 row
 // gathered is half a float32 one's bytes); scores, softmax, lse, probabilities and every sum are
 // in the compute type (float for bfloat16), and gradients are summed there before their one
@@ -29,8 +29,8 @@ inline void store_rounded(const acc_t* sums, int64_t n, scalar_t* to) {
 // Token-major layouts: a selected key's rows of every head are one contiguous HKV * D block. The
 // G = H / HKV query heads of a group read their key/value head's gathered rows together, once.
 
-template <typename scalar_t, typename acc_t = compute_type<scalar_t>>
-void attention_forward(const scalar_t* q, const scalar_t* k, const scalar_t* v, const int64_t* selected,
+template <typename scalar_t, typename idx_t, typename acc_t = compute_type<scalar_t>>
+void attention_forward(const scalar_t* q, const scalar_t* k, const scalar_t* v, const idx_t* selected,
                        scalar_t* out, acc_t* lse, acc_t* probs, bool per_head_probs, int64_t B, int64_t H,
                        int64_t HKV, int64_t T, int64_t D, int64_t K, acc_t scale) {
   constexpr bool stored_as_computed = std::is_same_v<scalar_t, acc_t>;
@@ -79,7 +79,8 @@ void attention_forward(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
 
 // The queries that selected each key, ascending: the selection transposed (a counting sort).
 // queries[offsets[b * T + s] .. offsets[b * T + s + 1]) are the rows (b, t) whose selection holds s.
-inline void transpose_selection(const int64_t* selected, int64_t B, int64_t T, int64_t K,
+template <typename idx_t>
+inline void transpose_selection(const idx_t* selected, int64_t B, int64_t T, int64_t K,
                                 std::vector<int64_t>& offsets, std::vector<int32_t>& queries) {
   offsets.assign(B * T + 1, 0);
   for (int64_t row = 0; row < B * T; ++row) {
@@ -112,9 +113,9 @@ inline void transpose_selection(const int64_t* selected, int64_t B, int64_t T, i
 // Every gradient entry is summed in the compute type and rounded once to the inputs' dtype: a row
 // of dQ (and, by key, of dK and dV) when it is complete; scattered dK and dV at the end, from
 // copies in the compute type (every thread's, for bfloat16).
-template <typename scalar_t, typename acc_t = compute_type<scalar_t>>
+template <typename scalar_t, typename idx_t, typename acc_t = compute_type<scalar_t>>
 void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                        const scalar_t* out, const acc_t* lse, const int64_t* selected, scalar_t* grad_q,
+                        const scalar_t* out, const acc_t* lse, const idx_t* selected, scalar_t* grad_q,
                         scalar_t* grad_k, scalar_t* grad_v, int64_t B, int64_t H, int64_t HKV, int64_t T, int64_t D,
                         int64_t K, acc_t scale) {
   constexpr bool stored_as_computed = std::is_same_v<scalar_t, acc_t>;
@@ -265,11 +266,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_forward(const at
   auto out = at::empty_like(q);
   auto lse = at::empty({B, T, H}, compute_options(q));
   auto probs = per_head_probs ? at::zeros({B, H, T, K}, compute_options(q)) : at::zeros({B, T, K}, compute_options(q));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "sparse_attention_forward", [&] {
-    using acc_t = compute_type<scalar_t>;
-    attention_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                selected.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
-                                probs.data_ptr<acc_t>(), per_head_probs, B, H, HKV, T, D, K, acc_t(scale));
+  with_selection(selected, [&](const auto* sel) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "sparse_attention_forward", [&] {
+      using acc_t = compute_type<scalar_t>;
+      attention_forward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), sel,
+                                  out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), probs.data_ptr<acc_t>(),
+                                  per_head_probs, B, H, HKV, T, D, K, acc_t(scale));
+    });
   });
   return {out, lse, probs};
 }
@@ -286,13 +289,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward(
   auto grad_q = at::empty_like(q);
   auto grad_k = at::zeros_like(k);
   auto grad_v = at::zeros_like(v);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "sparse_attention_backward", [&] {
-    using acc_t = compute_type<scalar_t>;
-    attention_backward<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                 v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
-                                 selected.data_ptr<int64_t>(), grad_q.data_ptr<scalar_t>(),
-                                 grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), B, H, HKV, T, D, K,
-                                 acc_t(scale));
+  with_selection(selected, [&](const auto* sel) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "sparse_attention_backward", [&] {
+      using acc_t = compute_type<scalar_t>;
+      attention_backward<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                   v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), sel,
+                                   grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+                                   grad_v.data_ptr<scalar_t>(), B, H, HKV, T, D, K, acc_t(scale));
+    });
   });
   return {grad_q, grad_k, grad_v};
 }
