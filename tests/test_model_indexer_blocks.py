@@ -161,6 +161,23 @@ def test_blockwise_warmup_kl_and_gradients_equal_the_full_path(block_size, recom
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_the_blockwise_warmup_kl_under_bfloat16_autocast_is_never_negative():
+    """Under autocast the main attention's logits come out of a bfloat16 matmul. The target is
+    normalised in float32 from them (as `indexer_kl` normalises its own): a target normalised in
+    bfloat16 sums to 1 only within ~2^-8, and its "KL" went below 0 by as much."""
+    T, H, hd = 64, 4, 16
+    indexer, x, cos, sin = indexer_and_input(T, seed=3)
+    g = torch.Generator().manual_seed(3)
+    q_main, k_main = (torch.randn(2, H, T, hd, generator=g).bfloat16() for _ in range(2))
+    projected = indexer.project(x, cos, sin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = blockwise_causal_kl(*projected, q_main, k_main, 16)
+    assert rows.dtype == torch.float32
+    assert (rows >= -1e-6).all(), f"min KL {rows.min().item():.2e}"
+    in_float32 = blockwise_causal_kl(*projected, q_main.float(), k_main.float(), 16)
+    torch.testing.assert_close(rows, in_float32, rtol=0.05, atol=0.02)  # bfloat16 logits and scores
+
+
 def model_pair(**overrides):
     """Two models with the same weights: the full-matrix indexer path and the blockwise one."""
     fields = dict(vocab_size=37, d_model=32, n_layers=2, n_heads=2, d_ff=48, max_seq_len=40, top_k=6,

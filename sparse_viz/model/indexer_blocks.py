@@ -231,9 +231,11 @@ def _block_kl(
     Tb, S = q_i.shape[1], k_i.shape[1]
     t = start + torch.arange(Tb, device=q_i.device)[:, None]  # (Tb, 1)
     causal = torch.arange(S, device=q_i.device)[None, :] <= t  # (Tb, S)
-    scores = block_index_scores(q_i, k_i, w_i, start)  # (B, Tb, S); -inf on future keys
+    # Both distributions in float32 (under autocast the matmuls return bfloat16): a target
+    # normalised in bfloat16 sums to 1 only within ~2^-8, and the KL then drops below 0.
+    scores = block_index_scores(q_i, k_i, w_i, start).float()  # (B, Tb, S); -inf on future keys
     with torch.no_grad():  # target: main attention of the block's queries, summed over heads
-        logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Tb, S)
+        logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, H, Tb, S)
         p = logits.masked_fill_(~causal, float("-inf")).softmax(dim=-1).sum(1)  # (B, Tb, S); 0 on future keys
         p = p / p.sum(dim=-1, keepdim=True)  # L1-normalised: every row has a key (its own)
         p_log_p = torch.xlogy(p, p).sum(dim=-1)  # (B, Tb); 0 log 0 = 0
