@@ -233,3 +233,24 @@ def test_a_corpus_too_small_for_the_requested_vocabulary_trains_with_the_vocabul
     assert real < 4096
     assert cli.model.model_config.vocab_size == real
     assert (tmp_path / "runs" / "small" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_bf16_mixed_run_goes_through_the_three_stages_with_finite_non_negative_losses(tmp_path):
+    """`--trainer.precision bf16-mixed` (autocast on CPU: the fused sparse attention reads bfloat16
+    as stored): the dense, warm-up and sparse stages each train, every logged loss is finite and
+    every logged KL is >= 0 (a KL is never negative), and the weights stay float32."""
+    cli = run_training([
+        "--config", TINY, "--run_root", str(tmp_path / "runs"), "--run_name", "bf16",
+        f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.precision=bf16-mixed", "--trainer.callbacks=[]",
+        "--trainer.log_every_n_steps=1",
+        "--model.stages=[{name: dense, steps: 3, lr: 0.003, indexer_lr: 0.001},"
+        " {name: warmup, steps: 3, indexer_lr: 0.001}, {name: sparse, steps: 3, lr: 0.001, indexer_lr: 0.001}]",
+    ])
+    rows = read_metrics(tmp_path / "runs" / "bf16")
+    stages = {float(row["train/stage"]) for row in rows if row.get("train/stage")}
+    assert stages == {0.0, 1.0, 2.0}
+    losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
+    kls = [float(row["train/indexer_kl"]) for row in rows if row.get("train/indexer_kl")]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert kls and all(x >= 0 for x in kls)
+    assert all(p.dtype == torch.float32 for p in cli.model.parameters())
