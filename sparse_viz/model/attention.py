@@ -172,7 +172,8 @@ def gathered_sparse_attention(
         q: (B, H, T, hd).
         k, v: (B, HKV, T, hd), HKV dividing H (the fused kernel reads each key/value head once
             for its group of query heads; the other kernels repeat them).
-        selected: (B, T, k) long, causal, -1 = unfilled; shared by all heads.
+        selected: (B, T, k) long, causal, -1 = unfilled; shared by all heads. The fused kernel
+            also reads int32 (the model hands it one: half the memory kept for backward).
         return_probs: also return the probabilities in selection layout.
         chunk_size: queries per chunk of the `copy` kernel.
         kernel: "fused" = the fused C++ kernel (CPU, `fused_kernels.py`; O(T) saved for

@@ -206,7 +206,7 @@ def selected_index_kl(
 
     Args:
         q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
-        selected: (B, T, kk) long, causal, -1 = unfilled slot.
+        selected: (B, T, kk) long, causal, -1 = unfilled slot (int32 too, for the fused kernel).
         target: (B, T, kk) non-negative weights p at the selected keys (the main attention summed
             over heads), L1-normalised per row here; detached.
         kernel: "fused" = the C++ kernel (CPU); "csr" / "copy" = `selected_index_scores` with that
