@@ -375,6 +375,16 @@ inline bool with_group_tile(int64_t D, int64_t G, Run&& run) {
   }
 }
 
+// A tile's eight dot products, acc[r * G + i] for gathered row r and head i, summed (one tree
+// reduction) into out[i * stride + j0 + r].
+template <int R, int G>
+inline void store_tile_sums(const v8f* acc, float* out, int64_t stride, int64_t j0) {
+  float sums[8];
+  store8(sums, reduce8(acc));
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < G; ++i) out[i * stride + j0 + r] = sums[r * G + i];
+}
+
 // out[i * stride + j] = fixed[i * D .. (i + 1) * D) . base[offset[j] .. offset[j] + D) for the G
 // fixed rows (contiguous, D apart) and n gathered rows.
 // Tiles of R = 8 / G gathered rows x G heads: eight sums, one tree reduction.
@@ -397,10 +407,7 @@ inline void dots_of_heads_tiles(const row_t* fixed, const row_t* base, const int
         const v8f x = load8(rows[r] + 8 * u);
         for (int i = 0; i < G; ++i) acc[r * G + i] += load8(fixed + i * D + 8 * u) * x;
       }
-    float sums[8];
-    store8(sums, reduce8(acc));
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < G; ++i) out[i * stride + j0 + r] = sums[r * G + i];
+    store_tile_sums<R, G>(acc, out, stride, j0);
   }
   for (; j0 < n; ++j0)
     for (int i = 0; i < G; ++i) out[i * stride + j0] = dot(fixed + i * D, base + offset[j0], D);
@@ -426,10 +433,7 @@ inline void dots_of_heads_tiles_dpbf16(const at::BFloat16* fixed, const at::BFlo
         const __m256bh x = load16_bf16(rows[r] + 16 * c);
         for (int i = 0; i < G; ++i) acc[r * G + i] = _mm256_dpbf16_ps(acc[r * G + i], load16_bf16(fixed + i * D + 16 * c), x);
       }
-    float sums[8];
-    store8(sums, reduce8(acc));
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < G; ++i) out[i * stride + j0 + r] = sums[r * G + i];
+    store_tile_sums<R, G>(acc, out, stride, j0);
   }
   for (; j0 < n; ++j0)
     for (int i = 0; i < G; ++i) out[i * stride + j0] = dot(fixed + i * D, base + offset[j0], D);
