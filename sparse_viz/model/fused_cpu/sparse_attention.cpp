@@ -20,10 +20,22 @@
 namespace sparse_viz_fused {
 namespace {
 
-// A row of sums in the compute type, rounded to the stored dtype (bfloat16: to nearest even).
+// Where a row of an output is summed: the row itself when it is stored in the compute type, else
+// `buffer` (compute type), which round_into rounds into the row once the sums are complete.
 template <typename scalar_t, typename acc_t>
-inline void store_rounded(const acc_t* sums, int64_t n, scalar_t* to) {
-  for (int64_t i = 0; i < n; ++i) to[i] = scalar_t(sums[i]);
+inline acc_t* sums_of_row(scalar_t* row, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>)
+    return row;
+  else
+    return buffer.data();
+}
+
+// The row's sums, rounded to the stored dtype (bfloat16: to nearest even); nothing to do where the
+// sums were made in the row itself.
+template <typename scalar_t, typename acc_t>
+inline void round_into(const acc_t* sums, int64_t n, scalar_t* row) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>)
+    for (int64_t i = 0; i < n; ++i) row[i] = scalar_t(sums[i]);
 }
 
 // Token-major layouts: a selected key's rows of every head are one contiguous HKV * D block. The
@@ -45,11 +57,7 @@ void attention_forward(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
       const int64_t b = row / T;
       const int64_t n = valid_slots(selected + row * K, K, b * T, KD, slot.data(), offset.data());
       const scalar_t* q_row = q + row * HD;
-      acc_t* o_row;
-      if constexpr (stored_as_computed)
-        o_row = out + row * HD;
-      else
-        o_row = o_sums.data();
+      acc_t* o_row = sums_of_row(out + row * HD, o_sums);
       if (n == 0) {  // no valid key: zero output and probabilities
         std::fill(lse + row * H, lse + (row + 1) * H, neg_inf);
         std::fill(out + row * HD, out + (row + 1) * HD, scalar_t(0));
@@ -72,7 +80,7 @@ void attention_forward(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
         }
         weighted_rows_sum_of_heads(v + g * D, offset.data(), s.data(), Kp, G, n, D, o_row + g * G * D);
       }
-      if constexpr (!stored_as_computed) store_rounded(o_row, HD, out + row * HD);
+      round_into(o_row, HD, out + row * HD);
     }
   });
 }
@@ -150,11 +158,7 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / T;
       const int64_t n = valid_slots(selected + row * K, K, b * T, KD, slot.data(), offset.data());
-      acc_t* gq_row;
-      if constexpr (stored_as_computed)
-        gq_row = grad_q + row * HD;
-      else
-        gq_row = gq_sums.data();
+      acc_t* gq_row = sums_of_row(grad_q + row * HD, gq_sums);
       for (int64_t g = 0; g < HKV; ++g) {
         const int64_t at = row * HD + g * G * D;  // the group's first query head
         dots_of_heads_with_rows(q + at, G, k + g * D, offset.data(), n, D, p.data(), Kp);
@@ -173,7 +177,7 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
           add_weighted_heads_to_rows(grad_out + at, G, p.data(), Kp, n, D, gv + g * D, offset.data());
         }
       }
-      if constexpr (!stored_as_computed) store_rounded(gq_row, HD, grad_q + row * HD);
+      round_into(gq_row, HD, grad_q + row * HD);
     }
   });
   if (scatter) {  // the threads' sums, rounded once
@@ -223,15 +227,12 @@ void attention_backward(const scalar_t* grad_out, const scalar_t* q, const scala
         }
         exp_shifted(p.data(), n, acc_t(0));
         for (int64_t i = 0; i < n; ++i) ds[i] *= p[i] * scale;
-        if constexpr (stored_as_computed) {
-          weighted_rows_sum(grad_out + h * D, offset.data(), p.data(), n, D, grad_v + at);
-          weighted_rows_sum(q + h * D, offset.data(), ds.data(), n, D, grad_k + at);
-        } else {
-          weighted_rows_sum(grad_out + h * D, offset.data(), p.data(), n, D, row_sums.data());
-          store_rounded(row_sums.data(), D, grad_v + at);
-          weighted_rows_sum(q + h * D, offset.data(), ds.data(), n, D, row_sums.data());
-          store_rounded(row_sums.data(), D, grad_k + at);
-        }
+        acc_t* dv = sums_of_row(grad_v + at, row_sums);
+        weighted_rows_sum(grad_out + h * D, offset.data(), p.data(), n, D, dv);
+        round_into(dv, D, grad_v + at);
+        acc_t* dk = sums_of_row(grad_k + at, row_sums);
+        weighted_rows_sum(q + h * D, offset.data(), ds.data(), n, D, dk);
+        round_into(dk, D, grad_k + at);
       }
     }
   });
