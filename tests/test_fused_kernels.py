@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from sparse_viz.model import ModelConfig, SparseTransformer
-from sparse_viz.model.attention import gather_selected, gathered_sparse_attention, masked_sparse_attention
+from sparse_viz.model.attention import (
+    gather_selected,
+    gathered_sparse_attention,
+    masked_sparse_attention,
+    selection_mask,
+)
 from sparse_viz.model.fused_kernels import (
     fused_index_topk,
     fused_kernels_available,
@@ -160,14 +165,6 @@ def test_float16_is_computed_in_float32():
     assert out.dtype == torch.float16
     expected, _ = masked_sparse_attention(q.half().float(), k.half().float(), v.half().float(), selected)
     torch.testing.assert_close(out.float(), expected, rtol=1e-3, atol=1e-3)
-
-
-def selection_mask(selected: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, T, T) bool: mask[b, t, s] is True where row t of batch b selected key s."""
-    B = selected.shape[0]
-    keys = torch.where(selected >= 0, selected, T)  # unfilled slots to a column that is cut off
-    mask = torch.zeros(B, T, T + 1, dtype=torch.bool).scatter_(2, keys, True)
-    return mask[..., :T]
 
 
 def attention_gradients_from_the_stored_output(q, k, v, selected, out, grad_out):
