@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_viz.errors import UserInputError
-from sparse_viz.model.attention import selection_mask
+from sparse_viz.model.attention import expand_kv_heads, selection_mask
 from sparse_viz.model.config import SELECTORS
 from sparse_viz.model.rope import rope_tables
 from sparse_viz.model.selectors import select_keys
@@ -119,11 +119,6 @@ class KeySelection:
         return selection_mask(selected, seq_len)
 
 
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, Hkv, S, hd) -> (B, Hkv * groups, S, hd): query head h reads KV head h // groups."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
 def selected_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +131,7 @@ def selected_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     Returns:
         (attn_output (B, T, H, hd), attn_weights (B, H, T, S)).
     """
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    key, value = expand_kv_heads(key, query.shape[1]), expand_kv_heads(value, query.shape[1])  # (B, H, S, hd)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
     if attention_mask is not None:
         scores = scores + attention_mask
