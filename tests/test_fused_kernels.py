@@ -292,12 +292,13 @@ def test_ties_at_the_kth_score_keep_the_earliest_keys():
 
 
 @pytest.mark.parametrize("weights", ["positive", "negative", "mixed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_integer_scores_with_many_exact_ties_select_as_the_reference(dtype, weights):
     """Small integer queries, keys and weights: every score is an exact integer in float32 too, so
     ties at the k-th score (and at the prefilter's bound) are common and no rounding can excuse a
     difference from `topk_causal` of the same scores computed in float64. Negative head weights
-    put the ties at negative scores too (whose bit patterns order the other way)."""
+    put the ties at negative scores too (whose bit patterns order the other way). bfloat16: q and
+    k read as stored (the AVX512-BF16 tiles where the CPU has them), w in float32."""
     g = torch.Generator().manual_seed(11)
     B, T, heads, dim = 2, 300, 4, 8
     q = torch.randint(-2, 3, (B, T, heads, dim), generator=g).to(dtype)
@@ -318,6 +319,23 @@ def test_the_top_k_in_float32_differs_from_the_reference_only_by_rounding():
     left_out = full.scatter(-1, selected.clamp(min=0), float("-inf"))[:, 24:]
     assert (left_out.max(-1).values <= chosen.min(-1).values + 1e-5).all()
     assert (selected != topk_causal(full, 24)).any(-1).float().mean() < 0.02  # swaps need near-equal scores
+
+
+# (3, 12): no bfloat16 tile for 3 heads, (2, 7): an odd size: both widened to float32 first.
+@pytest.mark.parametrize("heads,dim", [(4, 32), (1, 8), (2, 16), (8, 8), (3, 12), (2, 7)])
+def test_the_top_k_of_bfloat16_q_and_k_ranks_their_exact_products(heads, dim):
+    """bfloat16 q and k: each product is exact in float32 and only the float32 sums round, so the
+    selection is the float64 reference's of the same bfloat16 values, up to near-equal scores."""
+    (q, k, w), _ = indexer_inputs(301, heads, dim, seed=heads + dim, dtype=torch.float32)
+    q, k = q.bfloat16(), k.bfloat16()
+    scores = torch.einsum("bthd,bsd->bths", q.double(), k.double()).relu().mul(w.double()[..., None]).sum(2)
+    scores = scores.masked_fill(torch.ones(301, 301, dtype=torch.bool).triu(1), float("-inf"))  # (B, T, T)
+    selected = fused_index_topk(q, k, w, 24)
+    chosen = gather_selected(scores, selected)[:, 24:]  # rows with more than k keys: every slot filled
+    left_out = scores.scatter(-1, selected.clamp(min=0), float("-inf"))[:, 24:]
+    tolerance = 1e-6 * scores[:, 24:].clamp(min=0).amax(-1)  # float32 sums of a few terms
+    assert (left_out.max(-1).values <= chosen.min(-1).values + tolerance).all()
+    assert (selected != topk_causal(scores, 24)).any(-1).float().mean() < 0.02  # swaps need near-equal scores
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -66,18 +66,34 @@ def test_blockwise_selection_equals_the_full_matrix_topk(block_size, top_k):
 
 
 
-def test_mixed_precision_projections_select_as_the_full_matrix_on_their_widest_dtype():
-    """Under autocast the indexer's projections arrive as bf16 queries and weights beside fp32
-    keys (the key LayerNorm runs in fp32): the blockwise top-k takes them all, and selects what
-    the full matrix of the same values, promoted to fp32, selects."""
-    T = 23
-    indexer, x, cos, sin = indexer_and_input(T)
-    q, k, w = indexer.project(x, cos, sin)
-    q, w = q.to(torch.bfloat16), w.to(torch.bfloat16)  # k stays fp32
-    full = block_index_scores(q.float(), k, w.float(), 0)  # (B, T, T) in fp32
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_under_autocast_the_ranking_reads_q_and_k_rounded_as_the_full_paths_matmul_does(kernel):
+    """Under bfloat16 autocast the full path's `q @ k^T` takes q and k in bfloat16; the blockwise
+    top-k ranks on the same rounded inputs (their products, exact in float32, summed there).
+
+    The queries are integers of magnitude 1 or 2 nudged by 2^-10, which bfloat16 rounds off (its
+    spacing at 1 is 2^-7); keys and weights are integers (the weights in bfloat16, as autocast's
+    projection makes them). The rounded scores are integers with many exact ties, broken the
+    earliest-key way; the nudges, kept, would break them otherwise (checked below)."""
+    g = torch.Generator().manual_seed(5)
+    B, T, heads, dim = 2, 200, 4, 8  # 4 heads of even size: the fused kernel's bfloat16 tiles
+    sign = lambda shape: torch.randint(0, 2, shape, generator=g).mul(2).sub(1)
+    q_rounded = (torch.randint(1, 3, (B, T, heads, dim), generator=g) * sign((B, T, heads, dim))).float()
+    q = q_rounded + 2**-10 * sign(q_rounded.shape)  # (B, T, H_I, d_I) float32, as RoPE leaves it
+    assert torch.equal(q.bfloat16().float(), q_rounded)
+    k = torch.randint(-2, 3, (B, T, dim), generator=g).float()
+    w = torch.randint(1, 3, (B, T, heads), generator=g).to(torch.bfloat16)
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+
+    def scores(queries):  # (B, T, T) in float64
+        s = torch.einsum("bthd,bsd->bths", queries.double(), k.double()).relu().mul(w.double()[..., None]).sum(2)
+        return s.masked_fill(causal, float("-inf"))
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        selected = blockwise_topk(q, k, w, 5, 7)
-    assert torch.equal(selected, topk_causal(full, 5))
+        selected = blockwise_topk(q, k, w, 16, 7, kernel=kernel)
+    assert torch.equal(selected, topk_causal(scores(q_rounded), 16))
+    assert not torch.equal(topk_causal(scores(q), 16), topk_causal(scores(q_rounded), 16))
+
 
 def test_ties_at_the_kth_score_keep_the_earliest_keys_whatever_the_row_length():
     inf = float("-inf")

@@ -22,8 +22,8 @@ The C++ sources are compiled once per machine by `torch.utils.cpp_extension` (g+
 result is cached under ~/.cache/torch_extensions) the first time a kernel is asked for;
 `scripts/setup.sh` builds it ahead. Where it cannot be built, `fused_kernels_available` is False,
 one warning names the reason, and the model uses the CSR kernels (`csr_attention.py`) instead.
-float32 and float64 on CPU; the sparse attention also reads bfloat16 as stored (computing in
-float32); other dtypes are computed in float32.
+float32 and float64 on CPU; the sparse attention, and the top-k's q and k, also read bfloat16 as
+stored (computing in float32); other dtypes are computed in float32.
 """
 
 from __future__ import annotations
@@ -284,6 +284,9 @@ def fused_index_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: i
 
     Args:
         q: (B, T, H_I, d_I), k: (B, T, d_I), w: (B, T, H_I) from `LightningIndexer.project`.
+            q and k both bfloat16: read as stored, each product exact in float32 and summed there
+            (AVX512-BF16's vdpbf16ps where the CPU has it, else widened first: the same products),
+            w in float32. Otherwise computed in their common dtype, half precision as float32.
         top_k: keys per query (>= 1).
 
     Returns:
@@ -293,8 +296,11 @@ def fused_index_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, top_k: i
     _check_cpu(q, k, w)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    compute = _indexer_compute_dtype(q, k, w)
-    q, k, w = (x.detach().to(compute).contiguous() for x in (q, k, w))
+    if q.dtype == k.dtype == torch.bfloat16:
+        q, k, w = q.detach().contiguous(), k.detach().contiguous(), w.detach().float().contiguous()
+    else:
+        compute = _indexer_compute_dtype(q, k, w)
+        q, k, w = (x.detach().to(compute).contiguous() for x in (q, k, w))
     return _kernels().causal_index_topk(q, k, w, top_k)
 
 

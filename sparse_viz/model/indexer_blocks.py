@@ -94,6 +94,10 @@ def blockwise_topk(
         kernel: "fused" = the C++ kernel, one row's scores at a time (CPU; block_size and
             prefilter do not apply); "torch" = the blocks above; "auto" = fused where built.
 
+    Under autocast, q and k are rounded to autocast's dtype, the inputs the full path's
+    `q @ k^T` takes there, and their products summed in float32 (bfloat16 products are exact in
+    float32; the fused kernel reads bfloat16 as stored, twice the products per instruction).
+
     Returns:
         (B, T, min(top_k, T)) long, in `select_keys` order (valid keys ascending, -1 last).
     """
@@ -101,11 +105,17 @@ def blockwise_topk(
         raise ValueError(f"block_size must be > 0, got {block_size}")
     if kernel not in ("auto", "fused", "torch"):
         raise ValueError(f"kernel must be auto, fused or torch, got {kernel!r}")
+    autocast = torch.is_autocast_enabled(q.device.type)
+    if autocast:
+        low = torch.get_autocast_dtype(q.device.type)
+        q, k = q.to(low), k.to(low)
     if kernel == "fused" or (kernel == "auto" and fused_kernels_available(q)):
         return fused_index_topk(q, k, w, top_k)
-    # Under autocast the projections arrive in mixed precisions (the key LayerNorm's output is
-    # fp32); the `out=` products below need one dtype, the widest of the three.
+    # The `out=` products below need one dtype: the widest of the three (under autocast the
+    # projections arrive in mixed precisions), and at least float32 for autocast's rounded inputs.
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype)
+    if autocast:
+        dtype = torch.promote_types(dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
         return _blockwise_topk(q.to(dtype), k.to(dtype), w.to(dtype), top_k, block_size,
                                q.device.type == "cpu" if prefilter is None else prefilter)

@@ -2,6 +2,9 @@
 // buffer and ranked there, never stored (loaded by fused_kernels.py; readable meaning:
 // `topk_causal` of `LightningIndexer.forward`'s full score matrix).
 // Layouts (contiguous): q (B, T, HI, DI), k (B, T, DI), w (B, T, HI) -> selected (B, T, K).
+// q, k and w are float32 or float64, one dtype; or q and k bfloat16 with w float32: the bfloat16
+// products are exact in float32 and summed there (with AVX512-BF16's vdpbf16ps where the CPU has
+// it, else from q and k widened to float32: the same products), scores and ranking in float32.
 
 #include <torch/library.h>
 
@@ -34,6 +37,16 @@ void score_row(const scalar_t* q_row, const scalar_t* w_row, const scalar_t* k_t
   }
 }
 
+// A tile's scores from its (head, 8-key) logit sums: sum_h w[h] * relu(logit), into row[0 .. 8 NV).
+template <int NH, int NV>
+inline void store_tile_scores(const v8f (&acc)[NH][NV], const float* w_row, float* row) {
+  for (int u = 0; u < NV; ++u) {
+    v8f score = splat8(0.f);
+    for (int h = 0; h < NH; ++h) score += splat8(w_row[h]) * (acc[h][u] > 0.f ? acc[h][u] : splat8(0.f));
+    store8(row + 8 * u, score);
+  }
+}
+
 template <int NH, int NV>
 inline void score_tiles_float(const float* q_row, const float* w_row, const float* k_t, int64_t T_pad, int64_t n,
                               int64_t DI, float* row) {
@@ -50,11 +63,7 @@ inline void score_tiles_float(const float* q_row, const float* w_row, const floa
         for (int u = 0; u < NV; ++u) acc[h][u] += qd * keys[u];
       }
     }
-    for (int u = 0; u < NV; ++u) {
-      v8f score = splat8(0.f);
-      for (int h = 0; h < NH; ++h) score += splat8(w_row[h]) * (acc[h][u] > 0.f ? acc[h][u] : splat8(0.f));
-      store8(row + s0 + 8 * u, score);
-    }
+    store_tile_scores<NH, NV>(acc, w_row, row + s0);
   }
 }
 
@@ -107,12 +116,7 @@ inline void score_two_rows_tiles(const float* const q_rows[2], const float* cons
           for (int u = 0; u < NV; ++u) acc[r][h][u] += qd * keys[u];
         }
     }
-    for (int r = 0; r < 2; ++r)
-      for (int u = 0; u < NV; ++u) {
-        v8f score = splat8(0.f);
-        for (int h = 0; h < NH; ++h) score += splat8(w_rows[r][h]) * (acc[r][h][u] > 0.f ? acc[r][h][u] : splat8(0.f));
-        store8(rows[r] + s0 + 8 * u, score);
-      }
+    for (int r = 0; r < 2; ++r) store_tile_scores<NH, NV>(acc[r], w_rows[r], rows[r] + s0);
   }
 }
 
@@ -128,6 +132,70 @@ void score_two_rows<float>(const float* const q_rows[2], const float* const w_ro
       for (int r = 0; r < 2; ++r) score_row(q_rows[r], w_rows[r], k_t, T_pad, n, HI, DI, rows[r]);
   }
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define SPARSE_VIZ_DPBF16_SCORES 1
+// bfloat16 queries and keys with AVX512-BF16: the keys stored as pairs of dimensions, k2 (DI / 2,
+// T_pad, 2), so that one load holds eight keys' dimensions 2p and 2p + 1, and vdpbf16ps adds both
+// products of each key (exact in float) into its float lane: half the instructions of the float
+// tiles for the same products. R query rows (1 or 2) share each key load, as in the float tiles.
+template <int R, int NH, int NV>
+inline void score_rows_tiles_dpbf16(const at::BFloat16* const q_rows[], const float* const w_rows[],
+                                    const at::BFloat16* k2, int64_t T_pad, int64_t n, int64_t DI, float* const rows[]) {
+  constexpr int64_t width = 8 * NV;
+  for (int64_t s0 = 0; s0 < n; s0 += width) {
+    v8f acc[R][NH][NV];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < NH; ++h)
+        for (int u = 0; u < NV; ++u) acc[r][h][u] = splat8(0.f);
+    for (int64_t p = 0; p < DI / 2; ++p) {
+      __m256bh keys[NV];
+      for (int u = 0; u < NV; ++u) keys[u] = load16_bf16(k2 + (p * T_pad + s0 + 8 * u) * 2);
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < NH; ++h) {
+          int32_t pair;  // the query's dimensions 2p and 2p + 1, in every lane
+          std::memcpy(&pair, q_rows[r] + h * DI + 2 * p, sizeof(pair));
+          const __m256bh q_pair = (__m256bh)_mm256_set1_epi32(pair);
+          for (int u = 0; u < NV; ++u) acc[r][h][u] = _mm256_dpbf16_ps(acc[r][h][u], q_pair, keys[u]);
+        }
+    }
+    for (int r = 0; r < R; ++r) store_tile_scores<NH, NV>(acc[r], w_rows[r], rows[r] + s0);
+  }
+}
+
+// `score_row` and `score_two_rows` for bfloat16 queries and keys (pairs layout); the head counts
+// with a tile (1, 2, 4, 8) only: causal_index_topk widens the others to float.
+template <int R>
+void score_rows_dpbf16(const at::BFloat16* const q_rows[], const float* const w_rows[], const at::BFloat16* k2,
+                       int64_t T_pad, int64_t n, int64_t HI, int64_t DI, float* const rows[]) {
+  switch (HI) {  // registers: R * NH * NV accumulators, at most 16 of them
+    case 1: return score_rows_tiles_dpbf16<R, 1, 4>(q_rows, w_rows, k2, T_pad, n, DI, rows);
+    case 2: return score_rows_tiles_dpbf16<R, 2, 4>(q_rows, w_rows, k2, T_pad, n, DI, rows);
+    case 4: return score_rows_tiles_dpbf16<R, 4, 2>(q_rows, w_rows, k2, T_pad, n, DI, rows);
+    case 8: return score_rows_tiles_dpbf16<R, 8, 1>(q_rows, w_rows, k2, T_pad, n, DI, rows);
+    default: TORCH_INTERNAL_ASSERT(false, "bfloat16 index scores have tiles for 1, 2, 4 or 8 heads, not ", HI);
+  }
+}
+
+void score_row(const at::BFloat16* q_row, const float* w_row, const at::BFloat16* k2, int64_t T_pad, int64_t n,
+               int64_t HI, int64_t DI, float* row) {
+  const at::BFloat16* q_rows[1] = {q_row};
+  const float* w_rows[1] = {w_row};
+  float* rows[1] = {row};
+  score_rows_dpbf16<1>(q_rows, w_rows, k2, T_pad, n, HI, DI, rows);
+}
+
+void score_two_rows(const at::BFloat16* const q_rows[2], const float* const w_rows[2], const at::BFloat16* k2,
+                    int64_t T_pad, int64_t n, int64_t HI, int64_t DI, float* const rows[2]) {
+  score_rows_dpbf16<2>(q_rows, w_rows, k2, T_pad, n, HI, DI, rows);
+}
+
+// Whether bfloat16 queries and keys of HI heads and DI dimensions are scored as stored (the tiles
+// above), rather than widened to float first.
+inline bool dpbf16_scores(int64_t HI, int64_t DI) { return DI % 2 == 0 && (HI == 1 || HI == 2 || HI == 4 || HI == 8); }
+#else
+inline bool dpbf16_scores(int64_t, int64_t) { return false; }
+#endif
 
 // How many of x[0 .. n) are >= v (for float, eight at a time: the compiler vectorises it).
 template <typename scalar_t>
@@ -264,8 +332,10 @@ void row_topk<float>(const float* row, int64_t n, int64_t K, std::vector<float>&
 }
 #endif
 
-template <typename scalar_t>
-void index_topk(const scalar_t* q, const scalar_t* k_t, const scalar_t* w, int64_t* selected, int64_t B,
+// row_t: how q and the keys are stored (scalar_t, or bfloat16 in the pairs layout with float
+// scores); scalar_t: the weights', the scores' and the ranking's type.
+template <typename row_t, typename scalar_t>
+void index_topk(const row_t* q, const row_t* k_t, const scalar_t* w, int64_t* selected, int64_t B,
                 int64_t T, int64_t T_pad, int64_t HI, int64_t DI, int64_t K) {
   // Work items are pairs of adjacent rows (2p, 2p + 1), scored together. Row t costs ~t, so
   // the items alternate between the two ends (p = 0, P-1, 1, P-2, ...): equal chunks, equal work.
@@ -280,7 +350,7 @@ void index_topk(const scalar_t* q, const scalar_t* k_t, const scalar_t* w, int64
       const int64_t b = item / P, i = item % P;
       const int64_t p = i % 2 == 0 ? i / 2 : P - 1 - i / 2;
       const int64_t t0 = 2 * p, t1 = 2 * p + 1;  // t1 may be T (odd T): no such row
-      const scalar_t* keys = k_t + b * DI * T_pad;
+      const row_t* keys = k_t + b * DI * T_pad;
       int64_t* out0 = selected + (b * T + t0) * K;
       if (t0 + 1 <= K) {  // short rows: every past key, then unfilled slots
         for (int64_t t = t0; t <= std::min(t1, T - 1); ++t)
@@ -296,7 +366,7 @@ void index_topk(const scalar_t* q, const scalar_t* k_t, const scalar_t* w, int64
         row_topk(row0.data(), t0 + 1, K, scratch, candidates, out0);
         continue;
       }
-      const scalar_t* q_rows[2] = {q + (b * T + t0) * HI * DI, q + (b * T + t1) * HI * DI};
+      const row_t* q_rows[2] = {q + (b * T + t0) * HI * DI, q + (b * T + t1) * HI * DI};
       const scalar_t* w_rows[2] = {w + (b * T + t0) * HI, w + (b * T + t1) * HI};
       scalar_t* rows[2] = {row0.data(), row1.data()};
       score_two_rows(q_rows, w_rows, keys, T_pad, t1 + 1, HI, DI, rows);  // row t0 ignores key t1
@@ -309,16 +379,28 @@ void index_topk(const scalar_t* q, const scalar_t* k_t, const scalar_t* w, int64
 }  // namespace
 
 at::Tensor causal_index_topk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, int64_t top_k) {
-  check_indexer(q, k, w);
   TORCH_CHECK(top_k >= 1, "top_k must be >= 1");
+  check_indexer(q, k, w, /*bfloat16_rows=*/true);
+  if (q.scalar_type() == at::kBFloat16 && !dpbf16_scores(q.size(2), q.size(3)))
+    return causal_index_topk(q.to(at::kFloat), k.to(at::kFloat), w, top_k);  // widened exactly: the same products
   const int64_t B = q.size(0), T = q.size(1), HI = q.size(2), DI = q.size(3);
   const int64_t K = std::min(top_k, T);
   const int64_t T_pad = (T + 31) / 32 * 32;  // whole tiles of keys; the padding keys are never selected
+  auto selected = at::empty({B, T, K}, q.options().dtype(at::kLong));
+#ifdef SPARSE_VIZ_DPBF16_SCORES
+  if (q.scalar_type() == at::kBFloat16) {
+    // Keys as pairs of dimensions: k2[b, p, s, j] = k[b, s, 2p + j].
+    auto k2 = at::zeros({B, DI / 2, T_pad, 2}, k.options());
+    k2.narrow(2, 0, T).copy_(k.view({B, T, DI / 2, 2}).permute({0, 2, 1, 3}));
+    index_topk<at::BFloat16, float>(q.data_ptr<at::BFloat16>(), k2.data_ptr<at::BFloat16>(), w.data_ptr<float>(),
+                                    selected.data_ptr<int64_t>(), B, T, T_pad, HI, DI, K);
+    return selected;
+  }
+#endif
   auto k_t = at::zeros({B, DI, T_pad}, k.options());
   k_t.narrow(2, 0, T).copy_(k.transpose(1, 2));
-  auto selected = at::empty({B, T, K}, q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_index_topk", [&] {
-    index_topk<scalar_t>(q.data_ptr<scalar_t>(), k_t.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+    index_topk<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_t.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                          selected.data_ptr<int64_t>(), B, T, T_pad, HI, DI, K);
   });
   return selected;

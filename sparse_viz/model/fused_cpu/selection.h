@@ -45,10 +45,15 @@ inline void check_per_slot(const at::Tensor& t, const at::Tensor& selected, cons
               " must be a contiguous (B, T, K) tensor of q's dtype");
 }
 
-inline void check_indexer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w) {
+// q, k and w of one dtype; where bfloat16_rows, also q and k bfloat16 with w float32.
+inline void check_indexer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& w, bool bfloat16_rows = false) {
+  const bool one_dtype = k.scalar_type() == q.scalar_type() && w.scalar_type() == q.scalar_type();
+  const bool bfloat16 = bfloat16_rows && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                        w.scalar_type() == at::kFloat;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 3 && w.dim() == 3 && q.is_contiguous() && k.is_contiguous() &&
-                  w.is_contiguous() && k.scalar_type() == q.scalar_type() && w.scalar_type() == q.scalar_type(),
-              "indexer q (B, T, HI, DI), k (B, T, DI), w (B, T, HI) must be contiguous and of one dtype");
+                  w.is_contiguous() && (one_dtype || bfloat16),
+              "indexer q (B, T, HI, DI), k (B, T, DI), w (B, T, HI) must be contiguous and of one dtype",
+              bfloat16_rows ? " (or q and k bfloat16, w float32)" : "");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(2) == q.size(3) &&
                   w.size(0) == q.size(0) && w.size(1) == q.size(1) && w.size(2) == q.size(2),
               "indexer q, k and w disagree in shape");
