@@ -10,6 +10,7 @@ mass each selection keeps.
     python experiments/selector_comparison/run.py --table-only    # re-read finished runs
     python experiments/selector_comparison/run.py --long          # the same at T = 4096 (long.yaml)
     python experiments/selector_comparison/run.py --long --same-init --only default dense local
+    python experiments/selector_comparison/run.py --long --same-init --only default dense local --seed 1
 
 `--long` layers `configs/train/long.yaml` (T = 4096, k = 256, a 2-layer d_model 64 model, 400
 steps: dense 150 -> warm-up 20 -> sparse 230) under every config, gives the baselines the same
@@ -23,6 +24,9 @@ so that every run starts from the DSA run's initial weights: without one, the ma
 weights are drawn from a different point of the random stream (the indexers are built between
 the layers). Results go to `results/selector_comparison_long_same_init/` (`default` there is
 the same DSA run as without the flag).
+
+`--seed N` runs every config from seed N (`--seed_everything`: other initial weights and data
+order; the configs' own seed is 0) into a directory of its own, `..._seed{N}`.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ LONG_STAGES = {  # long.yaml's recipe; the baselines get its steps and learning-
 }
 
 
-def train_command(name: str, long: bool, same_init: bool = False) -> list[str]:
+def train_command(name: str, long: bool, same_init: bool = False, seed: int | None = None) -> list[str]:
     command = [sys.executable, "-m", "sparse_viz.train"]
     if long:
         command += ["--config", str(REPO / "configs" / "train" / "long.yaml")]
@@ -58,11 +62,13 @@ def train_command(name: str, long: bool, same_init: bool = False) -> list[str]:
             command.append(f"--model.stages={LONG_STAGES['dense' if name == 'dense' else 'baseline']}")
         if same_init:
             command.append("--model.use_indexer=true")
+    if seed is not None:
+        command += ["--seed_everything", str(seed)]
     return command + ["--run_root", str(OUT), "--run_name", name]
 
 
-def train(name: str, long: bool, same_init: bool = False) -> None:
-    command = train_command(name, long, same_init)
+def train(name: str, long: bool, same_init: bool = False, seed: int | None = None) -> None:
+    command = train_command(name, long, same_init, seed)
     print(f"$ {' '.join(command)}", flush=True)  # one write: two threads print
     if not long:
         subprocess.run(command, cwd=REPO, check=True)
@@ -133,16 +139,19 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="T = 4096 (configs/train/long.yaml), two runs at a time")
     parser.add_argument("--same-init", action="store_true", help="with --long: baselines carry an (unused) indexer, "
                         "so every run starts from the same weights")
+    parser.add_argument("--seed", type=int, help="seed every run from this seed (results in a directory of its own)")
     args = parser.parse_args()
     if args.same_init and not args.long:
         parser.error("--same-init goes with --long")
     global OUT
     if args.long:
         OUT = REPO / "results" / ("selector_comparison_long_same_init" if args.same_init else "selector_comparison_long")
+    if args.seed is not None:
+        OUT = OUT.with_name(f"{OUT.name}_seed{args.seed}")
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         with ThreadPoolExecutor(max_workers=2 if args.long else 1) as pool:
-            list(pool.map(lambda name: train(name, args.long, args.same_init), args.only))
+            list(pool.map(lambda name: train(name, args.long, args.same_init, args.seed), args.only))
     print(write_table(args.only, args.long).read_text())
 
 
