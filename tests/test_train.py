@@ -235,6 +235,31 @@ def test_a_corpus_too_small_for_the_requested_vocabulary_trains_with_the_vocabul
     assert (tmp_path / "runs" / "small" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_checkpoints_are_full_and_saved_without_a_log_line_each(tmp_path):
+    """Each step checkpoint keeps the optimizer and loop state (a resume needs them), and saving it
+    logs nothing: Lightning logs "`weights_only` was not set" for every save that leaves it unset,
+    a line per checkpoint in every run's output."""
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(handler)
+    try:
+        run_training([
+            "--config", TINY, "--run_root", str(tmp_path / "runs"), "--run_name", "ckpt",
+            f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=2", "--trainer.callbacks=[]",
+        ])
+    finally:
+        lightning_logger.removeHandler(handler)
+    checkpoint = torch.load(tmp_path / "runs" / "ckpt" / "checkpoints" / "last.ckpt", map_location="cpu",
+                            weights_only=False)
+    assert checkpoint["global_step"] == 2 and checkpoint["optimizer_states"] and "loops" in checkpoint
+    assert messages, "the handler should hear Lightning's other INFO lines"
+    assert not [m for m in messages if "weights_only" in m]
+
+
 def test_a_bf16_mixed_run_goes_through_the_three_stages_with_finite_non_negative_losses(tmp_path):
     """`--trainer.precision bf16-mixed` (autocast on CPU: the fused sparse attention reads bfloat16
     as stored): the dense, warm-up and sparse stages each train, every logged loss is finite and

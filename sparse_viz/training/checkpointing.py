@@ -98,7 +98,9 @@ class StepCheckpoint(Checkpoint):
 
     # ------------------------------------------------------------------ writing
     def _write_pending(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.pending)  # every process (a collective); rank 0 writes
+        # every process (a collective); rank 0 writes. A full checkpoint (optimizer and loop state:
+        # resuming needs them), said explicitly: Lightning logs a line per save where it is left unset.
+        trainer.save_checkpoint(self.pending, weights_only=False)
         self._pending_step = self._written_step = trainer.global_step
 
     def _promote(self, trainer: L.Trainer) -> None:
