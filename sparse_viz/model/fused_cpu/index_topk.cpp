@@ -20,12 +20,11 @@
 namespace sparse_viz_fused {
 namespace {
 
-// Scores of one query against keys 0 .. n-1 into row[0 .. round8(n)): for float, tiles of 8
-// keys, one accumulator per (head, tile), keys read transposed (k_t: (DI, T_pad)) so a tile is
-// one load per dimension. Entries past n are scratch.
+// Scores of one query against keys 0 .. n-1 into row[0 .. round8(n)), keys read transposed
+// (k_t: (DI, T_pad)); entries past n are scratch. The plain loop: any dtype, any head count.
 template <typename scalar_t>
-void score_row(const scalar_t* q_row, const scalar_t* w_row, const scalar_t* k_t, int64_t T_pad, int64_t n,
-               int64_t HI, int64_t DI, scalar_t* row) {
+void score_row_plain(const scalar_t* q_row, const scalar_t* w_row, const scalar_t* k_t, int64_t T_pad, int64_t n,
+                     int64_t HI, int64_t DI, scalar_t* row) {
   for (int64_t s = 0; s < n; ++s) {
     scalar_t score = 0;
     for (int64_t h = 0; h < HI; ++h) {
@@ -35,6 +34,20 @@ void score_row(const scalar_t* q_row, const scalar_t* w_row, const scalar_t* k_t
     }
     row[s] = score;
   }
+}
+
+// One query row (`score_row`) or two adjacent ones (`score_two_rows`: each key tile loaded once for
+// both) against keys 0 .. n-1. The plain loop for double; tiles for float and bfloat16 below.
+template <typename scalar_t>
+void score_row(const scalar_t* q_row, const scalar_t* w_row, const scalar_t* k_t, int64_t T_pad, int64_t n,
+               int64_t HI, int64_t DI, scalar_t* row) {
+  score_row_plain(q_row, w_row, k_t, T_pad, n, HI, DI, row);
+}
+
+template <typename scalar_t>
+void score_two_rows(const scalar_t* const q_rows[2], const scalar_t* const w_rows[2], const scalar_t* k_t,
+                    int64_t T_pad, int64_t n, int64_t HI, int64_t DI, scalar_t* const rows[2]) {
+  for (int r = 0; r < 2; ++r) score_row_plain(q_rows[r], w_rows[r], k_t, T_pad, n, HI, DI, rows[r]);
 }
 
 // A tile's scores from its (head, 8-key) logit sums: sum_h w[h] * relu(logit), into row[0 .. 8 NV).
@@ -47,90 +60,54 @@ inline void store_tile_scores(const v8f (&acc)[NH][NV], const float* w_row, floa
   }
 }
 
-template <int NH, int NV>
-inline void score_tiles_float(const float* q_row, const float* w_row, const float* k_t, int64_t T_pad, int64_t n,
-                              int64_t DI, float* row) {
+// R float query rows (1 or 2) in tiles of 8 NV keys: one accumulator per (row, head, 8 keys), a
+// tile one load per dimension, shared by the R rows. The plain loop's per-head sums, in its order.
+template <int R, int NH, int NV>
+inline void score_rows_tiles_float(const float* const q_rows[], const float* const w_rows[], const float* k_t,
+                                   int64_t T_pad, int64_t n, int64_t DI, float* const rows[]) {
   constexpr int64_t width = 8 * NV;
   for (int64_t s0 = 0; s0 < n; s0 += width) {
-    v8f acc[NH][NV];
-    for (int h = 0; h < NH; ++h)
-      for (int u = 0; u < NV; ++u) acc[h][u] = splat8(0.f);
-    for (int64_t d = 0; d < DI; ++d) {
-      v8f keys[NV];
-      for (int u = 0; u < NV; ++u) keys[u] = load8(k_t + d * T_pad + s0 + 8 * u);
-      for (int h = 0; h < NH; ++h) {
-        const v8f qd = splat8(q_row[h * DI + d]);
-        for (int u = 0; u < NV; ++u) acc[h][u] += qd * keys[u];
-      }
-    }
-    store_tile_scores<NH, NV>(acc, w_row, row + s0);
-  }
-}
-
-template <>
-void score_row<float>(const float* q_row, const float* w_row, const float* k_t, int64_t T_pad, int64_t n,
-                      int64_t HI, int64_t DI, float* row) {
-  switch (HI) {  // registers: NH * NV accumulators, at most 8 of them
-    case 1: return score_tiles_float<1, 4>(q_row, w_row, k_t, T_pad, n, DI, row);
-    case 2: return score_tiles_float<2, 4>(q_row, w_row, k_t, T_pad, n, DI, row);
-    case 4: return score_tiles_float<4, 2>(q_row, w_row, k_t, T_pad, n, DI, row);
-    case 8: return score_tiles_float<8, 1>(q_row, w_row, k_t, T_pad, n, DI, row);
-    default: {
-      // Any other head count: the plain loop, with the same per-head sums as the tiles.
-      for (int64_t s = 0; s < n; ++s) {
-        float score = 0;
-        for (int64_t h = 0; h < HI; ++h) {
-          float logit = 0;
-          for (int64_t d = 0; d < DI; ++d) logit += q_row[h * DI + d] * k_t[d * T_pad + s];
-          score += w_row[h] * std::max(logit, 0.f);
-        }
-        row[s] = score;
-      }
-    }
-  }
-}
-
-// Two query rows at once against keys 0 .. n-1 (each key tile loaded once for both):
-// rows[r][0 .. round8(n)) for r = 0, 1. Same sums, in the same order, as `score_row`.
-template <typename scalar_t>
-void score_two_rows(const scalar_t* const q_rows[2], const scalar_t* const w_rows[2], const scalar_t* k_t,
-                    int64_t T_pad, int64_t n, int64_t HI, int64_t DI, scalar_t* const rows[2]) {
-  for (int r = 0; r < 2; ++r) score_row(q_rows[r], w_rows[r], k_t, T_pad, n, HI, DI, rows[r]);
-}
-
-template <int NH, int NV>
-inline void score_two_rows_tiles(const float* const q_rows[2], const float* const w_rows[2], const float* k_t,
-                                 int64_t T_pad, int64_t n, int64_t DI, float* const rows[2]) {
-  constexpr int64_t width = 8 * NV;
-  for (int64_t s0 = 0; s0 < n; s0 += width) {
-    v8f acc[2][NH][NV];
-    for (int r = 0; r < 2; ++r)
+    v8f acc[R][NH][NV];
+    for (int r = 0; r < R; ++r)
       for (int h = 0; h < NH; ++h)
         for (int u = 0; u < NV; ++u) acc[r][h][u] = splat8(0.f);
     for (int64_t d = 0; d < DI; ++d) {
       v8f keys[NV];
       for (int u = 0; u < NV; ++u) keys[u] = load8(k_t + d * T_pad + s0 + 8 * u);
-      for (int r = 0; r < 2; ++r)
+      for (int r = 0; r < R; ++r)
         for (int h = 0; h < NH; ++h) {
           const v8f qd = splat8(q_rows[r][h * DI + d]);
           for (int u = 0; u < NV; ++u) acc[r][h][u] += qd * keys[u];
         }
     }
-    for (int r = 0; r < 2; ++r) store_tile_scores<NH, NV>(acc[r], w_rows[r], rows[r] + s0);
+    for (int r = 0; r < R; ++r) store_tile_scores<NH, NV>(acc[r], w_rows[r], rows[r] + s0);
   }
 }
 
-template <>
-void score_two_rows<float>(const float* const q_rows[2], const float* const w_rows[2], const float* k_t,
-                           int64_t T_pad, int64_t n, int64_t HI, int64_t DI, float* const rows[2]) {
-  switch (HI) {  // registers: 2 * NH * NV accumulators, at most 16 of them
-    case 1: return score_two_rows_tiles<1, 4>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
-    case 2: return score_two_rows_tiles<2, 4>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
-    case 4: return score_two_rows_tiles<4, 2>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
-    case 8: return score_two_rows_tiles<8, 1>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
-    default:
-      for (int r = 0; r < 2; ++r) score_row(q_rows[r], w_rows[r], k_t, T_pad, n, HI, DI, rows[r]);
+template <int R>
+void score_rows_float(const float* const q_rows[], const float* const w_rows[], const float* k_t, int64_t T_pad,
+                      int64_t n, int64_t HI, int64_t DI, float* const rows[]) {
+  switch (HI) {  // registers: R * NH * NV accumulators, at most 16 of them
+    case 1: return score_rows_tiles_float<R, 1, 4>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
+    case 2: return score_rows_tiles_float<R, 2, 4>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
+    case 4: return score_rows_tiles_float<R, 4, 2>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
+    case 8: return score_rows_tiles_float<R, 8, 1>(q_rows, w_rows, k_t, T_pad, n, DI, rows);
+    default:  // any other head count: the plain loop, with the same per-head sums
+      for (int r = 0; r < R; ++r) score_row_plain(q_rows[r], w_rows[r], k_t, T_pad, n, HI, DI, rows[r]);
   }
+}
+
+void score_row(const float* q_row, const float* w_row, const float* k_t, int64_t T_pad, int64_t n, int64_t HI,
+               int64_t DI, float* row) {
+  const float* q_rows[1] = {q_row};
+  const float* w_rows[1] = {w_row};
+  float* rows[1] = {row};
+  score_rows_float<1>(q_rows, w_rows, k_t, T_pad, n, HI, DI, rows);
+}
+
+void score_two_rows(const float* const q_rows[2], const float* const w_rows[2], const float* k_t, int64_t T_pad,
+                    int64_t n, int64_t HI, int64_t DI, float* const rows[2]) {
+  score_rows_float<2>(q_rows, w_rows, k_t, T_pad, n, HI, DI, rows);
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
@@ -138,7 +115,7 @@ void score_two_rows<float>(const float* const q_rows[2], const float* const w_ro
 // bfloat16 queries and keys with AVX512-BF16: the keys stored as pairs of dimensions, k2 (DI / 2,
 // T_pad, 2), so that one load holds eight keys' dimensions 2p and 2p + 1, and vdpbf16ps adds both
 // products of each key (exact in float) into its float lane: half the instructions of the float
-// tiles for the same products. R query rows (1 or 2) share each key load, as in the float tiles.
+// tiles for the same products. Otherwise as score_rows_tiles_float.
 template <int R, int NH, int NV>
 inline void score_rows_tiles_dpbf16(const at::BFloat16* const q_rows[], const float* const w_rows[],
                                     const at::BFloat16* k2, int64_t T_pad, int64_t n, int64_t DI, float* const rows[]) {
