@@ -515,6 +515,14 @@ MUTATIONS: list[Mutation] = [
         "a key tied at the k-th score is taken before a later, larger one (AVX-512 path)",
     ),
     Mutation(
+        "fused_topk_float_tiles_skip_the_last_dim", FUSED_TOPK,
+        "for (int64_t d = 0; d < DI; ++d) {",
+        "for (int64_t d = 0; d < DI - 1; ++d) {",
+        (f"{FUSED_TESTS}::test_the_top_k_is_topk_causal_of_the_full_score_matrix",
+         f"{FUSED_TESTS}::test_integer_scores_with_many_exact_ties_select_as_the_reference"),
+        "the float score tiles (one and two rows) leave out the keys' last dim",
+    ),
+    Mutation(
         "fused_topk_dpbf16_scores_skip_the_last_pair", FUSED_TOPK,
         "for (int64_t p = 0; p < DI / 2; ++p) {",
         "for (int64_t p = 0; p < DI / 2 - 1; ++p) {",
