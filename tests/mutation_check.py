@@ -515,6 +515,20 @@ MUTATIONS: list[Mutation] = [
         "a key tied at the k-th score is taken before a later, larger one (AVX-512 path)",
     ),
     Mutation(
+        "blockwise_topk_under_autocast_scores_in_bfloat16", "sparse_viz/model/indexer_blocks.py",
+        "        dtype = torch.promote_types(dtype, torch.float32)\n",
+        "        pass\n",
+        ("tests/test_model_indexer_blocks.py::test_under_autocast_a_real_indexers_selection_is_the_topk_of_its_rounded_q_and_k",),
+        "under autocast the torch block path sums the rounded q and k's products in bfloat16, not float32",
+    ),
+    Mutation(
+        "blockwise_topk_under_autocast_keeps_q_and_k_unrounded", "sparse_viz/model/indexer_blocks.py",
+        "        q, k = q.to(low), k.to(low)\n",
+        "        pass\n",
+        ("tests/test_model_indexer_blocks.py::test_under_autocast_the_ranking_reads_q_and_k_rounded_as_the_full_paths_matmul_does",),
+        "under autocast the block paths rank float32 q and k, not the bfloat16 ones the full path's matmul takes",
+    ),
+    Mutation(
         "fused_topk_float_tiles_skip_the_last_dim", FUSED_TOPK,
         "for (int64_t d = 0; d < DI; ++d) {",
         "for (int64_t d = 0; d < DI - 1; ++d) {",

@@ -95,6 +95,27 @@ def test_under_autocast_the_ranking_reads_q_and_k_rounded_as_the_full_paths_matm
     assert not torch.equal(topk_causal(scores(q), 16), topk_causal(scores(q_rounded), 16))
 
 
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_under_autocast_a_real_indexers_selection_is_the_topk_of_its_rounded_q_and_k(kernel):
+    """The projections as autocast makes them: the selection is the top-k of the float64 scores of q and k rounded to
+    bfloat16, up to float32 rounding of the sums (a block path computing in bfloat16 would be off
+    by its products' rounding, ~1e-3 relative)."""
+    T, top_k = 200, 24
+    indexer, x, cos, sin = indexer_and_input(T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, w = indexer.project(x, cos, sin)
+        selected = blockwise_topk(q, k, w, top_k, 7, kernel=kernel)
+    assert w.dtype == torch.bfloat16  # autocast's projection
+    scores = torch.einsum("bthd,bsd->bths", q.bfloat16().double(), k.bfloat16().double())
+    scores = scores.relu().mul(w.double()[..., None]).sum(2)  # (B, T, T)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    chosen = gather_selected(scores, selected)[:, top_k:]  # rows with more than k keys
+    left_out = scores.scatter(-1, selected.clamp(min=0), float("-inf"))[:, top_k:]
+    tolerance = 1e-6 * scores[:, top_k:].abs().nan_to_num(posinf=0, neginf=0).amax(-1)
+    assert (left_out.max(-1).values <= chosen.min(-1).values + tolerance).all()
+    assert (selected != topk_causal(scores, top_k)).any(-1).float().mean() < 0.02
+
+
 def test_ties_at_the_kth_score_keep_the_earliest_keys_whatever_the_row_length():
     inf = float("-inf")
     row = torch.tensor([0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 3.0])  # top 3: keys 6, 1, then 3; top 5 ties at 0
