@@ -11,6 +11,7 @@ mass each selection keeps.
     python experiments/selector_comparison/run.py --long          # the same at T = 4096 (long.yaml)
     python experiments/selector_comparison/run.py --long --same-init --only default dense local
     python experiments/selector_comparison/run.py --long --same-init --only default dense local --seed 1
+    python experiments/selector_comparison/run.py --long --same-init --only dsa_warmup60 dsa_no_warmup
 
 `--long` layers `configs/train/long.yaml` (T = 4096, k = 256, a 2-layer d_model 64 model, 400
 steps: dense 150 -> warm-up 20 -> sparse 230) under every config, gives the baselines the same
@@ -50,13 +51,25 @@ LONG_STAGES = {  # long.yaml's recipe; the baselines get its steps and learning-
     "baseline": "[{name: dense, steps: 170, lr: 3.0e-3, warmup_steps: 15, min_lr_ratio: 1.0},"
                 " {name: sparse, steps: 230, lr: 3.0e-3, min_lr_ratio: 0.1}]",
 }
+# DSA with another recipe at T = 4096 (`--long` only), the same 400 steps: where does its loss go at
+# the switch? A 60-step warm-up instead of 20 (the main model frozen longer), or none (dense 170,
+# the indexer learning alongside, then sparse 230: the baselines' schedule).
+LONG_DSA_VARIANTS = {
+    "dsa_warmup60": "[{name: dense, steps: 150, lr: 3.0e-3, indexer_lr: 1.0e-3, warmup_steps: 15, min_lr_ratio: 1.0},"
+                    " {name: warmup, steps: 60, indexer_lr: 1.0e-3, min_lr_ratio: 1.0},"
+                    " {name: sparse, steps: 190, lr: 3.0e-3, indexer_lr: 5.0e-4, min_lr_ratio: 0.1}]",
+    "dsa_no_warmup": "[{name: dense, steps: 170, lr: 3.0e-3, indexer_lr: 1.0e-3, warmup_steps: 15, min_lr_ratio: 1.0},"
+                     " {name: sparse, steps: 230, lr: 3.0e-3, indexer_lr: 5.0e-4, min_lr_ratio: 0.1}]",
+}
 
 
 def train_command(name: str, long: bool, same_init: bool = False, seed: int | None = None) -> list[str]:
     command = [sys.executable, "-m", "sparse_viz.train"]
     if long:
         command += ["--config", str(REPO / "configs" / "train" / "long.yaml")]
-    if name != "default":  # the embedded default is the base config already
+    if name in LONG_DSA_VARIANTS:  # long.yaml's DSA model with another recipe
+        command.append(f"--model.stages={LONG_DSA_VARIANTS[name]}")
+    elif name != "default":  # the embedded default is the base config already
         command += ["--config", str(REPO / "configs" / "train" / f"{name}.yaml")]
         if long:
             command.append(f"--model.stages={LONG_STAGES['dense' if name == 'dense' else 'baseline']}")
@@ -121,7 +134,10 @@ def write_table(names: list[str], long: bool = False) -> Path:
         step, loss = final_val_loss(run_dir)
         snap = last_snapshot(run_dir)
         ratio = f"{100 * (loss / dense_loss - 1):+.2f}%" if dense_loss else "–"
-        own = {"default": snap.get("mass_at_k"), "dense": 1.0}.get(name, snap.get(f"mass_at_k_{name}"))
+        if name == "default" or name in LONG_DSA_VARIANTS:  # the indexer's own selection
+            own = snap.get("mass_at_k")
+        else:
+            own = 1.0 if name == "dense" else snap.get(f"mass_at_k_{name}")
         lines.append(
             f"| {name} | {step + 1} | {loss:.4f} | {ratio} | {fmt(own)} | {fmt(snap.get('mass_at_k_local'))} "
             f"| {fmt(snap.get('mass_at_k_random'))} | {fmt(snap.get('mass_at_k_oracle'))} |"
@@ -134,7 +150,8 @@ def write_table(names: list[str], long: bool = False) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=CONFIGS, default=CONFIGS)
+    parser.add_argument("--only", nargs="+", choices=CONFIGS + list(LONG_DSA_VARIANTS), default=CONFIGS,
+                        help=f"configs to run (with --long also {', '.join(LONG_DSA_VARIANTS)}: DSA, other recipes)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--long", action="store_true", help="T = 4096 (configs/train/long.yaml), two runs at a time")
     parser.add_argument("--same-init", action="store_true", help="with --long: baselines carry an (unused) indexer, "
@@ -143,6 +160,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.same_init and not args.long:
         parser.error("--same-init goes with --long")
+    if not args.long and set(args.only) & set(LONG_DSA_VARIANTS):
+        parser.error(f"{', '.join(sorted(set(args.only) & set(LONG_DSA_VARIANTS)))}: T = 4096 recipes, with --long only")
     global OUT
     if args.long:
         OUT = REPO / "results" / ("selector_comparison_long_same_init" if args.same_init else "selector_comparison_long")
