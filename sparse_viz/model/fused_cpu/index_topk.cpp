@@ -110,8 +110,7 @@ void score_two_rows(const float* const q_rows[2], const float* const w_rows[2], 
   score_rows_float<2>(q_rows, w_rows, k_t, T_pad, n, HI, DI, rows);
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
-#define SPARSE_VIZ_DPBF16_SCORES 1
+#ifdef SPARSE_VIZ_DPBF16
 // bfloat16 queries and keys with AVX512-BF16: the keys stored as pairs of dimensions, k2 (DI / 2,
 // T_pad, 2), so that one load holds eight keys' dimensions 2p and 2p + 1, and vdpbf16ps adds both
 // products of each key (exact in float) into its float lane: half the instructions of the float
@@ -364,7 +363,7 @@ at::Tensor causal_index_topk(const at::Tensor& q, const at::Tensor& k, const at:
   const int64_t K = std::min(top_k, T);
   const int64_t T_pad = (T + 31) / 32 * 32;  // whole tiles of keys; the padding keys are never selected
   auto selected = at::empty({B, T, K}, q.options().dtype(at::kLong));
-#ifdef SPARSE_VIZ_DPBF16_SCORES
+#ifdef SPARSE_VIZ_DPBF16
   if (q.scalar_type() == at::kBFloat16) {
     // Keys as pairs of dimensions: k2[b, p, s, j] = k[b, s, 2p + j].
     auto k2 = at::zeros({B, DI / 2, T_pad, 2}, k.options());

@@ -23,6 +23,11 @@
 #include <immintrin.h>
 #endif
 
+// AVX512-BF16 with its 256-bit forms: the bfloat16 dot products here and in index_topk.cpp.
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define SPARSE_VIZ_DPBF16 1
+#endif
+
 namespace sparse_viz_fused {
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -244,7 +249,7 @@ inline void dots_with_rows_tiles(const row_t* fixed, const row_t* base, const in
   for (; i0 < n; ++i0) out[i0] = dot(fixed, base + offset[i0], 8 * U);
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#ifdef SPARSE_VIZ_DPBF16
 // bfloat16 rows where the CPU has AVX512-BF16: vdpbf16ps multiplies sixteen bfloat16 pairs (each
 // product exact in float) and adds them into the eight float lanes, two per lane, in float32 with
 // round-to-nearest; no widening of the rows first. (It reads bfloat16 subnormals, |x| < 1.2e-38,
@@ -278,7 +283,7 @@ inline void dots_with_rows_tiles_dpbf16(const at::BFloat16* fixed, const at::BFl
 template <typename row_t>
 inline void dots_with_rows(const row_t* fixed, const row_t* base, const int64_t* offset, int64_t n, int64_t D,
                            compute_type<row_t>* out) {
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#ifdef SPARSE_VIZ_DPBF16
   if constexpr (std::is_same_v<row_t, at::BFloat16>) {
     switch (D) {
       case 16: return dots_with_rows_tiles_dpbf16<2>(fixed, base, offset, n, out);
@@ -413,7 +418,7 @@ inline void dots_of_heads_tiles(const row_t* fixed, const row_t* base, const int
     for (int i = 0; i < G; ++i) out[i * stride + j0] = dot(fixed + i * D, base + offset[j0], D);
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#ifdef SPARSE_VIZ_DPBF16
 // The same tiles for bfloat16 rows with vdpbf16ps (see dots_with_rows_tiles_dpbf16).
 template <int U, int G>
 inline void dots_of_heads_tiles_dpbf16(const at::BFloat16* fixed, const at::BFloat16* base, const int64_t* offset,
@@ -443,7 +448,7 @@ inline void dots_of_heads_tiles_dpbf16(const at::BFloat16* fixed, const at::BFlo
 template <typename row_t>
 inline void dots_of_heads_with_rows(const row_t* fixed, int64_t G, const row_t* base, const int64_t* offset, int64_t n,
                                     int64_t D, compute_type<row_t>* out, int64_t stride) {
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#ifdef SPARSE_VIZ_DPBF16
   if constexpr (std::is_same_v<row_t, at::BFloat16>) {
     const bool tiled = with_group_tile(D, G, [&](auto u, auto g) {
       dots_of_heads_tiles_dpbf16<decltype(u)::value, decltype(g)::value>(fixed, base, offset, n, out, stride);
