@@ -15,6 +15,17 @@ const SV = {
       hide() { tip.style.display = "none"; },
     };
   },
+  // Text colour for text drawn on `background` (any colour d3.rgb parses): black or white,
+  // whichever has the higher WCAG 2 contrast ratio with it. The larger of the two ratios is
+  // at least 4.58 for every opaque background (the worst case, relative luminance ~0.18, is
+  // equally far from both), so token text stays readable (WCAG AA, 4.5:1) on every shade of
+  // every colour scale; a fixed lightness cut-off (white below L* 55) gives 3.7:1 near the cut.
+  textColourOn(background) {
+    const c = d3.rgb(background);
+    const linear = (v) => { const x = v / 255; return x <= 0.04045 ? x / 12.92 : ((x + 0.055) / 1.055) ** 2.4; };
+    const luminance = 0.2126 * linear(c.r) + 0.7152 * linear(c.g) + 0.0722 * linear(c.b);
+    return (1 + 0.05) / (luminance + 0.05) > (luminance + 0.05) / (0 + 0.05) ? "#ffffff" : "#000000";
+  },
   format(x, digits = 4) { return x === null || x === undefined ? "n/a" : Number(x).toPrecision(digits); },
   // A colour scale drawn as a gradient bar with a labelled axis, appended to `parent` (a DOM
   // element). `scale` is a d3 sequential/diverging scale; its first and last domain values are

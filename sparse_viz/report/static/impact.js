@@ -58,7 +58,8 @@
   }
 
   function rowChart(element, values, marked, colourMarked, label) {
-    const width = 560, height = 150, margin = { left: 48, right: 8, top: 8, bottom: 34 };
+    // The title sits in the top margin, above the tallest bar (which reaches margin.top).
+    const width = 560, height = 164, margin = { left: 48, right: 8, top: 22, bottom: 34 };
     const root = d3.select(element);
     root.selectAll("*").remove();
     const svg = root.append("svg").attr("viewBox", `0 0 ${width} ${height}`);
@@ -75,7 +76,8 @@
     svg.append("g").attr("transform", `translate(0,${height - margin.bottom})`)
       .call(d3.axisBottom(x).tickValues(d3.range(0, values.length, every)).tickFormat((s) => SV.tokenLabel(data.tokens[s]).slice(0, 8)))
       .selectAll("text").attr("transform", "rotate(-35)").style("text-anchor", "end");
-    svg.append("text").attr("x", margin.left + 6).attr("y", 12).attr("font-size", 11).text(label);
+    svg.append("text").attr("class", "chart-title").attr("x", margin.left).attr("y", margin.top - 8)
+      .attr("font-size", 11).text(label);
   }
 
   function drawRow(t) {

@@ -258,7 +258,8 @@
       .attr("class", "token").attr("data-position", (d) => d.p)
       .classed("unanalysed", (d) => !d.analysed).classed("final", (d) => d.p === length - 1)
       .style("background-color", (d) => (d.analysed && Number.isFinite(d.v) ? scale(d.v) : null))
-      .style("color", (d) => (d.analysed && Number.isFinite(d.v) && d3.lab(scale(d.v)).l < 55 ? "#fff" : null))
+      // black or white by WCAG contrast with the cell's colour (SV.textColourOn)
+      .style("color", (d) => (d.analysed && Number.isFinite(d.v) ? SV.textColourOn(scale(d.v)) : null))
       .text((d) => SV.tokenLabel(d.text))
       .on("mousemove", (event, d) => tooltip.show(event, `Position ${d.p}: "${SV.tokenLabel(d.text)}"\n` +
         (d.analysed ? `impact (${state.agg} over layers): ${SV.format(Number.isFinite(d.v) ? d.v : null, 5)}` : "not analysed")))

@@ -131,7 +131,7 @@
   }
 
   function updateTokens() {
-    for (const span of spans) { span.className = "token"; span.style.background = ""; }
+    for (const span of spans) { span.className = "token"; span.style.background = ""; span.style.color = ""; }
     const t = query();
     if (!V || t === null || t >= V.T) {
       info.textContent = V ? "Hover a token to see the keys it selected; click to pin it." : "No snapshot arrays were recorded for this run.";
@@ -139,7 +139,15 @@
     }
     const chosen = selectionOf(t), top = denseTopOf(t);
     for (let s = t + 1; s < spans.length; s++) spans[s].classList.add("future");
-    for (const x of chosen) { spans[x.key].classList.add("selected-key"); spans[x.key].style.background = colour(x.shade); }
+    // Each selected key is shaded by the chosen measure, its text black or white by contrast with
+    // the shade. The query keeps its own fill (yellow, as the legend says) even when it selected
+    // itself: the line above says whether it did.
+    for (const x of chosen) {
+      spans[x.key].classList.add("selected-key");
+      if (x.key === t) continue;
+      spans[x.key].style.background = colour(x.shade);
+      spans[x.key].style.color = SV.textColourOn(colour(x.shade));
+    }
     for (const s of top) spans[s].classList.add("dense-top");
     spans[t].classList.add("query");
     const truth = answers.get(t);
@@ -157,7 +165,7 @@
     const h = historyIndex();
     info.textContent =
       `query t = ${t} ${JSON.stringify(String(data.tokens[t] ?? ""))} · layer ${state.layer} · step ${stepOf()} (${data.stages[h] ?? ""}, selection from ${data.source[h] ?? ""})\n` +
-      `${chosen.length} keys selected of ${t + 1} visible · dense-attention mass on the selection (mass@k) ${mass < 0 ? "n/a" : SV.format(mass, 3)} · ` +
+      `${chosen.length} keys selected of ${t + 1} visible${chosen.some((x) => x.key === t) ? " (itself among them)" : " (not itself)"} · dense-attention mass on the selection (mass@k) ${mass < 0 ? "n/a" : SV.format(mass, 3)} · ` +
       `${overlap}/${top.size} of the dense top-k selected${state.pinned !== null ? " · pinned (click again to release)" : ""}` + truthLine;
   }
 
