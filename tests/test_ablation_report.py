@@ -274,7 +274,7 @@ def test_refuses_to_replace_a_folder_that_is_not_an_ablation_run(model_dir, tmp_
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     code, _, err = run_cli(["heads", "--model", str(model_dir), "--prompt", "abc", "--ablate", "0.1", "--output", str(out)], capsys)
-    assert code == 2 and "not an ablation run" in err
+    assert code == 2 and "sparse_viz did not write" in err
     assert (out / "notes.txt").read_text() == "keep me"
 
 

@@ -95,8 +95,8 @@ def test_impact_command_writes_its_files(model_dir, tmp_path, capsys):
     result = run_analysis_cli(["impact", "--model", str(model_dir), "--prompt", f"Hi {HOSTILE} there, friend.",
                                "--k", "2", "6", "--output", str(out)], capsys)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["agreement.csv", "agreement.png", "impact.npz", "metadata.json",
-                                                     "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == [".sparse_viz-output.json", "agreement.csv", "agreement.png",
+                                                     "impact.npz", "metadata.json", "report.html"]
     table = pd.read_csv(out / "agreement.csv")
     assert set(table["layer"]) == {0, 1, 2} and set(table["k"]) == {2, 6}
     arrays = np.load(out / "impact.npz")

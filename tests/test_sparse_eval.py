@@ -80,8 +80,8 @@ def test_sparse_eval_command_writes_table_plot_and_report(model_dir, corpus, tmp
     result = run_analysis_cli(["sparse-eval", "--model", str(model_dir), "--corpus", str(corpus), "--seq-len", "32",
                                "--windows", "2", "--k", "4", "8", "--output", str(out)], capsys)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["coverage.csv", "metadata.json", "perplexity.csv", "perplexity.png",
-                                                     "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == [".sparse_viz-output.json", "coverage.csv", "metadata.json",
+                                                     "perplexity.csv", "perplexity.png", "report.html"]
     table = pd.read_csv(out / "perplexity.csv")
     assert len(table) == 1 + 4 * 2 - 1  # dense + 4 selectors x 2 k, sink_local only at k = 8 > 4 sinks
 

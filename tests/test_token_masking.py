@@ -324,14 +324,14 @@ def test_outputs_hold_the_same_rows_in_csv_and_json(tiny_model_dirs, tmp_path):
 def test_failed_write_leaves_an_existing_output_untouched(tiny, tmp_path, monkeypatch):
     results = run_masking_experiment(PROMPT, model=tiny, layers=[0])
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "old.txt").write_text("keep me")
+    write_masking_outputs(output, results, results.attrs["metadata"], report=False)
+    earlier = {p.name: p.read_bytes() for p in output.iterdir()}
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
     with pytest.raises(RuntimeError):
-        write_masking_outputs(output, results, results.attrs["metadata"], report=False)
-    assert [p.name for p in output.iterdir()] == ["old.txt"]
+        write_masking_outputs(output, results, results.attrs["metadata"], report=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == earlier
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -126,13 +126,15 @@ def test_bad_input_is_one_line_and_exit_2_and_nothing_written(
 def test_a_failed_run_keeps_the_previous_output(tiny_model_dirs, tmp_path):
     """Through a real subprocess: an error after the model has loaded."""
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "masking_results.csv").write_text("previous run")
+    first = run_cli("--model", str(tiny_model_dirs["llama"]), "--prompt", "Hello", "--layers", "0",
+                    "--device", "cpu", "--output", str(output), "--no-report")
+    assert first.returncode == 0, first.stderr
+    previous = {p.name: p.read_bytes() for p in output.iterdir()}
     result = run_cli("--model", str(tiny_model_dirs["llama"]), "--prompt", "Hello", "--layers", "7",
-                     "--device", "cpu", "--output", str(output))
+                     "--device", "cpu", "--output", str(output), "--overwrite")
     assert_one_line_error(result, "outside 0-1")
-    assert [p.name for p in output.iterdir()] == ["masking_results.csv"]
-    assert (output / "masking_results.csv").read_text() == "previous run"
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_prompt_file_defaults_to_prompt_txt(tiny_model_dirs, tmp_path, capsys, monkeypatch):

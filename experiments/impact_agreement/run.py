@@ -70,7 +70,7 @@ def analyse(name: str, model_path: str, n_tokens: int, attention: str) -> pd.Dat
     loaded = load_model(model_path, device="cpu", attention=attention)
     prompt = held_out_passage(loaded.tokenizer, n_tokens)
     result = run_impact_analysis(prompt, model=loaded, k=K, progress=True)
-    write_impact_outputs(OUT / name, result)
+    write_impact_outputs(OUT / name, result, overwrite=True)  # this script's own earlier result, nothing else
     return result.agreement
 
 

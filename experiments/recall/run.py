@@ -34,6 +34,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sparse_viz.errors import UserInputError
+from sparse_viz.output_dir import refuse_existing_dirs
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "train"
 OUT = Path(os.environ.get("SPARSE_VIZ_RECALL_OUT", REPO / "results" / "recall"))
@@ -261,10 +264,15 @@ def main() -> None:
     parser.add_argument("--train-args", default="", help="more options for every run, e.g. '--data.seq_len=128'")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
     selectors = [s for s in SELECTORS if s in args.only]
+    jobs = ([("dense", None)] if "dense" in args.only else []) + [(s, k) for k in args.k for s in selectors]
     if not args.table_only:
-        jobs = ([("dense", None)] if "dense" in args.only else []) + [(s, k) for k in args.k for s in selectors]
+        try:  # a run directory is never trained into twice (sparse_viz.train refuses too, but after others ran)
+            refuse_existing_dirs([OUT / run_name(selector, k) for selector, k in jobs])
+        except UserInputError as error:
+            parser.exit(2, f"{parser.prog}: error: {error} (or give --table-only)\n")
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
         started = time.time()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             extra = shlex.split(args.train_args)

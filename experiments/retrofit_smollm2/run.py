@@ -46,7 +46,8 @@ def warm_up(minutes: int, steps: int) -> Path:
 def evaluate(run: Path) -> Path:
     output = OUT / "sparse-eval"
     command = [sys.executable, "-m", "sparse_viz.analysis", "sparse-eval", "--model", str(MODEL), "--indexers",
-               str(run / "checkpoints" / "last.ckpt"), "--k", *map(str, K), "--output", str(output), "--device", "cpu"]
+               str(run / "checkpoints" / "last.ckpt"), "--k", *map(str, K), "--output", str(output), "--device", "cpu",
+               "--overwrite"]  # this script's own earlier evaluation (a folder holding anything else is refused)
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
     return output

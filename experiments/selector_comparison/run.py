@@ -42,6 +42,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sparse_viz.errors import UserInputError
+from sparse_viz.output_dir import refuse_existing_dirs
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ["default", "dense", "local", "sink_local", "random", "oracle"]
 OUT = REPO / "results" / "selector_comparison"
@@ -167,6 +170,11 @@ def main() -> None:
         OUT = REPO / "results" / ("selector_comparison_long_same_init" if args.same_init else "selector_comparison_long")
     if args.seed is not None:
         OUT = OUT.with_name(f"{OUT.name}_seed{args.seed}")
+    if not args.table_only:
+        try:  # a run directory is never trained into twice (sparse_viz.train refuses too, but after others ran)
+            refuse_existing_dirs([OUT / name for name in args.only])
+        except UserInputError as error:
+            parser.exit(2, f"{parser.prog}: error: {error} (or give --table-only)\n")
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         with ThreadPoolExecutor(max_workers=2 if args.long else 1) as pool:

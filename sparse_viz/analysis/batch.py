@@ -13,8 +13,9 @@ phase 1.1 format):
         mask: vision                 # optional: text (default) | vision | all
         layers: "0-3"                # optional, default all
 
-Unknown keys are rejected. Each entry writes `<output>/<name>/` exactly like `mask`
-(atomically); an entry with bad input (missing image, unknown key, image on a text-only
+Unknown keys are rejected. Each entry writes `<output>/<name>/` exactly like `mask`; the whole
+`<output>` folder is written at the end (`sparse_viz.output_dir`: a new or empty folder, or an
+earlier batch result replaced with `overwrite`; the default is a new `results/batch-<date>-<time>`); an entry with bad input (missing image, unknown key, image on a text-only
 model, ...) is reported on stderr by name and the others still run. `<output>/index.html`
 and `index.json` list every entry with its status and a link to its report. The exit status is
 2 when the file itself is bad (nothing runs) or when any entry failed, 0 otherwise.
@@ -29,13 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparse_viz.analysis.output_dir import check_output_dir
 from sparse_viz.errors import UserInputError
+from sparse_viz.output_dir import check_output_dir, default_output_dir, write_output_dir
 
 TOP_LEVEL_KEYS = ("model", "output", "device", "dtype", "prompts")
 ENTRY_KEYS = ("name", "prompt", "image", "images", "num_tokens", "mask", "layers")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-DEFAULT_OUTPUT = "results/batch"
 
 
 @dataclass
@@ -197,8 +197,13 @@ def run_batch(
     report: bool = True,
     model: Any = None,
     stderr: Any = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Run every entry; returns one status dict per entry (name, status, rows|error, files).
+
+    The output folder (`output`, else the config's, else a new `results/batch-<date>-<time>`) is
+    written whole at the end; `overwrite` lets it replace an earlier batch result
+    (`sparse_viz.output_dir`).
 
     Raises:
         UserInputError: a bad file, or no model given (nothing runs then).
@@ -210,24 +215,25 @@ def run_batch(
     model_name = model_name or config.model
     if model is None and not model_name:
         raise UserInputError("no model: pass --model or set 'model' in the batch config")
-    out_dir = check_output_dir(output or config.output or DEFAULT_OUTPUT)
+    out_dir = check_output_dir(output or config.output or default_output_dir("batch"), overwrite=overwrite)
     statuses: list[dict] = [{"name": name, "status": "error", "error": message} for name, message in config.invalid]
     for name, message in config.invalid:
         print(f"batch entry {name!r}: {message}", file=stderr)
-    if config.entries:
-        if model is None:
-            model = load_model(model_name, device=device or config.device or "auto", dtype=dtype or config.dtype or "float32")
+    if config.entries and model is None:
+        model = load_model(model_name, device=device or config.device or "auto", dtype=dtype or config.dtype or "float32")
+    with write_output_dir(out_dir, written_by="run_batch", overwrite=overwrite) as staging:
         for entry in config.entries:
             try:
-                rows = run_entry(entry, model, out_dir, report=report)
+                rows = run_entry(entry, model, staging, report=report)
             except UserInputError as error:
                 print(f"batch entry {entry.name!r}: {error}", file=stderr)
                 statuses.append({"name": entry.name, "status": "error", "error": str(error)})
                 continue
-            files = sorted(p.name for p in (out_dir / entry.name).iterdir() if p.suffix == ".html")
+            files = sorted(p.name for p in (staging / entry.name).iterdir() if p.suffix == ".html")
             statuses.append({"name": entry.name, "status": "ok", "rows": rows, "mask": entry.mask, "files": files})
-            print(f"batch entry {entry.name!r}: {rows} rows written to {out_dir / entry.name}")
-    write_batch_index(out_dir, statuses, str(config_path), str(model_name or getattr(model, "name_or_path", "")))
+            print(f"batch entry {entry.name!r}: {rows} rows")
+        write_batch_index(staging, statuses, str(config_path), str(model_name or getattr(model, "name_or_path", "")))
+    print(f"batch written to {out_dir}")
     return statuses
 
 

@@ -4,7 +4,7 @@ Each subcommand is an `add_*_arguments(parser)` and a `run_*(args)` that checks 
 before a model loads, then calls the library (`masking/`, `ablation/`, `batch.py`), which never
 imports this module. Bad input becomes `UserInputError`: one line on stderr, exit status 2.
 
-    mask        token masking per layer (seed 000); Qwen3-VL prompts with --image (seed 001)
+    mask        token masking: what each key token matters to each layer; Qwen3-VL prompts with --image
     heads       head ablation
     components  component ablation of q/k/v/o projections
     impact      all-pairs attention impact and its agreement with selections of keys
@@ -26,10 +26,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sparse_viz.analysis.batch import DEFAULT_OUTPUT as DEFAULT_BATCH_OUTPUT
 from sparse_viz.analysis.index_spec import parse_index_spec
-from sparse_viz.analysis.output_dir import check_output_dir
 from sparse_viz.errors import UserInputError, exit_on_user_error
+from sparse_viz.output_dir import check_output_dir, default_output_dir
 
 PROG = "python -m sparse_viz.analysis"
 
@@ -51,10 +50,33 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
-    parser.add_argument("--output", default=None, help="output directory (replaced atomically)")
+    add_output_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     parser.add_argument("--attention", default="own", choices=("own", "dense"),
                         help="a DSA training checkpoint (.ckpt) runs its own selector (default) or dense attention")
+
+
+OUTPUT_HELP = (
+    "folder for the results (default: a new folder results/<command>-<date>-<time>). It is written "
+    "whole at the end; an existing folder must be empty, or an earlier result of sparse_viz replaced "
+    "with --overwrite. A folder holding anything else is never touched: the command stops first")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default_help: str | None = None) -> None:
+    """--output and --overwrite, the same for every command that writes a folder."""
+    parser.add_argument("--output", default=None, help=default_help or OUTPUT_HELP)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it holds an earlier sparse_viz result (and nothing else)")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """The checked output folder of a command (before any model loads): --output, or a new
+    results/<command>-<date>-<time>.
+
+    Raises:
+        UserInputError: see `sparse_viz.output_dir.check_output_dir`.
+    """
+    return check_output_dir(args.output or default_output_dir(args.command), overwrite=args.overwrite)
 
 
 def resolve_prompt(args: argparse.Namespace) -> str:
@@ -104,7 +126,7 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
         "--vision-attention",
         default="causal",
         help="causal (default: what Qwen3-VL does) or bidirectional (a labelled COUNTERFACTUAL: "
-        "tokens of one image see each other both ways, seed 001's assumption)",
+        "tokens of one image see each other both ways in every layer, which the model does not do)",
     )
     parser.add_argument(
         "--no-chat", action="store_true", help="VL models: don't apply the chat template (it is on by default)"
@@ -115,7 +137,7 @@ def run_text_mask(args: argparse.Namespace) -> object:
     # Cheap checks first: bad input is reported before torch and the model load.
     if args.num_tokens < 1:
         raise UserInputError(f"--num-tokens must be >= 1, got {args.num_tokens}")
-    output = check_output_dir(args.output or "results/masking")
+    output = output_dir(args)
     prompt = resolve_prompt(args)
 
     from sparse_viz.analysis.masking.experiment import run_masking_experiment
@@ -137,7 +159,7 @@ def run_text_mask(args: argparse.Namespace) -> object:
         attention=args.attention,
     )
     metadata = results.attrs["metadata"]
-    write_masking_outputs(output, results, metadata, report=not args.no_report)
+    write_masking_outputs(output, results, metadata, report=not args.no_report, overwrite=args.overwrite)
     print(f"generated: {metadata['generated_text']!r}")
     print(f"{len(results)} rows written to {output}")
     return results
@@ -173,7 +195,7 @@ def run_mask(args: argparse.Namespace) -> object:
     from sparse_viz.pretrained.vision import load_image
 
     images = [load_image(path) for path in args.image]  # bad images fail before the model loads
-    output = check_output_dir(args.output or "results/masking")
+    output = output_dir(args)
     prompt = resolve_prompt(args)
 
     from sparse_viz.analysis.masking.outputs import write_masking_outputs
@@ -205,6 +227,7 @@ def run_mask(args: argparse.Namespace) -> object:
         metadata,
         report=not args.no_report,
         extra_outputs=lambda staging: write_vision_outputs(staging, results, metadata, report=not args.no_report),
+        overwrite=args.overwrite,
     )
     print(f"generated: {metadata['generated_text']!r}")
     print(f"{len(results)} rows written to {output}")
@@ -289,13 +312,9 @@ def run_heads(args: argparse.Namespace):
         head_ablation_study,
     )
     from sparse_viz.pretrained.loading import load_model
-    from sparse_viz.report.ablation import (
-        check_replaceable,
-        write_head_ablation_outputs,
-    )
+    from sparse_viz.report.ablation import write_head_ablation_outputs
 
-    output = check_output_dir(args.output or "results/head_ablation")
-    check_replaceable(output)
+    output = output_dir(args)
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     started = time.perf_counter()
@@ -319,7 +338,7 @@ def run_heads(args: argparse.Namespace):
                                  tokenizer=loaded.tokenizer, progress=True)
     metadata = with_analysis_seconds(run_metadata(args, loaded, prompts, load_seconds), analysis_started)
     write_head_ablation_outputs(result, output, title=f"Head ablation: {loaded.name_or_path}{attention_suffix(loaded)}",
-                                metadata=metadata)
+                                metadata=metadata, overwrite=args.overwrite)
     top = result.table.sort_values("kl_divergence", ascending=False).head(10)
     print(top[["ablation", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
     print(f"{len(result.table)} ablation(s) written to {output}")
@@ -352,10 +371,8 @@ def run_components(args: argparse.Namespace):
     from sparse_viz.analysis.ablation.component_sweep import run_component_sweep
     from sparse_viz.analysis.ablation.components import run_component_ablation
     from sparse_viz.pretrained.loading import load_model
-    from sparse_viz.report.ablation import check_replaceable
 
-    output = check_output_dir(args.output or ("results/component_sweep" if args.sweep else "results/component_ablation"))
-    check_replaceable(output)
+    output = output_dir(args)
     if args.sweep and args.mode != "deterministic":
         raise UserInputError(f"--sweep runs deterministic ablations only (got --mode {args.mode}); "
                              "use --ablate for stochastic or adversarial runs")
@@ -376,7 +393,7 @@ def run_components(args: argparse.Namespace):
         table = run_component_sweep(
             loaded.model, input_ids, args.sweep, tokenizer=loaded.tokenizer, attention_mask=attention_mask,
             decomposition=args.decomposition, batch_size=args.batch_size, patterns=not args.no_patterns,
-            prediction_positions=args.prediction_positions, output_dir=output, metadata=metadata,
+            prediction_positions=args.prediction_positions, output_dir=output, overwrite=args.overwrite, metadata=metadata,
             title=f"Component sweep: {loaded.name_or_path}{attention_suffix(loaded)}")
         top = table.sort_values("kl_divergence", ascending=False).head(10)
         print(top[["ablation", "component_norm", "kl_divergence", "frac_top1_changed", "delta_logprob_top1"]].to_string(index=False))
@@ -387,7 +404,7 @@ def run_components(args: argparse.Namespace):
         decomposition=args.decomposition,
         mode=args.mode, n_samples=args.samples, ci_default=args.ci_default, pgd_steps=args.pgd_steps,
         pgd_step_size=args.pgd_step_size, seed=args.seed, patterns=not args.no_patterns,
-        prediction_positions=args.prediction_positions, output_dir=output, metadata=metadata,
+        prediction_positions=args.prediction_positions, output_dir=output, overwrite=args.overwrite, metadata=metadata,
         title=f"Component ablation ({args.mode}): {loaded.name_or_path}{attention_suffix(loaded)}")
     print(table.T.to_string(header=False))
     print(f"written to {output}")
@@ -418,7 +435,7 @@ def run_impact(args: argparse.Namespace) -> object:
         raise UserInputError(f"--block-size must be >= 1, got {args.block_size}")
     if args.sink_tokens < 0:
         raise UserInputError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
-    output = check_output_dir(args.output or "results/impact")
+    output = output_dir(args)
     prompt = resolve_prompt(args)
 
     from sparse_viz.analysis.impact.experiment import run_impact_analysis
@@ -429,7 +446,8 @@ def run_impact(args: argparse.Namespace) -> object:
                                  chat=args.chat, trust_remote_code=args.trust_remote_code, progress=True,
                                  attention=args.attention)
     report_layers = parse_index_spec(args.report_layers, max(result.layers) + 1, what="report-layers")
-    write_impact_outputs(output, result, report=not args.no_report, report_layers=report_layers)
+    write_impact_outputs(output, result, report=not args.no_report, report_layers=report_layers,
+                         overwrite=args.overwrite)
     if result.agreement.empty:
         # Rows with t + 1 <= k keep every key under any selector: nothing to compare.
         print(f"note: no query of the {len(result.tokens)}-token prompt sees more than k keys for any --k "
@@ -462,7 +480,7 @@ def add_sparse_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random selector")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--output", default=None, help="output directory (replaced atomically)")
+    add_output_arguments(parser)
     parser.add_argument("--no-report", action="store_true", help="skip report.html")
 
 
@@ -486,7 +504,7 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
         raise UserInputError(f"--k values must be >= 1, got {args.k}")
     if args.seq_len < 2 or args.windows < 1 or args.dense_layers < 0:
         raise UserInputError("--seq-len must be >= 2, --windows >= 1 and --dense-layers >= 0")
-    output = check_output_dir(args.output or "results/sparse_eval")
+    output = output_dir(args)
 
     from sparse_viz.analysis.sparse_eval.evaluation import evaluate_selectors
     from sparse_viz.analysis.sparse_eval.outputs import write_sparse_eval_outputs
@@ -509,7 +527,7 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
                                 indexers=indexers, progress=True, **indexer_settings)
     result.metadata.update({"corpus": args.corpus, "documents": documents, "indexers": args.indexers,
                             "indexer_settings": None if indexers is None else indexers.settings})
-    write_sparse_eval_outputs(output, result, report=not args.no_report)
+    write_sparse_eval_outputs(output, result, report=not args.no_report, overwrite=args.overwrite)
     print(result.table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"written to {output}")
     return result
@@ -521,7 +539,11 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML list of {name, prompt, image(s)?, num_tokens, mask?}")
     parser.add_argument("--model", default=None, help="model directory or hub id (overrides the config's 'model')")
-    parser.add_argument("--output", default=None, help=f"output directory (default: config 'output' or {DEFAULT_BATCH_OUTPUT})")
+    add_output_arguments(parser, default_help=(
+        "folder for the batch: one folder per entry plus index.html (default: the config's 'output', else a "
+        "new folder results/batch-<date>-<time>). It is written whole at the end; an existing folder must be "
+        "empty, or an earlier batch result of sparse_viz replaced with --overwrite. A folder holding anything "
+        "else is never touched: the command stops first"))
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML reports of the entries")
@@ -530,7 +552,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
 def run_batch_command(args: argparse.Namespace) -> list[dict]:
     from sparse_viz.analysis.batch import run_batch
 
-    statuses = run_batch(args.config, args.model, args.output, args.device, args.dtype, report=not args.no_report)
+    statuses = run_batch(args.config, args.model, args.output, args.device, args.dtype, report=not args.no_report,
+                         overwrite=args.overwrite)
     failed = [s["name"] for s in statuses if s["status"] != "ok"]
     if failed:
         raise UserInputError(f"{len(failed)} of {len(statuses)} batch entries failed: {', '.join(failed)}")
@@ -544,7 +567,7 @@ Run = Callable[[argparse.Namespace], object]
 
 # name -> (help, options, run)
 COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
-    "mask": ("token masking impact per layer (seed 000); Qwen3-VL prompts with --image (seed 001)",
+    "mask": ("token masking: what each key token matters to each layer; Qwen3-VL prompts with --image",
              add_mask_arguments, run_mask),
     "heads": ("head ablation: zero heads' outputs, KL / top-1 effects", add_heads_arguments, run_heads),
     "components": ("component ablation of q/k/v/o projections (SVD baseline or SPD factors)",

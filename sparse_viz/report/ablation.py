@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sparse_viz.output_dir import write_output_dir
 from sparse_viz.report.html import render_report, write_text_atomic
 
 # Bytes of quantised attention patterns the page may carry (beyond that: the .npz has them).
@@ -59,50 +58,6 @@ class _PatternStore:
         self.items[key] = _encode(pattern)
         self.used += pattern.size
         return True
-
-
-def check_replaceable(path: str | os.PathLike) -> None:
-    """Refuse to replace a non-empty folder that is not an earlier ablation run (no report_data.json).
-
-    Raises:
-        UserInputError: `path` is a file, or a non-empty folder of something else.
-    """
-    from sparse_viz.errors import UserInputError
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserInputError(f"output {str(path)!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / "report_data.json").is_file():
-        raise UserInputError(f"output {str(path)!r} is a non-empty folder that is not an ablation run; "
-                             "choose a new or empty folder")
-
-
-class _OutputDir:
-    """Write into a temp sibling of `final`, then swap it in (the old folder is removed)."""
-
-    def __init__(self, final: str | os.PathLike):
-        self.final = Path(final)
-        check_replaceable(self.final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}."))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old.{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -358,21 +313,23 @@ def _write_sweep_files(out: Path, result, stem: str, plots: bool) -> None:
 
 
 def write_head_ablation_outputs(result, output_dir, *, title: str = "Head ablation", plots: bool = True,
-                                metadata: dict[str, Any] | None = None) -> Path:
+                                metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write head_ablation.csv, head_ablation_patterns.npz, predictions.json, metadata.json,
     plots/*.png, report.html.
 
     Args:
         result: a `HeadAblationResult`.
-        output_dir: the folder, replaced atomically.
+        output_dir: the folder, written whole (`sparse_viz.output_dir`): a new or empty folder,
+            or an earlier result of this project with `overwrite`.
         title: the report's title.
         plots: write the PNGs.
         metadata: what ran (model, prompt, arguments, timings), written into metadata.json.
+        overwrite: replace an earlier result of this project in `output_dir`.
 
     Returns:
         The output folder.
     """
-    with _OutputDir(output_dir) as out:
+    with write_output_dir(output_dir, written_by="write_head_ablation_outputs", overwrite=overwrite) as out:
         _write_sweep_files(out, result, "head_ablation", plots)
         if plots and (result.table["kind"] == "head").sum() > 1:
             _save_fig(head_heatmap_figure(result.table, result.layout.n_layers, result.layout.n_heads),
@@ -443,23 +400,25 @@ def masks_figure(masks: dict[str, np.ndarray], ablated: dict[str, list[int]], ti
 
 
 def write_component_ablation_outputs(result, output_dir, *, title: str = "Component ablation", plots: bool = True,
-                                     metadata: dict[str, Any] | None = None) -> Path:
+                                     metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write component_ablation.csv, component_ablation_patterns.npz, predictions.json,
     metadata.json, plots, report.html.
 
     Args:
         result: a `ComponentAblationResult`.
-        output_dir: the folder, replaced atomically.
+        output_dir: the folder, written whole (`sparse_viz.output_dir`): a new or empty folder,
+            or an earlier result of this project with `overwrite`.
         title: the report's title.
         plots: write the PNGs.
         metadata: what ran (model, prompt, arguments, timings), written into metadata.json.
+        overwrite: replace an earlier result of this project in `output_dir`.
 
     Returns:
         The output folder.
     """
     import json
 
-    with _OutputDir(output_dir) as out:
+    with write_output_dir(output_dir, written_by="write_component_ablation_outputs", overwrite=overwrite) as out:
         result.table.to_csv(out / "component_ablation.csv", index=False)
         arrays = {"kl_per_position": result.kl_per_position, "input_ids": result.input_ids}
         for L, pattern in result.baseline_patterns.items():
@@ -542,21 +501,23 @@ def component_sweep_figure(result):
 
 
 def write_component_sweep_outputs(result, output_dir, *, title: str = "Component sweep", plots: bool = True,
-                                  metadata: dict[str, Any] | None = None) -> Path:
+                                  metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write component_sweep.csv, component_sweep_patterns.npz, predictions.json, metadata.json,
     plots, report.html.
 
     Args:
         result: a `ComponentSweepResult`.
-        output_dir: the folder, replaced atomically.
+        output_dir: the folder, written whole (`sparse_viz.output_dir`): a new or empty folder,
+            or an earlier result of this project with `overwrite`.
         title: the report's title.
         plots: write the PNGs.
         metadata: what ran (model, prompt, arguments, timings), written into metadata.json.
+        overwrite: replace an earlier result of this project in `output_dir`.
 
     Returns:
         The output folder.
     """
-    with _OutputDir(output_dir) as out:
+    with write_output_dir(output_dir, written_by="write_component_sweep_outputs", overwrite=overwrite) as out:
         _write_sweep_files(out, result, "component_sweep", plots)
         if plots:
             _save_fig(component_sweep_figure(result), out / "plots" / "component_sweep.png")

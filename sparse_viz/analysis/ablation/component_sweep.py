@@ -186,6 +186,7 @@ def run_component_sweep(
     patterns: bool = True,
     prediction_positions: Sequence[int] | None = None,
     output_dir=None,
+    overwrite: bool = False,
     progress: bool = True,
     metadata: dict | None = None,
     title: str = "Component sweep",
@@ -200,6 +201,8 @@ def run_component_sweep(
         decomposition: None = SVD of `modules`; a file path = SPD-style factors; a Decomposition.
         batch_size: components per forward.
         output_dir: if given, writes component_sweep.csv, patterns .npz, PNGs and report.html.
+        overwrite: replace an earlier result of this project in `output_dir` (a new or empty
+            folder needs nothing; any other folder is refused: `sparse_viz.output_dir`).
         metadata: with `output_dir`: what ran (model, prompt, arguments, timings), for metadata.json.
     Returns:
         DataFrame, one row per component: ablation, module, layer, component, component_norm,
@@ -218,5 +221,6 @@ def run_component_sweep(
     if output_dir is not None:
         from sparse_viz.report.ablation import write_component_sweep_outputs
 
-        write_component_sweep_outputs(result, output_dir, title=title, metadata=with_analysis_seconds(metadata, started))
+        write_component_sweep_outputs(result, output_dir, title=title, overwrite=overwrite,
+                                      metadata=with_analysis_seconds(metadata, started))
     return result.table

@@ -202,6 +202,7 @@ def run_component_ablation(
     patterns: bool = True,
     prediction_positions: Sequence[int] | None = None,
     output_dir=None,
+    overwrite: bool = False,
     progress: bool = True,
     metadata: dict | None = None,
     title: str = "Component ablation",
@@ -217,6 +218,8 @@ def run_component_ablation(
             factors (`load_factors`); or a Decomposition.
         mode, n_samples, ci_default, pgd_steps, pgd_step_size, seed: see `component_ablation_study`.
         output_dir: if given, writes component_ablation.csv, patterns .npz, PNGs, report.html.
+        overwrite: replace an earlier result of this project in `output_dir` (a new or empty
+            folder needs nothing; any other folder is refused: `sparse_viz.output_dir`).
         metadata: with `output_dir`: what ran (model, prompt, arguments, timings), for metadata.json.
     Returns:
         DataFrame with one row: ablation, mode, modules, n_components_ablated, kl_divergence,
@@ -239,6 +242,6 @@ def run_component_ablation(
     if output_dir is not None:
         from sparse_viz.report.ablation import write_component_ablation_outputs
 
-        write_component_ablation_outputs(result, output_dir, title=title,
+        write_component_ablation_outputs(result, output_dir, title=title, overwrite=overwrite,
                                          metadata=with_analysis_seconds(metadata, started))
     return result.table

@@ -375,6 +375,7 @@ def run_head_ablation(
     pattern_layers: Sequence[int] | None = None,
     prediction_positions: Sequence[int] | None = None,
     output_dir=None,
+    overwrite: bool = False,
     progress: bool = True,
     title: str = "Head ablation",
 ) -> pd.DataFrame:
@@ -386,6 +387,8 @@ def run_head_ablation(
         ablate, ablate_kv, sweep, sweep_layers, positions: see `build_ablations`.
         output_dir: if given, writes head_ablation.csv, head_ablation_patterns.npz, PNGs and
             report.html there (see `sparse_viz.report.ablation.write_head_ablation_outputs`).
+        overwrite: replace an earlier result of this project in `output_dir` (a new or empty
+            folder needs nothing; any other folder is refused: `sparse_viz.output_dir`).
     Returns:
         DataFrame, one row per ablation: ablation, kind, layer, head (-1 = several),
         n_heads_ablated, positions, kl_divergence, kl_max_position, frac_top1_changed,
@@ -401,5 +404,5 @@ def run_head_ablation(
     if output_dir is not None:
         from sparse_viz.report.ablation import write_head_ablation_outputs
 
-        write_head_ablation_outputs(result, output_dir, title=title)
+        write_head_ablation_outputs(result, output_dir, title=title, overwrite=overwrite)
     return result.table

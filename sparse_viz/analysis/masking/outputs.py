@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from sparse_viz.analysis.output_dir import make_staging_dir, replace_dir
+from sparse_viz.output_dir import write_output_dir
 from sparse_viz.report.masking import (  # columns defined once there
     RESULT_COLUMNS,
     render_masking_report,
@@ -42,6 +41,7 @@ def write_masking_outputs(
     metadata: dict,
     report: bool = True,
     extra_outputs: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write masking_results.csv/.json, metadata.json and report.html into `output_dir`.
 
@@ -49,17 +49,16 @@ def write_masking_outputs(
     into the same staging directory, so they are moved in atomically with the rest.
 
     Everything is written into a temp dir beside `output_dir` and moved in at the end, so a
-    failure leaves no half-written output; an existing `output_dir` is replaced.
+    failure leaves no half-written output. `output_dir` must be new or empty, or an earlier
+    result of this project replaced with `overwrite` (`sparse_viz.output_dir`).
 
     Returns:
         The output directory.
 
     Raises:
-        UserInputError: the output location cannot be written.
+        UserInputError: the output location cannot be written, or holds something else.
     """
-    output = Path(output_dir)
-    staging = make_staging_dir(output)
-    try:
+    with write_output_dir(output_dir, written_by="write_masking_outputs", overwrite=overwrite) as staging:
         results.loc[:, _output_columns(results)].to_csv(staging / "masking_results.csv", index=False)
         (staging / "masking_results.json").write_text(
             json.dumps(results_to_json(results), ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
@@ -71,8 +70,4 @@ def write_masking_outputs(
             render_masking_report(staging, results, metadata)
         if extra_outputs is not None:
             extra_outputs(staging)
-        replace_dir(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    return Path(output_dir)

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-from sparse_viz.analysis.output_dir import make_staging_dir, replace_dir
 from sparse_viz.analysis.sparse_eval.evaluation import SparseEvaluation
+from sparse_viz.output_dir import write_output_dir
 from sparse_viz.report.sparse_eval import perplexity_figure, render_sparse_eval_report, sparse_eval_payload
 
 
-def write_sparse_eval_outputs(output_dir: str | os.PathLike, result: SparseEvaluation, report: bool = True) -> Path:
-    """Write the evaluation into `output_dir` (replaced atomically)."""
-    output = Path(output_dir)
-    staging = make_staging_dir(output)
-    try:
+def write_sparse_eval_outputs(output_dir: str | os.PathLike, result: SparseEvaluation, report: bool = True,
+                              overwrite: bool = False) -> Path:
+    """Write the evaluation into `output_dir`, whole: a new or empty folder, or an earlier result
+    of this project replaced with `overwrite` (`sparse_viz.output_dir`)."""
+    with write_output_dir(output_dir, written_by="write_sparse_eval_outputs", overwrite=overwrite) as staging:
         result.table.to_csv(staging / "perplexity.csv", index=False)
         result.layers.to_csv(staging / "coverage.csv", index=False)
         (staging / "metadata.json").write_text(json.dumps(result.metadata, ensure_ascii=False, indent=1, default=str),
@@ -26,8 +25,4 @@ def write_sparse_eval_outputs(output_dir: str | os.PathLike, result: SparseEvalu
         perplexity_figure(result.table, staging / "perplexity.png", title=title)
         if report:
             render_sparse_eval_report(staging, sparse_eval_payload(result.table, result.layers, result.metadata), title)
-        replace_dir(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    return Path(output_dir)
