@@ -55,3 +55,12 @@ def test_adversarial_mode_warns_when_it_can_only_be_deterministic(model_dir, tmp
                                "--no-patterns", "--output", str(tmp_path / "out"), *extra], capsys)
     assert result.returncode == 0, result.stderr
     assert ("nothing to vary" in result.stderr) == warns
+
+
+def test_help_speaks_of_things_a_user_can_look_up(capsys):
+    """The project's planning documents ("seed 000", "seed 001") are not anything a user has."""
+    texts = [run_analysis_cli(["--help"], capsys).stdout]
+    for command in ("mask", "heads", "components", "impact", "sparse-eval", "batch"):
+        texts.append(run_analysis_cli([command, "--help"], capsys).stdout)
+    for text in texts:
+        assert "seed 0" not in text and "seed's" not in text, text

@@ -49,7 +49,8 @@ MASK_KINDS = ("text", "vision", "all")
 VISION_ATTENTION = {
     "causal": "the model's own causal mask (vision tokens included), as Qwen3-VL runs",
     "bidirectional": "COUNTERFACTUAL: tokens of one image attend to each other both ways in every "
-    "layer (seed 001's assumption); Qwen3-VL itself is causal, so these numbers do not describe the model",
+    "layer (a common assumption about vision tokens); Qwen3-VL itself is causal, so these numbers do not "
+    "describe the model",
 }
 
 
