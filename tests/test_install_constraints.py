@@ -8,6 +8,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -92,3 +93,27 @@ def test_setup_script_installs_everything_with_the_constraints(tmp_path):
         assert constraints.resolve() == (ROOT / "constraints.txt").resolve(), args
     assert any('.[dev]' in args for _, args in installs)
 
+
+
+@pytest.mark.parametrize("flags, steps", [([], 5), (["--dev"], 8)])
+def test_setup_script_says_each_step_before_it_runs(tmp_path, flags, steps):
+    """Several steps take minutes and print nothing themselves: a numbered line announces each,
+    in order, and the steps' own work happens after its line (the recorded python calls)."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    _shim(shims, "python", 'echo "python $*"\n')  # interleaved with the step lines on stdout
+    _shim(shims, "sha256sum", "exit 0\n")
+    _shim(shims, "apt-get", "exit 0\n")
+    _shim(shims, "sudo", "exit 0\n")
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), *flags], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    announced = [line for line in lines if line.startswith("setup: [")]
+    assert [line.split("]")[0] for line in announced] == [f"setup: [{i}/{steps}" for i in range(1, steps + 1)]
+    first_install = next(i for i, line in enumerate(lines) if "pip install" in line)
+    assert lines.index(announced[0]) < first_install
+    kernels = lines.index(next(line for line in announced if "kernels" in line))
+    assert kernels < next(i for i, line in enumerate(lines) if "fused_kernels" in line)
+    assert lines[-1] == "setup: done"
