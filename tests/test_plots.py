@@ -271,3 +271,44 @@ def test_a_dense_runs_selection_frequency_panel_says_why_it_is_empty(figures_inp
     position = attention_patterns_figure(history, dense).axes[0]
     assert not position.get_lines() and position.get_legend() is None
     assert any("no key selection recorded" in t.get_text() for t in position.texts)
+
+
+def test_each_colour_bar_sits_right_beside_its_own_panel(figures_input):
+    """The two scatter panels colour points by training step: each one's colour bar (found through
+    its scatter, not by position) is within 1% of the figure's width of the panel's edge, and
+    no taller than the panel, in figure coordinates after layout."""
+    history, snapshots = figures_input
+    fig = attention_patterns_figure(history, snapshots)
+    _drawn(fig)
+    scatter_panels = [ax for ax in fig.axes if ax.get_title() and ax.collections]
+    assert len(scatter_panels) == 2
+    for ax in scatter_panels:
+        bars = {id(c.colorbar): c.colorbar for c in ax.collections if getattr(c, "colorbar", None) is not None}
+        assert len(bars) == 1, ax.get_title()
+        panel, bar = ax.get_position(), next(iter(bars.values())).ax.get_position()
+        gap = max(bar.x0 - panel.x1, panel.x0 - bar.x1)  # whichever side it is on
+        assert 0 <= gap <= 0.01, (ax.get_title(), gap)
+        assert panel.y0 - 1e-6 <= bar.y0 and bar.y1 <= panel.y1 + 1e-6, (ax.get_title(), panel, bar)
+
+
+def test_no_axis_shows_an_offset_instead_of_its_values():
+    """Values that differ only in the fourth decimal (entropy 5.2451-5.2453, steps past 100000)
+    make matplotlib write ticks as 0.0001, 0.0002 with '+5.245' above the axis; every axis of
+    every figure must show the values themselves (no offset text once drawn)."""
+    from sparse_viz.report.plots import ground_truth_figure
+
+    history = []
+    for i in range(4):
+        near = 5.2451 + 0.0001 * i * 2 / 3  # 5.2451 ... 5.2453
+        history.append({"step": 100_000 + 10 * i, "stage": "sparse", "entropy_sparse": near, "entropy_dense": near + 1e-5,
+                        "score_mean": near, "score_std": 1e-5, "score_min": near - 1e-5, "score_max": near + 1e-5,
+                        "sink_share": 0.5 + 1e-5 * i, "local_share": 0.5, "mass_at_k": 0.5 + 1e-5 * i,
+                        "val_loss": near, "L0/gt_mass": 0.5 + 1e-5 * i, "answer_accuracy": 0.5})
+    for make in (lambda: attention_patterns_figure(history, {}), lambda: indexer_behavior_figure(history, {}),
+                 lambda: ground_truth_figure(history)):
+        fig = make()
+        _drawn(fig)
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                assert axis.get_offset_text().get_text() == "", (ax.get_title(), axis.axis_name,
+                                                                 axis.get_offset_text().get_text())

@@ -102,6 +102,27 @@ def _stage_legend(fig: Figure, history: Sequence[dict]) -> None:
                    title="panel background: the training stage at that step", title_fontsize=9)
 
 
+def _colorbar_beside(fig: Figure, mappable, ax, label: str, height: float = 1.0):
+    """A colour bar right beside `ax` (a gap of 2% of its width), `height` of its height from the
+    bottom. It is an inset of `ax`, so it moves with its panel: constrained layout puts a
+    `fig.colorbar(ax=ax)` bar past its column's shared margin, which a legend beside another
+    panel of the column widens, and the bar ends up far from its own panel."""
+    cax = ax.inset_axes([1.02, 0.0, 0.035, height])
+    return fig.colorbar(mappable, cax=cax, label=label)
+
+
+def _plain_tick_labels(fig: Figure) -> None:
+    """Tick labels show the values themselves: no offset ('+5.245' above an axis of values that
+    differ in the fourth decimal, with ticks reading 0.0001, 0.0002, ... meaning 5.2451, ...)."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            formatter = axis.get_major_formatter()
+            if isinstance(formatter, ScalarFormatter):
+                formatter.set_useOffset(False)
+
+
 def _n_layers(snapshots: dict[int, dict]) -> int | None:
     """Layers in the stored arrays (None without snapshot arrays)."""
     for arrays in snapshots.values():
@@ -235,8 +256,8 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
             scatter = ax.scatter(xy[sel, 0], xy[sel, 1], c=colour_steps[sel], cmap="viridis",
                                  vmin=steps.min(), vmax=max(steps.max(), steps.min() + 1),
                                  marker=markers[c % 4], s=22, label=f"cluster {c}", alpha=0.85)
-        fig.colorbar(scatter, ax=ax, label="training step", location="left")
-        _legend(ax, fontsize=7)
+        _legend(ax, fontsize=7)  # beside the panel's top, above the colour bar
+        _colorbar_beside(fig, scatter, ax, "training step", height=0.6)
     else:
         _empty(ax, "too few heads to cluster")
     ax.set_title("Head attention patterns (PCA of distance profiles, KMeans)\n(every head of every layer)")
@@ -249,12 +270,13 @@ def attention_patterns_figure(history: list[dict], snapshots: dict[int, dict]) -
     ok = np.isfinite(loss) & np.isfinite(mass)
     if ok.any():
         scatter = ax.scatter(mass[ok], loss[ok], c=steps[ok], cmap="viridis", s=28)
-        fig.colorbar(scatter, ax=ax, label="training step")
+        _colorbar_beside(fig, scatter, ax, "training step")
     else:
         _empty(ax, "no validation loss recorded yet")
     ax.set_title(f"Selection quality vs validation loss\n(mass@k: {over})")
     ax.set_xlabel("mass@k of the indexer's selection")
     ax.set_ylabel("validation loss (latest at the snapshot)")
+    _plain_tick_labels(fig)
     return fig
 
 
@@ -341,6 +363,7 @@ def indexer_behavior_figure(history: list[dict], snapshots: dict[int, dict]) -> 
         _empty(ax, "no snapshot arrays")
     ax.set_title(f"Selected token types\n({over})")
     ax.set_ylabel("share of selections / of visible keys")
+    _plain_tick_labels(fig)
     return fig
 
 
@@ -386,6 +409,7 @@ def ground_truth_figure(history: list[dict]) -> Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("answer accuracy on the probe")
     ax.set_xlabel("training step")
+    _plain_tick_labels(fig)
     return fig
 
 
