@@ -186,3 +186,66 @@ def test_a_payload_over_budget_carries_views_of_the_chosen_snapshots_only(run_di
     views = payload["views"]
     assert views["steps"] == [payload["steps"][0], payload["steps"][-1]] and views["S"] == 2
     assert len(views["sel"]) == 2 and len(payload["history"]["step"]) == len(payload["steps"])  # curves keep all
+
+
+def _heatmaps(run: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((run / "plots" / "selection").glob("*.png"))}
+
+
+def _report_cli(run: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, str(run), *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_heatmap_layers_redraws_the_heatmaps_of_a_run_that_has_them(tmp_path):
+    """A run whose heatmaps exist (all layers) and are newer than their snapshots: asking for
+    --heatmap-layers 1 rewrites every snapshot's heatmap, now one panel narrower (one layer
+    instead of two, same height), and asking again rewrites them again; without the option an
+    up-to-date heatmap is left as it is."""
+    import os
+
+    from PIL import Image
+
+    run = write_synthetic_run(tmp_path / "run", n_snapshots=2, n_layers=2)
+    assert _report_cli(run).returncode == 0
+    store = RunStore(run)
+    old = 1_000_000_000  # 2001: the snapshots, then the heatmaps (still newer than their snapshots)
+    for step in store.steps():
+        os.utime(store.snapshot_path(step), (old, old))
+    for png in (run / "plots" / "selection").glob("*.png"):
+        os.utime(png, (old + 10, old + 10))
+    before = _heatmaps(run)
+    assert sorted(before) == [f"step_{s:07d}.png" for s in store.steps()]
+    sizes = {name: Image.open(run / "plots" / "selection" / name).size for name in before}
+
+    assert _report_cli(run).returncode == 0  # the default: up to date, not redrawn
+    assert _heatmaps(run) == before
+
+    result = _report_cli(run, "--heatmap-layers", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = _heatmaps(run)
+    assert sorted(after) == sorted(before)  # no file added or removed
+    for name, (mtime, data) in after.items():
+        assert mtime > before[name][0] and data != before[name][1], name
+        assert str(run / "plots" / "selection" / name) in result.stdout
+        width, height = Image.open(run / "plots" / "selection" / name).size
+        assert height == sizes[name][1] and width < sizes[name][0] * 0.75, (name, (width, height), sizes[name])
+
+    for png in (run / "plots" / "selection").glob("*.png"):
+        os.utime(png, (old + 10, old + 10))
+    assert _report_cli(run, "--heatmap-layers", "1").returncode == 0
+    assert all(mtime > old * 10**9 + 10 * 10**9 for mtime, _ in _heatmaps(run).values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--heatmap-layers", "0,5"], "--heatmap-layers 5: the run's snapshots have layers 0-1"),
+    (["--heatmap-layers", ","], "--heatmap-layers names no layer"),
+    (["--heatmap-layers", "0", "--no-plots"], "--no-plots"),
+])
+def test_heatmap_layers_that_cannot_take_effect_are_one_line_exit_2_and_write_nothing(tmp_path, argv, message):
+    run = write_synthetic_run(tmp_path / "run", n_snapshots=2, n_layers=2)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    result = _report_cli(run, *argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before

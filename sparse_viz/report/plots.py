@@ -443,15 +443,40 @@ def selection_heatmap_figure(arrays: dict, layers: Sequence[int], step: int) -> 
     return fig
 
 
-def render_plots(run_dir: str | os.PathLike, heatmap_layers: Sequence[int] | None = None) -> list[Path]:
-    """Write the two summary PNGs and any missing per-snapshot heatmaps of a run directory.
+def _check_heatmap_layers(layers: Sequence[int] | None, snapshots: dict[int, dict]) -> None:
+    """Layers asked for explicitly must exist: an explicit choice that draws nothing is an error."""
+    from sparse_viz.errors import UserInputError
+
+    if layers is not None and not list(layers):
+        raise UserInputError("--heatmap-layers names no layer")
+    counts = {int(arrays["show_selected"].shape[0]) for arrays in snapshots.values()}
+    if layers is None or not counts:
+        return
+    n_layers = min(counts)
+    outside = [layer for layer in layers if not 0 <= layer < n_layers]
+    if outside:
+        raise UserInputError(f"--heatmap-layers {','.join(map(str, outside))}: the run's snapshots have "
+                             f"layers 0-{n_layers - 1}")
+
+
+def render_plots(run_dir: str | os.PathLike, heatmap_layers: Sequence[int] | None = None,
+                 redraw_heatmaps: bool = False) -> list[Path]:
+    """Write the summary PNGs and the per-snapshot selection heatmaps of a run directory.
 
     Args:
         run_dir: a run directory with `analysis/history.jsonl`.
-        heatmap_layers: layers in the heatmaps (None: all layers).
+        heatmap_layers: the layers shown in each heatmap, one panel each (None: all layers).
+        redraw_heatmaps: redraw every snapshot's heatmap with exactly `heatmap_layers`, even
+            where one exists (which then shows only those layers); a layer the run does not
+            have is an error. Otherwise a heatmap is drawn only where it is missing or older
+            than its snapshot, and layers the run does not have are left out.
 
     Returns:
         The paths written.
+
+    Raises:
+        UserInputError: `redraw_heatmaps` with no layer or with a layer the run does not have
+            (raised before anything is written).
     """
     store = RunStore(run_dir)
     history = store.read_history()
@@ -459,6 +484,8 @@ def render_plots(run_dir: str | os.PathLike, heatmap_layers: Sequence[int] | Non
     for record in history:
         if store.snapshot_path(record["step"]).is_file():
             snapshots[int(record["step"])] = store.load_snapshot(record["step"])
+    if redraw_heatmaps:
+        _check_heatmap_layers(heatmap_layers, snapshots)
     plots = Path(run_dir) / "plots"
     written = [
         _save(attention_patterns_figure(history, snapshots), plots / "attention_patterns.png"),
@@ -470,7 +497,8 @@ def render_plots(run_dir: str | os.PathLike, heatmap_layers: Sequence[int] | Non
         n_layers = arrays["show_selected"].shape[0]
         layers = [l for l in (heatmap_layers if heatmap_layers is not None else range(n_layers)) if 0 <= l < n_layers]
         target = plots / "selection" / f"step_{step:07d}.png"
-        if not layers or (target.is_file() and target.stat().st_mtime >= store.snapshot_path(step).stat().st_mtime):
+        up_to_date = target.is_file() and target.stat().st_mtime >= store.snapshot_path(step).stat().st_mtime
+        if not layers or (up_to_date and not redraw_heatmaps):
             continue
         written.append(_save(selection_heatmap_figure(arrays, layers, step), target))
     return written

@@ -232,12 +232,15 @@ def render_training_report(run_dir: str | os.PathLike, output: str | os.PathLike
     )
 
 
-def render_run(run_dir: str | os.PathLike, heatmap_layers=None) -> list[Path]:
-    """Plots + HTML report of a run directory, from disk; returns the written paths."""
+def render_run(run_dir: str | os.PathLike, heatmap_layers=None, redraw_heatmaps: bool = False) -> list[Path]:
+    """Plots + HTML report of a run directory, from disk; returns the written paths.
+
+    `heatmap_layers` and `redraw_heatmaps` are `report.plots.render_plots`'s: with
+    `redraw_heatmaps` every snapshot's heatmap is redrawn with exactly those layers."""
     from sparse_viz.report.plots import render_plots
 
     build_payload(run_dir)  # validates the directory before anything is written
-    written = render_plots(run_dir, heatmap_layers=heatmap_layers)
+    written = render_plots(run_dir, heatmap_layers=heatmap_layers, redraw_heatmaps=redraw_heatmaps)
     written.append(render_training_report(run_dir))
     return written
 
