@@ -15,6 +15,8 @@ configs/train/retrofit_smollm2.yaml); the data `sparse_viz.data.TextDataModule` 
 
 Each run gets its own directory `<run_root>/<run_name>/` (default `results/<config>-<time>/`)
 with the resolved `config.yaml`, `checkpoints/`, `metrics.csv`, and what the callbacks write.
+A new run refuses a `--run_name` whose directory holds anything already (an earlier run, or any
+folder): it would write over it.
 A resumed run continues in the directory its checkpoint lives in, exactly where it stopped
 (`sparse_viz.training.checkpointing`: `last.ckpt` every `--checkpoint_every_n_steps` steps and on
 Ctrl-C / SIGTERM, after which the resume command is printed and the exit status is 130 / 143). Bad input (unknown option,
@@ -123,7 +125,10 @@ class SparseVizCLI(LightningCLI):
                 return ckpt.parent.parent
         root = Path(self.config.run_root)
         if self.config.get("run_name"):
-            return root / self.config.run_name
+            run_dir = root / self.config.run_name
+            if not ckpt_path and launched_as_global_rank_zero():
+                refuse_a_used_run_dir(run_dir)
+            return run_dir
         launched = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "SLURM_NTASKS"))
         if launched > 1:
             # Each process would name a directory after its own clock; nothing can agree on one yet.
@@ -167,12 +172,45 @@ class SparseVizCLI(LightningCLI):
             self.trainer.fit_loop.epoch_loop.max_steps = self.model.schedule.total_steps
 
 
-def run_training(args: list[str] | None = None) -> SparseVizCLI:
-    """Parse `args` (default: the command line), train, and return the CLI (model, data, run_dir)."""
-    silence_third_party_notices()
-    cli = SparseVizCLI(
-        L.LightningModule,
-        L.LightningDataModule,
+def launched_as_global_rank_zero() -> bool:
+    """Whether no cluster launcher started this process as another rank than 0 (torchrun sets
+    RANK, SLURM SLURM_PROCID; a process started by hand has neither).
+
+    Every process of an external launcher parses the same command line with the same --run_name,
+    and rank 0 makes the run directory while the others may still be parsing: only rank 0 can
+    tell a used directory from the one its own run has just made.
+    """
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("RANK", "SLURM_PROCID"))
+
+
+def refuse_a_used_run_dir(run_dir: Path) -> None:
+    """Refuse to start a new run in `run_dir` if something is there already.
+
+    A new run writes metrics.csv, checkpoints/last.ckpt, analysis/ and the report over whatever
+    the directory holds (an earlier run of the same --run_name, or any folder a mistyped
+    --run_root / --run_name points at). An empty directory is fine (made beforehand on purpose);
+    a resume (--ckpt_path) is never refused.
+
+    Raises:
+        UserInputError: naming the directory and what to do instead.
+    """
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    if not run_dir.is_dir():
+        raise UserInputError(f"run directory {run_dir} exists and is not a directory; choose another --run_name")
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    resume = (f"resume that run with --config {run_dir / 'config.yaml'} --ckpt_path {checkpoint}, or "
+              if checkpoint.is_file() else "")
+    raise UserInputError(f"run directory {run_dir} already exists and is not empty: a new run would write over "
+                         f"what it holds; {resume}choose another --run_name (or --run_root)")
+
+
+def cli_kwargs(args: list[str] | None = None) -> dict:
+    """The arguments of `SparseVizCLI` for the command line `args` (default: sys.argv): the one
+    parser of a run, of `--help`, and of the tests that check what it accepts."""
+    return dict(
+        model_class=L.LightningModule,
+        datamodule_class=L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
@@ -184,6 +222,12 @@ def run_training(args: list[str] | None = None) -> SparseVizCLI:
         },
         args=args,
     )
+
+
+def run_training(args: list[str] | None = None) -> SparseVizCLI:
+    """Parse `args` (default: the command line), train, and return the CLI (model, data, run_dir)."""
+    silence_third_party_notices()
+    cli = SparseVizCLI(**cli_kwargs(args))
     if cli.trainer.is_global_zero:
         # The run directory is self-contained: analyses of its checkpoints read their tokenizer here.
         cli.run_dir.mkdir(parents=True, exist_ok=True)
