@@ -47,10 +47,11 @@ from sparse_viz.model import ModelConfig
 from sparse_viz.training import Schedule
 from sparse_viz.training.class_choices import unknown_class_error
 from sparse_viz.training.checkpointing import TrainingInterrupted, use_step_checkpoint
-from sparse_viz.training.module import stages_from_dicts
+from sparse_viz.training.module import default_stages, stages_from_dicts
 from sparse_viz.training.progress import use_steps_progress_bar
 from sparse_viz.training.quiet import silence_third_party_notices
 from sparse_viz.training.resumable_csv_logger import ResumableCSVLogger
+from sparse_viz.training.retrofit_module import default_retrofit_stages
 
 MODEL_CONFIG_FIELDS = [field.name for field in dataclasses.fields(ModelConfig)]
 
@@ -107,6 +108,9 @@ class SparseVizCLI(LightningCLI):
             raise UserInputError(
                 f"data.seq_len={seq_len} is larger than model.max_seq_len={model.max_seq_len}"
             )
+        warning = dense_sparse_stage_warning(self.config.model.get("class_path", ""), model, seq_len)
+        if warning and RUN_DIR_ENV not in os.environ and launched_as_global_rank_zero():  # once, not per process
+            print(f"sparse_viz.train: warning: {warning}", file=sys.stderr)
 
     def before_instantiate_classes(self) -> None:
         self.run_dir = self._choose_run_dir()
@@ -170,6 +174,37 @@ class SparseVizCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.trainer.max_steps == -1:
             self.trainer.fit_loop.epoch_loop.max_steps = self.model.schedule.total_steps
+
+
+def dense_sparse_stage_warning(class_path: str, model: dict, seq_len: int | None) -> str | None:
+    """The warning for a sparse stage that cannot be sparse, or None.
+
+    Query t attends to min(t + 1, top_k) keys, so with top_k >= seq_len (the T the model sees;
+    a curriculum's shorter phases are shorter still) every query keeps all its past keys: the
+    "sparse" stage trains dense attention under a sparse name. It is a warning, not an error:
+    the same run is a legitimate control (the sparse code path against dense attention).
+
+    Args:
+        class_path: the model's class path (its default stages, when `stages` is not given).
+        model: the model's options (`init_args`); a model without `selector` selects top-k.
+        seq_len: the data module's `seq_len`, or None if it has none.
+    """
+    top_k, selector = model.get("top_k"), model.get("selector", "topk")
+    if top_k is None or seq_len is None or selector == "dense" or top_k < seq_len:
+        return None
+    stages = model.get("stages")
+    if stages is None:
+        if class_path.endswith("DSALightningModule"):
+            stages = [dataclasses.asdict(stage) for stage in default_stages()]
+        elif class_path.endswith("RetrofitLightningModule"):
+            stages = default_retrofit_stages()
+        else:
+            return None  # another class's defaults are unknown here
+    if not any(stage.get("name") == "sparse" for stage in stages):
+        return None
+    return (f"model.top_k={top_k} >= data.seq_len={seq_len}: every query attends to all its past keys, so the "
+            f"sparse stage (selector {selector}) is dense attention; give model.top_k < data.seq_len to train "
+            "sparse attention")
 
 
 def launched_as_global_rank_zero() -> bool:
