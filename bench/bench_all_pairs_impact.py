@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import print_cpu  # bench/timing.py (the script's own folder is on sys.path)
+
 TEXT = (Path(__file__).resolve().parent / "bench_token_masking.py").read_text()  # any long English text
 
 
@@ -57,6 +59,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=".cache/smollm2-135m")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024])

@@ -30,7 +30,7 @@ import torch
 from sparse_viz.model.attention import dense_causal_attention, gathered_sparse_attention, masked_sparse_attention
 from sparse_viz.model.selectors import select_keys
 
-from timing import interleaved_medians  # bench/timing.py (the script's own folder is on sys.path)
+from timing import interleaved_medians, print_cpu  # bench/timing.py (the script's own folder is on sys.path)
 
 
 def memory_worker(name: str, T: int, args) -> dict:
@@ -93,6 +93,7 @@ def memory_main(args) -> None:
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])

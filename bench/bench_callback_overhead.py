@@ -31,6 +31,8 @@ from sparse_viz.report.training import render_run  # noqa: E402
 from sparse_viz.tracking.callback import SelectionAnalysisCallback  # noqa: E402
 from sparse_viz.training import DSALightningModule  # noqa: E402
 
+from timing import print_cpu  # bench/timing.py (the script's own folder is on sys.path)
+
 
 class NoRenderCallback(SelectionAnalysisCallback):
     """The callback without its end-of-fit rendering (timed separately)."""
@@ -65,6 +67,7 @@ def fit_once(config: dict, data: TextDataModule, steps: int, with_callback: bool
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "train" / "default.yaml"))
     parser.add_argument("--steps", type=int, default=100)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from bench_head_sweep import PROMPT
-from timing import interleaved_medians
+from timing import interleaved_medians, print_cpu
 
 from sparse_viz.analysis.ablation.component_sweep import (
     component_sweep_study,
@@ -31,6 +31,7 @@ from sparse_viz.pretrained.loading import load_model
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(Path(".cache/smollm2-135m")))
     parser.add_argument("--module", default="15.o_proj")

@@ -35,8 +35,9 @@ def main() -> None:
     from sparse_viz.model.indexer_blocks import blockwise_topk
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from timing import interleaved_medians
+    from timing import interleaved_medians, print_cpu
 
+    print_cpu()
     if load_fused_kernels() is None:
         sys.exit("the fused kernels are not built on this machine")
     torch.set_num_threads(args.threads)

@@ -36,6 +36,8 @@ from sparse_viz.analysis.ablation.heads import (
 )
 from sparse_viz.pretrained.loading import load_model
 
+from timing import print_cpu  # bench/timing.py (the script's own folder is on sys.path)
+
 PROMPT = (
     "The history of the city begins with a small fishing village on the northern bank of the river. "
     "Over the centuries it grew into a busy port, and merchants from distant countries came to trade "
@@ -100,6 +102,7 @@ def print_roofline(model, T: int, ablations, times: dict[str, list[float]], batc
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(Path(".cache/smollm2-135m")))
     parser.add_argument("--tokens", type=int, default=64)

@@ -280,6 +280,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.seq_lens[0], args.steps, args.threads, args.device, args.dtype)))
         return
+    from timing import print_cpu  # bench/timing.py (the script's own folder is on sys.path)
+
+    print_cpu()  # the workers run on the same CPU
 
     jobs = []  # (T, candidate)
     for T in args.seq_lens:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import interleaved_medians  # noqa: E402
+from timing import interleaved_medians, print_cpu  # noqa: E402
 
 from sparse_viz.pretrained.loading import load_model  # noqa: E402
 from sparse_viz.pretrained.retrofit_indexers import RetrofitIndexers  # noqa: E402
@@ -32,6 +32,7 @@ from sparse_viz.pretrained.retrofit_model import RetrofitModel  # noqa: E402
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=".cache/smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=1024)

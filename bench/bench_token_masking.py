@@ -29,6 +29,8 @@ import torch
 from sparse_viz.analysis.masking.experiment import analyse_sequence
 from sparse_viz.pretrained.loading import load_model
 
+from timing import print_cpu  # bench/timing.py (the script's own folder is on sys.path)
+
 TEXT = (
     "The old lighthouse keeper climbed the spiral stairs every evening, long after the ships had "
     "stopped needing his lamp. He carried a small notebook in which he wrote the colour of the sky, "
@@ -49,6 +51,7 @@ def timed(fn) -> float:
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=".cache/smollm2-135m")
     parser.add_argument("--tokens", type=int, default=128)

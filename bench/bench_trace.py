@@ -21,7 +21,7 @@ from sparse_viz.model import transformer as transformer_module
 from sparse_viz.model.attention import gathered_sparse_attention
 from sparse_viz.model.selectors import topk_causal
 
-from timing import interleaved_medians  # bench/timing.py (the script's own folder is on sys.path)
+from timing import interleaved_medians, print_cpu  # bench/timing.py (the script's own folder is on sys.path)
 
 MODEL = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, d_ff=768, max_seq_len=512,
              indexer_heads=4, indexer_dim=32, indexer_rope_dim=16, top_k=64)
@@ -45,6 +45,7 @@ def bare_forward(model: SparseTransformer, ids: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--batch", type=int, default=4)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sparse_viz.model import ModelConfig, SparseTransformer
 from sparse_viz.model.fused_kernels import fused_kernels_disabled
 
-from timing import interleaved_medians  # bench/timing.py (the script's own folder is on sys.path)
+from timing import interleaved_medians, print_cpu  # bench/timing.py (the script's own folder is on sys.path)
 
 MODEL = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, d_ff=768, max_seq_len=512,
              indexer_heads=4, indexer_dim=32, indexer_rope_dim=16, top_k=64)
@@ -52,6 +52,7 @@ def training_step(model: SparseTransformer, ids: torch.Tensor, attention: str, i
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)

@@ -42,6 +42,8 @@ from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
 from sparse_viz.analysis.masking.reference import reference_final_position_updates
 from sparse_viz.pretrained.adapter import ArchitectureAdapter
 
+from timing import print_cpu  # bench/timing.py (the script's own folder is on sys.path)
+
 IMAGE_PX = 512  # 512 / 16-px patches = 32x32 patches, merged 2x2 -> 16x16 = 256 tokens
 N_TEXT = 20
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 1000, 1001, 1002, 1003
@@ -152,6 +154,7 @@ def bench(size: str, n_layers: int, device: str, dtype: torch.dtype, repeats: in
 
 
 def main() -> None:
+    print_cpu()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,2b", help="comma list of tiny, 2b")
     parser.add_argument("--device", default="cpu")

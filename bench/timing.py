@@ -26,3 +26,12 @@ def interleaved_medians(candidates: dict, reps: int) -> dict[str, tuple[float, f
             if round_:
                 times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+
+
+def print_cpu() -> None:
+    """Print the line that says which machine gave the timings that follow: the CPU, torch's
+    vector kernels, native bfloat16 or not, and what the fused kernels were built for. CPUs of one
+    machine type differ (AVX-512 with native bfloat16 on some, AVX2 only on others)."""
+    from sparse_viz.model.cpu_features import describe_cpu
+
+    print(describe_cpu(), flush=True)

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -43,9 +44,13 @@ SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))  # compiled and linked into one libra
 HEADERS = sorted(SOURCE_DIR.glob("*.h"))
 DISABLE_ENV = "SPARSE_VIZ_FUSED_KERNELS"  # "0" = never build or use them (the CSR kernels instead)
 
+# Extra compiler flags, e.g. "-mno-avx512f": a build for less than this CPU has, to test or time
+# another CPU's code path here (bench/README.md's AVX2 rows). Part of the build's name.
+EXTRA_FLAGS_ENV = "SPARSE_VIZ_FUSED_CFLAGS"
 # OpenMP: at::parallel_for runs serially without it. -march=native: the build is per machine, so
 # the compiler may use every instruction this CPU has.
-_FLAGS = ["-O3", "-fopenmp"] + (["-march=native"] if os.uname().machine == "x86_64" else [])
+BUILD_FLAGS = (["-O3", "-fopenmp"] + (["-march=native"] if os.uname().machine == "x86_64" else [])
+               + shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")))
 _ops = None  # torch.ops.sparse_viz_fused once loaded
 _failure: str | None = None  # why they could not be built, once tried
 
@@ -81,7 +86,7 @@ def load_fused_kernels(verbose: bool = False):
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name=_build_name(_FLAGS), sources=[str(path) for path in SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+            name=_build_name(BUILD_FLAGS), sources=[str(path) for path in SOURCES], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"],
             is_python_module=False, verbose=verbose
         )
         _ops = torch.ops.sparse_viz_fused
@@ -122,11 +127,17 @@ def fused_kernels_disabled():
             os.environ[DISABLE_ENV] = before
 
 
+def unavailable_reason() -> str | None:
+    """Why the kernels are not used ("SPARSE_VIZ_FUSED_KERNELS=0", or the build's failure), or
+    None when they are loaded or not yet tried."""
+    return f"{DISABLE_ENV}=0" if os.environ.get(DISABLE_ENV, "1") == "0" else _failure
+
+
 def _kernels():
     """The operators, or one clear error where they cannot be had."""
     ops = load_fused_kernels()
     if ops is None:
-        reason = f"{DISABLE_ENV}=0" if os.environ.get(DISABLE_ENV, "1") == "0" else _failure
+        reason = unavailable_reason()
         raise RuntimeError(f"the fused CPU kernels are not available ({reason}); use kernel='csr' or 'copy'")
     return ops
 
@@ -310,5 +321,5 @@ def main() -> int:
     if ops is None:
         print(f"fused CPU kernels: not built ({_failure or DISABLE_ENV + '=0'})", file=sys.stderr)
         return 1
-    print(f"fused CPU kernels: built ({_build_name(_FLAGS)})")
+    print(f"fused CPU kernels: built ({_build_name(BUILD_FLAGS)})")
     return 0

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from sparse_viz.errors import UserInputError
+from sparse_viz.model.cpu_features import bfloat16_emulation_warning
 from sparse_viz.pretrained.adapter import (
     DECODER_PATHS,
     MULTIMODAL_TYPES,
@@ -101,6 +103,10 @@ def load_model(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    if torch_device.type == "cpu" and torch_dtype == torch.bfloat16:
+        warning = bfloat16_emulation_warning()
+        if warning is not None:  # an analysis in bfloat16 is then slower than in float32, not faster
+            print(f"{warning}; --dtype float32 is likely faster on this machine", file=sys.stderr)
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".ckpt":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 
 from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig, SparseTransformer
+from sparse_viz.model.cpu_features import bfloat16_emulation_warning
 from sparse_viz.training.batches import answer_hits, batch_tokens, masked_cross_entropy, split_batch
 from sparse_viz.training.stages import Schedule, Stage
 
@@ -84,6 +86,15 @@ class StagedLightningModule(L.LightningModule):
         for parameter in self.model.main_parameters():
             parameter.requires_grad_(self.trains_main(stage))
         self._trainable_for = stage.name
+
+    def on_fit_start(self) -> None:
+        """Say once, before the first step, when bfloat16 was asked of a CPU that emulates it: the
+        run is then several times slower than in float32, which a user following the README's
+        bf16 advice would not expect."""
+        if self.device.type == "cpu" and str(self.trainer.precision).startswith("bf16") and self.trainer.is_global_zero:
+            warning = bfloat16_emulation_warning()
+            if warning is not None:
+                print(f"{warning}; --trainer.precision 32-true is likely faster on this machine", file=sys.stderr)
 
     # ----------------------------------------------------------------- steps
     def on_train_batch_start(self, batch, batch_idx) -> None:
