@@ -8,8 +8,9 @@ starts, while it counts batches from the epoch's first one. A run resumed part-w
 epoch then overflows ("800/699"): this one sizes the epoch from its first batch too.
 
 A progress bar is drawn for a terminal: when the output goes to a file or a pipe (a job's log, a
-run under nohup), rich draws it once, at the end. There this bar writes a plain line instead,
-every `line_interval(max_steps)` steps and after each validation, flushed at once:
+run under nohup), rich draws it once, at the end. There this bar also writes a plain line
+every `line_interval(max_steps)` steps and after each validation, flushed at once (rich's own
+drawing still comes at the end, as before):
 
     step 30/800 (4%), stage dense: loss 5.8123, 3641 tokens/s
     validation at step 50/800: val/loss 5.6012
