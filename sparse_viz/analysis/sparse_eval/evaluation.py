@@ -12,11 +12,17 @@ For each selector (`dense`, `topk` with trained indexers, `local`, `sink_local`,
 mass@k and recall@k compare the selection with the DENSE model's attention on the same windows
 (the selections of `topk`, `local`, `sink_local` and `random` do not depend on the attention; the
 oracle's is the dense top-k by construction, so its coverage is the ceiling).
+
+A k at or above the window length T is degenerate: query t sees t + 1 <= T <= k keys, so every
+selector keeps them all and equals dense. Such a k is warned about (`SettingWarning`) and its
+mass@k and recall@k are NaN (no informative query), not 1; if every k is degenerate the
+evaluation is refused (`UserInputError`): it would only measure dense attention again.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from sparse_viz.errors import UserInputError
+from sparse_viz.errors import SettingWarning, UserInputError
 from sparse_viz.model.attention import selection_mask
 from sparse_viz.model.selectors import topk_causal
 from sparse_viz.pretrained.loading import LoadedModel
@@ -37,8 +43,9 @@ DEFINITIONS = {
     "perplexity": "exp(mean next-token NLL over every position of every window), each layer attending only to its "
                   "selected keys (rows with t + 1 <= k dense)",
     "mass_at_k": "share of the dense model's attention (summed over heads, per query) on the keys the selection kept, "
-                 "per layer, mean over queries with t + 1 > k",
-    "recall_at_k": "share of the dense top-k keys (by that attention) the selection kept",
+                 "per layer, mean over the informative queries, those with t + 1 > k (the others keep every key); "
+                 "empty where there is none (k >= the window length: every selector equals dense)",
+    "recall_at_k": "share of the dense top-k keys (by that attention) the selection kept, over the same queries",
     "oracle": "top-k of the layer's own attention summed over heads, computed in the sparse forward itself",
 }
 TABLE_COLUMNS = ["selector", "k", "perplexity", "nll", "n_tokens", "relative_to_dense"]
@@ -83,16 +90,36 @@ def dense_pass(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, in
 
 def coverage(selected: torch.Tensor, mass: torch.Tensor, k: int) -> tuple[float, float]:
     """(mass@k, recall@k) of a selection (T, k') against a dense attention row mass (T, T),
-    averaged over queries with t + 1 > k."""
+    averaged over the informative queries, t + 1 > k; (NaN, NaN) when there is none (k >= T),
+    as a selection that keeps every key says nothing about selecting."""
     T = mass.shape[0]
     if k >= T:
-        return 1.0, 1.0
+        return math.nan, math.nan
     keep = selection_mask(selected[None], T)[0]  # (T, T)
     top = selection_mask(topk_causal(mass[None], k), T)[0]  # (T, T): the dense top-k
     rows = torch.arange(k, T)
     kept_mass = (mass * keep).sum(-1)[rows]
     recall = (top & keep).sum(-1)[rows].float() / k
     return float(kept_mass.mean()), float(recall.mean())
+
+
+def check_k_against_length(ks: Sequence[int], length: int) -> None:
+    """Warn about each k >= `length` (the window length): query t sees t + 1 <= length keys, so
+    at such a k every selector keeps every key and equals dense.
+
+    Raises:
+        UserInputError: every k is such a k. The evaluation would measure dense attention once
+            per selector and k, at full cost, and report nothing about selection.
+    """
+    degenerate = [value for value in ks if value >= length]
+    if degenerate and len(degenerate) == len(ks):
+        raise UserInputError(f"every k ({', '.join(map(str, ks))}) is >= the window length of {length} tokens: "
+                             f"no query sees more than {length} keys, so every selector would keep them all and "
+                             f"equal dense; give a k below {length} or longer windows (--seq-len)")
+    for value in degenerate:
+        warnings.warn(f"k = {value} is >= the window length of {length} tokens: no query sees more than k keys, "
+                      f"so at k = {value} every selector keeps every key and equals dense; its mass@k and recall@k "
+                      "are left empty (no informative query)", SettingWarning, stacklevel=3)
 
 
 def evaluate_selectors(
@@ -111,14 +138,19 @@ def evaluate_selectors(
 ) -> SparseEvaluation:
     """Perplexity and coverage of every (selector, k) on `windows` (N, T) of held-out text.
 
+    Warns:
+        SettingWarning: a k >= the window length (every selector equals dense at it).
+
     Raises:
-        UserInputError: an unknown selector, k < 1, `topk` without indexers.
+        UserInputError: an unknown selector, k < 1, `topk` without indexers, every k >= the
+            window length.
     """
     from tqdm.auto import tqdm
 
     ks = sorted({int(value) for value in k})
     if not ks or ks[0] < 1:
         raise UserInputError(f"every k must be >= 1, got {list(k)}")
+    check_k_against_length(ks, int(windows.shape[1]))
     dense_total, n_tokens, masses = dense_pass(model.model, windows)  # masses: [N][L] (T, T)
     dense_nll = dense_total / n_tokens
     rows = [{"selector": "dense", "k": windows.shape[1], "perplexity": math.exp(dense_nll), "nll": dense_nll,
@@ -159,7 +191,9 @@ def sparse_windows(model: LoadedModel, selection: KeySelection, windows: torch.T
         total += next_token_nll(model.model(input_ids=window[None], use_cache=False).logits, window)
         for layer in range(n_layers):
             selected = selection.last_selected.get(layer)
-            if selected is None:  # a dense layer keeps every causal key
+            if k >= mass[layer].shape[0]:  # no query sees more than k keys: nothing to measure
+                m, r = math.nan, math.nan
+            elif selected is None:  # a dense layer (dense_layers) keeps every causal key
                 m, r = 1.0, 1.0
             else:
                 m, r = coverage(selected[0].cpu(), mass[layer].cpu(), k)

@@ -47,20 +47,36 @@
     selectors.map((name) => ({ name, points: data.table.filter((r) => r.selector === name).map((r) => [r.k, r.perplexity]).sort((a, b) => a[0] - b[0]) })),
     "k (keys per query)", "perplexity", true, dense ? dense.perplexity : null);
 
+  // A k at or above the window length keeps every key of every query: that selector is dense there.
+  const T = data.seq_len;
+  const degenerate = (k) => T !== null && T !== undefined && k >= T;
   const body = document.querySelector("#ppl-table tbody");
   for (const r of data.table) {
     const row = body.insertRow();
-    for (const v of [r.selector, r.selector === "dense" ? "all" : r.k, SV.format(r.perplexity, 4), SV.format(r.relative_to_dense, 4) + "x"]) row.insertCell().textContent = v;
+    const k = r.selector === "dense" ? "all" : degenerate(r.k) ? `${r.k} (≥ ${T} tokens: dense)` : r.k;
+    for (const v of [r.selector, k, SV.format(r.perplexity, 4), SV.format(r.relative_to_dense, 4) + "x"]) row.insertCell().textContent = v;
   }
 
   const kSelect = document.getElementById("k-select"), metric = document.getElementById("metric-select");
   for (const k of [...new Set(data.layers.map((r) => r.k))]) kSelect.add(new Option(String(k), String(k)));
+  // A value is missing (null) where no query of a window has more than k keys: it is said, not
+  // drawn (as 0 or 1); a k with no value at all gets a sentence instead of a chart.
+  const note = document.getElementById("layer-note");
   function drawLayers() {
     const rows = data.layers.filter((r) => String(r.k) === kSelect.value);
     const names = [...new Set(rows.map((r) => r.selector))];
-    lineChart(document.getElementById("layer-chart"),
-      names.map((name) => ({ name, points: rows.filter((r) => r.selector === name).map((r) => [r.layer, r[metric.value]]) })),
-      "layer", metric.options[metric.selectedIndex].text, false, null);
+    const series = names.map((name) => ({ name, points: rows.filter((r) => r.selector === name && r[metric.value] !== null)
+      .map((r) => [r.layer, r[metric.value]]) })).filter((s) => s.points.length);
+    const k = Number(kSelect.value);
+    const missing = rows.filter((r) => r[metric.value] === null).map((r) => `${r.selector} layer ${r.layer}`);
+    note.hidden = !missing.length;
+    note.textContent = !missing.length ? "" : !series.length
+      ? `No informative query at k = ${k}: ${degenerate(k) ? `the windows have ${T} tokens, so ` : ""}no query sees more than ` +
+        `${k} keys and every selector keeps every key (it equals dense), so there is no ${metric.options[metric.selectedIndex].text} to show.`
+      : `No informative query (no value) for ${missing.join(", ")}.`;
+    const chart = document.getElementById("layer-chart");
+    if (!series.length) { d3.select(chart).selectAll("*").remove(); return; }
+    lineChart(chart, series, "layer", metric.options[metric.selectedIndex].text, false, null);
   }
   kSelect.addEventListener("change", drawLayers); metric.addEventListener("change", drawLayers);
   if (data.layers.length) drawLayers();
