@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from sparse_viz.analysis.index_spec import as_indices
 from sparse_viz.analysis.masking.all_pairs import all_pairs_attention_impact
 from sparse_viz.analysis.masking.experiment import attention_label
 from sparse_viz.analysis.masking.layer_inputs import capture_layer_inputs
-from sparse_viz.errors import UserInputError
+from sparse_viz.errors import SettingWarning, UserInputError
 from sparse_viz.model.selectors import local_window, random_past, sink_plus_local, topk_causal
 from sparse_viz.pretrained.loading import LoadedModel, load_model
 from sparse_viz.pretrained.prompts import encode_prompt, read_prompt
@@ -116,6 +117,26 @@ def agreement_rows(layer: int, impact: torch.Tensor, mass: torch.Tensor, ks: Seq
     return rows
 
 
+def warn_k_without_informative_query(ks: Sequence[int], n_tokens: int) -> None:
+    """Warn about the k >= the prompt's `n_tokens`: query t sees t + 1 <= n_tokens keys, so every
+    selection of k keeps the whole row and there is nothing to compare (`agreement_rows` skips
+    such a k). A warning, not an error: the impact matrices, the analysis's main result, are
+    still exact and written; only the agreement table lacks those k (or is empty)."""
+    degenerate = [value for value in ks if value >= n_tokens]
+    if not degenerate:
+        return
+    if len(degenerate) == len(ks):
+        warnings.warn(f"every k ({', '.join(map(str, ks))}) is >= the prompt's {n_tokens} tokens: no query sees more "
+                      "than k keys, so every selection keeps every key and no selector is compared (the agreement "
+                      "table is empty; the impact matrices are still computed); give a longer prompt or a smaller k",
+                      SettingWarning, stacklevel=3)
+    else:
+        warnings.warn(f"k = {', '.join(map(str, degenerate))} {'is' if len(degenerate) == 1 else 'are'} >= the "
+                      f"prompt's {n_tokens} tokens: no query sees more than k keys, so every selection keeps every "
+                      "key; the agreement table has no rows for "
+                      f"{'it' if len(degenerate) == 1 else 'them'}", SettingWarning, stacklevel=3)
+
+
 def run_impact_analysis(
     prompt: str | None = None,
     model_name: str | os.PathLike | None = None,
@@ -152,6 +173,10 @@ def run_impact_analysis(
     Returns:
         ImpactResult.
 
+    Warns:
+        SettingWarning: a k >= the prompt's length (no query has more than k keys: no agreement
+            row for it), or every k such (an empty agreement table).
+
     Raises:
         UserInputError: bad model, prompt, layers, k < 1, block_size < 1, sink_tokens < 0.
     """
@@ -173,6 +198,7 @@ def run_impact_analysis(
     layer_list = as_indices(layers, adapter.n_layers, "layers") or list(range(adapter.n_layers))
     input_ids = encode_prompt(model.tokenizer, prompt, chat=chat, max_positions=adapter.max_positions,
                               min_tokens=2).to(model.device)
+    warn_k_without_informative_query(ks, int(input_ids.shape[1]))
     inputs, _ = capture_layer_inputs(adapter, input_ids, layer_list)
     l2s, cosines, masses, rows = [], [], [], []
     for layer in tqdm(layer_list, desc="impact", unit="layer", disable=not progress):

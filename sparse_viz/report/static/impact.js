@@ -89,14 +89,29 @@
     rowChart(document.getElementById("row-mass"), mass, topK(mass, k), "#1f77b4", "attention mass (sum over heads)");
   }
 
+  // A k >= the prompt's length leaves no query with more than k keys: every selection keeps the
+  // whole row, so the analysis compares nothing there. Say so rather than show an empty table.
   function drawTable() {
     const body = document.querySelector("#agreement tbody");
     body.replaceChildren();
-    for (const r of data.agreement.filter((r) => String(r.layer) === layerSelect.value)) {
+    const rows = data.agreement.filter((r) => String(r.layer) === layerSelect.value);
+    for (const r of rows) {
       const row = body.insertRow();
       for (const v of [r.selector, r.k, SV.format(r.impact_recall_at_k, 3), SV.format(r.impact_share, 3),
         SV.format(r.spearman, 3), r.n_queries]) row.insertCell().textContent = v;
     }
+    document.getElementById("agreement").hidden = rows.length === 0;
+    const without = data.k.filter((k) => k >= T);
+    const note = document.getElementById("agreement-note");
+    note.hidden = without.length === 0 && rows.length > 0;
+    note.textContent = !data.k.length ? "No k was given: no selection is compared."
+      : without.length === data.k.length
+      ? `No agreement to show: the prompt has ${T} tokens, so no query sees more than k keys for any k given ` +
+        `(${data.k.join(", ")}); every selection keeps every key and there is nothing to compare. ` +
+        "A longer prompt or a smaller --k compares selections."
+      : without.length ? `Not in the table: k = ${without.join(", ")}, not below the prompt's ${T} tokens ` +
+        "(no query sees more than k keys, so every selection keeps every key)."
+      : "No agreement rows for this layer.";
   }
 
   canvas.addEventListener("mousemove", (event) => {
