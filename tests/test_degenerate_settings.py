@@ -238,3 +238,12 @@ def test_impact_report_names_the_k_left_out_of_the_table(chromium, tmp_path):  #
         assert page.locator("#agreement tbody tr").count() == 3 and page.locator("#agreement").is_visible()
         note = page.locator("#agreement-note")
         assert note.is_visible() and "k = 8" in note.text_content() and "4 tokens" in note.text_content()
+
+
+def test_sparse_eval_with_every_k_at_least_the_window_is_refused_before_the_model_loads(tmp_path, capsys):
+    """The model path does not exist: only a check made before loading can answer with the k."""
+    result = run_analysis_cli(["sparse-eval", "--model", str(tmp_path / "no-model"), "--k", "512", "--seq-len", "128",
+                               "--output", str(tmp_path / "out")], capsys)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "every k (512)" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()

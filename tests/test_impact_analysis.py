@@ -182,5 +182,5 @@ def test_impact_with_every_k_above_the_prompt_says_so(model_dir, tmp_path, capsy
     result = run_analysis_cli(["impact", "--model", str(model_dir), "--prompt", "abc", "--k", "8",
                                "--no-report", "--output", str(out)], capsys)
     assert result.returncode == 0, result.stderr
-    assert "no selection is compared" in result.stderr and "Empty DataFrame" not in result.stdout
+    assert "no selector is compared" in result.stderr and "Empty DataFrame" not in result.stdout
     assert (out / "agreement.png").is_file() and (out / "impact.npz").is_file()

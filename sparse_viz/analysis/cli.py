@@ -448,12 +448,7 @@ def run_impact(args: argparse.Namespace) -> object:
     report_layers = parse_index_spec(args.report_layers, max(result.layers) + 1, what="report-layers")
     write_impact_outputs(output, result, report=not args.no_report, report_layers=report_layers,
                          overwrite=args.overwrite)
-    if result.agreement.empty:
-        # Rows with t + 1 <= k keep every key under any selector: nothing to compare.
-        print(f"note: no query of the {len(result.tokens)}-token prompt sees more than k keys for any --k "
-              f"{' '.join(map(str, args.k))}, so no selection is compared (the impact matrix is still written); "
-              "give a longer prompt or a smaller --k", file=sys.stderr)
-    else:
+    if not result.agreement.empty:  # empty: every k >= the prompt's length, warned about by the analysis
         summary = result.agreement.groupby(["k", "selector"])[["impact_recall_at_k", "impact_share"]].mean()
         print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"{len(result.layers)} layer(s) x {len(result.tokens)} tokens written to {output}")
@@ -504,9 +499,12 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
         raise UserInputError(f"--k values must be >= 1, got {args.k}")
     if args.seq_len < 2 or args.windows < 1 or args.dense_layers < 0:
         raise UserInputError("--seq-len must be >= 2, --windows >= 1 and --dense-layers >= 0")
+    from sparse_viz.analysis.sparse_eval.evaluation import check_k_against_length, evaluate_selectors
+
+    if min(args.k) >= args.seq_len:  # refused before the model loads (the analysis warns about single k itself)
+        check_k_against_length(sorted(set(args.k)), args.seq_len)
     output = output_dir(args)
 
-    from sparse_viz.analysis.sparse_eval.evaluation import evaluate_selectors
     from sparse_viz.analysis.sparse_eval.outputs import write_sparse_eval_outputs
     from sparse_viz.analysis.sparse_eval.windows import held_out_windows
     from sparse_viz.pretrained.loading import load_model
