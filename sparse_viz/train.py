@@ -22,14 +22,35 @@ A resumed run continues in the directory its checkpoint lives in, exactly where 
 Ctrl-C / SIGTERM, after which the resume command is printed and the exit status is 130 / 143). Bad input (unknown option,
 malformed YAML, unknown selector, missing corpus, ...) is one line on stderr, exit status 2, and
 no run directory.
+
+`--help` (every option, the default model's and data module's included) and a misspelled option
+(one line naming the nearest valid ones) are answered in a fraction of a second, before torch and
+Lightning are imported, from the real parser's help kept in train_help_snapshot.py
+(`sparse_viz.train_help`; `write_help_snapshot()` below rewrites it).
 """
 
 from __future__ import annotations
 
+import sys
+
+from sparse_viz import train_help
+
+if __name__ == "__main__":
+    # `--help` and a misspelled option are answered here, before torch and Lightning are imported
+    # (5-30 s on a CPU machine), from the real parser's help texts kept by train_help; it returns
+    # when they are stale or the command line is anything else.
+    train_help.answer_without_lightning(sys.argv[1:])
+
+# The imports that take the time come after that early answer (so below a statement, on purpose).
+import contextlib
 import dataclasses
+import importlib
+import io
 import logging
 import os
-import sys
+import pprint
+import re
+import textwrap
 import time
 from pathlib import Path
 
@@ -45,7 +66,7 @@ from sparse_viz.data.tokenizer import save_tokenizer_atomic
 from sparse_viz.errors import UserInputError
 from sparse_viz.model import ModelConfig
 from sparse_viz.training import Schedule
-from sparse_viz.training.class_choices import unknown_class_error
+from sparse_viz.training.class_choices import class_choices, unknown_class_error
 from sparse_viz.training.checkpointing import TrainingInterrupted, use_step_checkpoint
 from sparse_viz.training.module import default_stages, stages_from_dicts
 from sparse_viz.training.progress import use_steps_progress_bar
@@ -55,8 +76,7 @@ from sparse_viz.training.retrofit_module import default_retrofit_stages
 
 MODEL_CONFIG_FIELDS = [field.name for field in dataclasses.fields(ModelConfig)]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+DEFAULT_CONFIG = train_help.DEFAULT_CONFIG  # configs/train/default.yaml of this checkout
 # Set by rank 0 for the processes Lightning's DDP launcher starts (they inherit its environment),
 # so that every process writes to the run directory rank 0 chose (a name with the time in it
 # would differ). Processes started by an external launcher (torchrun, SLURM) need --run_name.
@@ -88,10 +108,11 @@ class SparseVizCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as error:
-            unknown = unknown_class_error(str(error))
-            if unknown is None:
+            given = sys.argv[1:] if args is None else [arg for arg in args if isinstance(arg, str)]
+            line = unknown_class_error(str(error)) or unknown_option_error(parser, str(error), given)
+            if line is None:
                 raise
-            raise UserInputError(unknown) from None
+            raise UserInputError(line) from None
         model = self.config.model.get("init_args", self.config.model)  # subclass mode: {class_path, init_args}
         try:
             stages = stages_from_dicts(model.stages) if model.get("stages") is not None else None
@@ -254,6 +275,9 @@ def cli_kwargs(args: list[str] | None = None) -> dict:
             "default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else [],
             "exit_on_error": False,
             "allow_abbrev": False,  # `--trainer.max_step=30` is an error, not max_steps
+            "prog": train_help.PROG,
+            "description": "Train a transformer with DeepSeek Sparse Attention (or Lightning Indexers on a "
+                           "pretrained model) with Lightning: options on the command line or in YAML configs.",
         },
         args=args,
     )
@@ -305,6 +329,146 @@ def user_error_in_chain(error: BaseException) -> BaseException | None:
     return None
 
 
+def printed_by(parser: LightningArgumentParser, argv: list[str]) -> str:
+    """What `parser` prints for `argv` (a help request), instead of printing it and exiting."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+        parser.parse_args(argv)
+    return buffer.getvalue()
+
+
+_NOT_ACCEPTED = re.compile(r'Parser key "(model|data)".*?Problem with given class_path \'([^\']+)\':\s*'
+                           r"Option '([^']+)' is not accepted", re.DOTALL)
+_UNRECOGNIZED = re.compile(r"[Uu]nrecognized arguments: (\S+)")
+
+
+def unknown_option_error(parser: LightningArgumentParser, message: str, args: list[str]) -> str | None:
+    """One line naming the option jsonargparse refused and its nearest valid names, or None.
+
+    jsonargparse reports `--model.topk=16` as a paragraph about Union subtypes, cut short in one
+    line before it says which option was wrong; the fast check in train_help catches it on the
+    command line before Lightning is imported, this one wherever it comes from (a config file, a
+    class of your own, a checkout whose help snapshot is stale).
+    """
+    refused = _NOT_ACCEPTED.search(message)
+    if refused is not None:
+        key, class_path, option = refused.groups()
+        listed = train_help.listed_options(printed_by(parser, [f"--{key}.help", class_path]))
+        options = [name.split(".")[1] for name in listed if name.startswith(f"--{key}.")]
+        given = next((arg for arg in args if re.match(rf"--{key}\.(init_args\.)?{re.escape(option)}\b", arg)), None)
+        return train_help.unknown_option_line(given, option, options, prefix=f"--{key}.", owner=class_path)
+    unrecognized = _UNRECOGNIZED.search(message)
+    if unrecognized is not None:
+        given = unrecognized.group(1)
+        parts = given.split("=", 1)[0][2:].split(".")
+        main = [name for name in train_help.listed_options(printed_by(parser, ["--help"])) if name.startswith("--")]
+        top = sorted({name[2:].split(".")[0].rstrip("+") for name in main})
+        if parts[0] not in top:
+            return train_help.unknown_option_line(given, parts[0], top, prefix="--")
+        if parts[0] == "trainer" and len(parts) > 1:
+            trainer = sorted({name.split(".")[1].rstrip("+") for name in main if name.startswith("--trainer.")})
+            return train_help.unknown_option_line(given, parts[1], trainer, prefix="--trainer.")
+    return None
+
+
+def help_snapshot() -> dict:
+    """The help texts of the real parser, for `train_help` to answer from without Lightning.
+
+    Returns:
+        {"texts": {"": what `--help` prints (the parser's options, then those of the default
+        model and data classes with the default config's values, then how to see the other
+        classes'), class path: what `--model.help` / `--data.help` print for it, for every model
+        and data class with options of its own}, "defaults": {"model": class path, "data": class
+        path}}. Printed 80 columns wide, the usage line naming `python -m sparse_viz.train`.
+    """
+
+    class Captured(Exception):
+        pass
+
+    class HelpCLI(SparseVizCLI):
+        def parse_arguments(self, parser, args) -> None:
+            texts, sections, chosen = {"": printed_by(parser, ["--help"])}, {}, {}
+            defaults = parser.get_defaults()
+            for key in ("model", "data"):
+                default = defaults.get(key)
+                chosen[key] = default.get("class_path") if default else None
+                for class_path in class_choices(key):
+                    text = printed_by(parser, [f"--{key}.help", class_path])
+                    if any(name.startswith(f"--{key}.") for name in train_help.listed_options(text)):
+                        texts[class_path] = text
+                if chosen[key] in texts:
+                    sections[key] = _options_section(parser, key, chosen[key], default.get("init_args"))
+            raise Captured(texts, chosen, sections)
+
+    saved_columns, saved_prog = os.environ.get("COLUMNS"), sys.argv[0]
+    os.environ["COLUMNS"] = "80"  # argparse's width: a terminal's otherwise
+    sys.argv[0] = train_help.PROG  # the prog of jsonargparse's --model.help parsers
+    try:
+        HelpCLI(**cli_kwargs([]))
+    except Captured as captured:
+        texts, chosen, sections = captured.args
+    finally:
+        sys.argv[0] = saved_prog
+        if saved_columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved_columns
+    end = []
+    for key, what in (("model", "model"), ("data", "data module")):
+        if key in sections:
+            end.append(textwrap.fill(f"Options of the default {what}, {chosen[key]}, with the default config's "
+                                     "values:", 80) + "\n\n" + sections[key].strip("\n") + "\n")
+    others = [f"  {train_help.PROG} --{key}.help {path}" for key in ("model", "data")
+              for path in texts if path and path != chosen[key]
+              and path.startswith("sparse_viz.training." if key == "model" else "sparse_viz.data.")]
+    if others:
+        end.append(textwrap.fill("The other model and data classes have options of their own (choose one with "
+                                 "--model CLASS / --data CLASS, or in a config such as configs/train/recall.yaml); "
+                                 "to see them:", 80) + "\n" + "\n".join(others) + "\n")
+    texts[""] = "\n".join([texts[""].rstrip("\n") + "\n", *end])
+    return {"texts": texts, "defaults": chosen}
+
+
+def _options_section(parser: LightningArgumentParser, key: str, class_path: str, init_args) -> str:
+    """The options of `class_path` as `--<key>.help` lists them, but with `init_args` (the
+    default config's values) as their defaults instead of the class's."""
+    module, name = class_path.rsplit(".", 1)
+    help_action = parser._option_string_actions[f"--{key}.help"]  # how LightningCLI adds a class's options
+    sub = type(parser)(prog=train_help.PROG)
+    sub.add_class_arguments(getattr(importlib.import_module(module), name), key, **help_action.sub_add_kwargs)
+    if init_args:
+        sub.set_defaults({f"{key}.{option}": value for option, value in init_args.items()})
+    paragraphs = sub.format_help().split("\n\n")  # usage, description, -h, then the class's group
+    first = next(i for i, paragraph in enumerate(paragraphs) if re.search(rf"^  --{key}\.", paragraph, re.M))
+    section = "\n\n".join(paragraphs[first:])
+    return re.sub(rf"^  --{key} CONFIG .*\n", "", section, flags=re.M)  # --<key> itself: in the main options
+
+
+def write_help_snapshot() -> Path:
+    """Write sparse_viz/train_help_snapshot.py from the real parser (after a change to what
+    `train_help.SHAPED_BY` lists, or an upgrade of Lightning / jsonargparse / torch):
+
+        python -c "from sparse_viz.train import write_help_snapshot; write_help_snapshot()"
+    """
+    snapshot = help_snapshot()
+    texts = {key: text.replace(str(DEFAULT_CONFIG), train_help.DEFAULT_CONFIG_MARK)
+             for key, text in snapshot["texts"].items()}
+    path = train_help.PACKAGE / "train_help_snapshot.py"
+    source = (
+        '"""What `python -m sparse_viz.train --help` prints, kept for `sparse_viz.train_help` to answer\n'
+        "without importing torch or Lightning. Generated: do not edit; rewrite it with\n\n"
+        '    python -c "from sparse_viz.train import write_help_snapshot; write_help_snapshot()"\n'
+        '"""\n\n'
+        f"FINGERPRINT = {train_help.fingerprint()!r}\n\n"
+        f"DEFAULTS = {pprint.pformat(snapshot['defaults'], width=110)}\n\n"
+        f"TEXTS = {pprint.pformat(texts, width=110)}\n"
+    )
+    temporary = path.with_suffix(".py.tmp")
+    temporary.write_text(source)
+    temporary.replace(path)
+    return path
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     if isinstance(error, UserInputError):
@@ -316,6 +480,13 @@ if __name__ == "__main__":
     # Keep stderr for what matters: errors are one line, and progress is Lightning's own bar.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     datasets.disable_progress_bars()
+    request = train_help.help_request(sys.argv[1:], class_choices("model") + class_choices("data"))
+    if request is not None:
+        # Not answered before the imports (the help snapshot is stale): the same text, from the real parser.
+        help_texts = help_snapshot()["texts"]
+        if request in help_texts:
+            sys.stdout.write(help_texts[request])
+            sys.exit(0)
     try:
         finished = run_training()
     except Exception as error:  # noqa: BLE001 - re-raised unless it is the user's input
