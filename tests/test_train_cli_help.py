@@ -212,10 +212,12 @@ def test_a_stale_snapshot_is_never_used(monkeypatch):
                           "option topk; did you mean --model.top_k?)"),
     (["--trainer.max_step=30"], "unrecognized arguments: --trainer.max_step=30 (did you mean --trainer.max_steps"),
 ])
-def test_the_real_parser_names_the_nearest_option_too(args, fragment, monkeypatch):
+def test_the_real_parser_names_the_nearest_option_too(args, fragment, monkeypatch, tmp_path):
     """Where the snapshot does not answer (stale, a config file, a run started from Python), the
-    real parser's error becomes the same line; it refuses an abbreviation by itself too."""
+    real parser's error becomes the same line; it refuses an abbreviation by itself too (the
+    check before Lightning would hide a parser that expanded it)."""
     monkeypatch.setattr(sys, "argv", ["sparse_viz.train"])
     with pytest.raises(UserInputError) as refused:
-        run_training(["--config", TINY, *args])
+        run_training(["--config", TINY, "--run_root", str(tmp_path / "runs"), f"--data.cache_dir={tmp_path / 'cache'}",
+                      *args])
     assert fragment in str(refused.value)

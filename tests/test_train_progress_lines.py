@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from sparse_viz.training.progress import line_interval
+
 TESTS = Path(__file__).resolve().parent
 TINY = str(TESTS.parent / "configs" / "train" / "tiny.yaml")
 STAGES = ["dense"] * 10 + ["warmup"] * 5 + ["sparse"] * 10  # tiny.yaml: the stage of update i (0-based)
@@ -61,3 +63,8 @@ def test_a_run_into_a_pipe_writes_a_line_every_tenth_of_its_steps_while_it_runs(
     validations = [line for line in lines if line.startswith("validation at step ")]
     assert [line.split(":")[0] for line in validations] == ["validation at step 10/25", "validation at step 20/25"]
     assert all("val/loss " in line for line in validations)
+
+
+@pytest.mark.parametrize("max_steps, expected", [(25, 3), (800, 50), (300, 30), (10_000, 50), (7, 1), (-1, 50)])
+def test_lines_come_every_tenth_of_the_run_and_at_most_50_steps_apart(max_steps, expected):
+    assert line_interval(max_steps) == expected
