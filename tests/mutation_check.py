@@ -394,8 +394,38 @@ MUTATIONS: list[Mutation] = [
         "abbreviated_options_expanded", "sparse_viz/train.py",
         '"allow_abbrev": False,',
         '"allow_abbrev": True,',
-        ("tests/test_train.py::test_bad_input_is_one_line_exit_2_and_no_run_directory",),
+        ("tests/test_train.py::test_bad_input_is_one_line_exit_2_and_no_run_directory",
+         "tests/test_train_cli_help.py::test_the_real_parser_names_the_nearest_option_too"),
         "--trainer.max_step=30 silently means --trainer.max_steps=30",
+    ),
+    # ------------------------------------------------------------------ nothing a user has is destroyed
+    Mutation(
+        "output_dir_replaces_a_result_holding_a_users_file", "sparse_viz/output_dir.py",
+        "        if foreign:\n",
+        "        if False:\n",
+        ("tests/test_output_dir.py::test_an_earlier_result_with_a_file_added_by_the_user_is_not_replaced",),
+        "--overwrite deletes a notes file the user put into an earlier result",
+    ),
+    Mutation(
+        "output_dir_replaces_a_result_without_consent", "sparse_viz/output_dir.py",
+        "        if not overwrite:\n",
+        "        if False:\n",
+        ("tests/test_output_dir.py::test_an_earlier_result_is_replaced_only_with_consent",),
+        "a second run with the same --output replaces the first without --overwrite",
+    ),
+    Mutation(
+        "output_dir_not_rechecked_before_the_rename", "sparse_viz/output_dir.py",
+        "        write_manifest(staging, written_by)\n        check_output_dir(output, overwrite=overwrite)\n",
+        "        write_manifest(staging, written_by)\n",
+        ("tests/test_output_dir.py::test_a_file_added_while_the_analysis_runs_stops_the_replacement",),
+        "a file added while an analysis runs is deleted when its result moves in",
+    ),
+    Mutation(
+        "new_run_written_into_a_used_run_directory", "sparse_viz/train.py",
+        "            if not ckpt_path and launched_as_global_rank_zero():\n",
+        "            if False:\n",
+        ("tests/test_train_run_dir.py",),
+        "a second run with the same --run_name writes over the first",
     ),
     # ------------------------------------------------------------------ installs and reports that explain themselves
     Mutation(
