@@ -249,3 +249,17 @@ def test_heatmap_layers_that_cannot_take_effect_are_one_line_exit_2_and_write_no
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_rerendering_a_run_leaves_files_it_did_not_draw_as_they_were(tmp_path):
+    """`python -m sparse_viz.report RUN` writes only its own files (report.html, plots/*.png it draws):
+    a user's notes in the run, in plots/ and in plots/selection/ keep their bytes."""
+    run = write_synthetic_run(tmp_path / "run", n_snapshots=2, n_layers=2)
+    mine = {run / "notes.md": "run notes", run / "plots" / "my_figure.svg": "<svg/>",
+            run / "plots" / "selection" / "step_0000001_annotated.png": "not a heatmap"}
+    for path, text in mine.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for argv in ((), ("--heatmap-layers", "0"), ("--no-plots",)):
+        assert _report_cli(run, *argv).returncode == 0
+        assert {path: path.read_text() for path in mine} == mine, argv
