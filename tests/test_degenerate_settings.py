@@ -121,9 +121,8 @@ def test_every_k_at_or_above_the_window_length_is_refused(tiny):
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    model, tokenizer = tiny_llama()
-    return save_tiny(model, tokenizer, tmp_path_factory.mktemp("tiny") / "llama")
+def llama_dir(tiny_model_dirs):
+    return tiny_model_dirs["llama"]
 
 
 @pytest.fixture(scope="module")
