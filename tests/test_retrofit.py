@@ -303,3 +303,31 @@ def test_evaluation_text_too_short_for_the_windows_is_refused(retrofit_run, tmp_
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "500 windows of 128 need 64000" in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and not output.exists()
+
+
+@pytest.mark.slow
+def test_generate_runs_the_trained_indexers_through_the_caches_and_refuses_another_models(retrofit_run, capsys):
+    """`generate --selector topk` with the run's indexers: the tokens `generate` emits through the
+    masked reference, then the speeds; the same indexers on another model: one line, exit 2."""
+    from analysis_cli import run_analysis_cli
+
+    from sparse_viz.pretrained.sparse_inference import load_sparse_model
+
+    checkpoint = str(retrofit_run["run"] / "checkpoints" / "last.ckpt")
+    argv = ["generate", "--model", str(retrofit_run["model"]), "--indexers", checkpoint, "--k", "8",
+            "--prompt", "To be, or not to be, that is the question: whether", "--max-new-tokens", "6", "--device", "cpu"]
+    result = run_analysis_cli(argv, capsys)
+    assert result.returncode == 0, result.stderr
+    assert "attention: topk k=8; prefill" in result.stderr and "tokens/s" in result.stderr
+
+    loaded = load_sparse_model(str(retrofit_run["model"]), checkpoint, "topk", 8, device="cpu")
+    state = loaded.model._sparse_viz_inference
+    state.uninstall()
+    ids = loaded.tokenizer("To be, or not to be, that is the question: whether", return_tensors="pt")["input_ids"]
+    with selection_installed(loaded.model, state.selection):
+        want = loaded.model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)[0, ids.shape[1]:]
+    assert result.stdout.strip() == loaded.tokenizer.decode(want, skip_special_tokens=True).strip()
+
+    other = run_analysis_cli([*argv[:2], str(retrofit_run["other"]), *argv[3:]], capsys)
+    lines = [line for line in other.stderr.splitlines() if line.strip()]
+    assert other.returncode == 2 and len(lines) == 1 and "trained for the model" in lines[0], other.stderr

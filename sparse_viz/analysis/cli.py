@@ -10,6 +10,7 @@ imports this module. Bad input becomes `UserInputError`: one line on stderr, exi
     impact      all-pairs attention impact and its agreement with selections of keys
     sparse-eval perplexity of a model whose layers attend to k selected keys, per selector and k
     batch       token masking for a YAML list of prompts
+    generate    text from a model attending to k selected keys, through its caches (prefill/decode speeds)
 
 Examples:
     python -m sparse_viz.analysis mask --model .cache/smollm2-135m --prompt "The capital of France is"
@@ -531,6 +532,69 @@ def run_sparse_eval(args: argparse.Namespace) -> object:
     return result
 
 
+# -- generate -----------------------------------------------------------------------------------
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local model directory (or hub id when online)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", help="file whose whole content is the prompt (default: ./prompt.txt if present)")
+    parser.add_argument("--selector", default="topk", help="dense, topk (needs --indexers), local, sink_local or "
+                        "oracle (top-k of the layer's own attention: a reference, as costly as dense)")
+    parser.add_argument("--indexers", default=None, help="a retrofit run's checkpoint: its Lightning Indexers "
+                        "give the topk selector (results/<run>/checkpoints/last.ckpt)")
+    parser.add_argument("--k", type=int, default=256, help="keys per query (default 256)")
+    parser.add_argument("--sink-tokens", type=int, default=4, help="sinks of sink_local (default 4)")
+    parser.add_argument("--dense-layers", type=int, default=0, help="keep the first N layers dense (default 0)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass kept when sampling (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+
+
+def run_generate(args: argparse.Namespace) -> object:
+    """Generate with sparse attention through the KV cache and the indexer key cache; print the
+    text and the prefill and decode speeds."""
+    from sparse_viz.pretrained.sparse_inference import INFERENCE_SELECTORS
+
+    if args.selector not in INFERENCE_SELECTORS:
+        raise UserInputError(f"--selector must be one of {', '.join(INFERENCE_SELECTORS)}, got {args.selector!r}")
+    if args.k < 1:
+        raise UserInputError(f"--k must be >= 1, got {args.k}")
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserInputError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    if args.selector == "topk" and not args.indexers:
+        raise UserInputError("--selector topk needs trained indexers: --indexers results/<retrofit run>/checkpoints/last.ckpt")
+    if args.indexers and not Path(args.indexers).is_file():
+        raise UserInputError(f"indexer checkpoint not found: {args.indexers}")
+    prompt = resolve_prompt(args)
+
+    from sparse_viz.pretrained.prompts import encode_prompts
+    from sparse_viz.pretrained.sparse_inference import load_sparse_model
+    from sparse_viz.pretrained.timed_generation import generate_timed
+
+    loaded = load_sparse_model(args.model, args.indexers, args.selector, args.k, args.sink_tokens, args.dense_layers,
+                               device=args.device, dtype=args.dtype)
+    ids, _ = encode_prompts(loaded.tokenizer, [prompt], loaded.device, chat=args.chat,
+                            max_positions=loaded.adapter.max_positions)
+    context = loaded.adapter.max_positions
+    if context is not None and ids.shape[1] + args.max_new_tokens > context:
+        raise UserInputError(f"the prompt's {ids.shape[1]} tokens plus --max-new-tokens {args.max_new_tokens} exceed "
+                             f"the model's context of {context}")
+    result = generate_timed(loaded.model, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                            eos_token_id=loaded.tokenizer.eos_token_id)
+    print(loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True))
+    label = loaded.model._sparse_viz_inference.selection.label
+    print(f"attention: {label}; prefill {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s "
+          f"({result.prefill_tokens_per_second:.1f} tokens/s); decode {len(result.token_ids) - 1} tokens in "
+          f"{result.decode_seconds:.2f} s ({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
+    return result
+
+
 # -- batch --------------------------------------------------------------------------------------
 
 
@@ -575,6 +639,8 @@ COMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "sparse-eval": ("held-out perplexity with each layer attending to k selected keys, per selector",
                     add_sparse_eval_arguments, run_sparse_eval),
     "batch": ("token masking for a YAML list of prompts", add_batch_arguments, run_batch_command),
+    "generate": ("generate text with sparse attention through the KV and indexer key caches, timing prefill and decode",
+                 add_generate_arguments, run_generate),
 }
 
 
