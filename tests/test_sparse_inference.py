@@ -171,7 +171,7 @@ def test_the_indexer_key_cache_equals_the_keys_recomputed_from_the_whole_sequenc
     finally:
         for hook in hooks:
             hook.remove()
-        cached = dict(state.indexer_keys)
+        cached = {layer: cache.keys() for layer, cache in state.indexer_keys.items()}
         state.uninstall()
     cos, sin = rope_tables(4, T, selection.indexer_rope_theta)
     for layer, keys in cached.items():
@@ -234,3 +234,21 @@ def test_generate_bad_input_is_one_line_exit_2(tiny_model_dirs, capsys, extra, m
                                "--device", "cpu", *extra], capsys)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("selector, k", [("topk", 4), ("local", 4)])
+def test_a_static_cache_decodes_as_the_reference_too(tiny, selector, k):
+    """A preallocated cache hands the attention every row, filled or not; the mask says which are
+    filled, and only those are selected from."""
+    model, tokenizer = tiny
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    selection = selection_for(model, selector, k)
+    with selection_installed(model, selection):
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    state = install_sparse_inference(model, selection)
+    try:
+        got = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    finally:
+        state.uninstall()
+    assert got.tolist() == want.tolist()

@@ -45,6 +45,37 @@ SPARSE_INFERENCE_ATTENTION = "sparse_viz_sparse_inference"
 INFERENCE_SELECTORS = ("dense", "topk", "local", "sink_local", "oracle")
 
 
+class IndexerKeyCache:
+    """One layer's indexer keys (B, S, d_I) in a buffer that grows by doubling: appending a decode
+    step's key copies one row, not the whole cache (as `torch.cat` would, every step)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None  # (B, capacity, d_I)
+        self.length = 0
+
+    def reset(self, keys: torch.Tensor) -> torch.Tensor:
+        """Start over with `keys` (B, S, d_I); returns the cached keys (B, S, d_I)."""
+        self.buffer, self.length = None, 0
+        return self.append(keys)
+
+    def append(self, keys: torch.Tensor) -> torch.Tensor:
+        """Add `keys` (B, T, d_I) after the cached ones; returns all of them (B, S, d_I), a view."""
+        B, T, d = keys.shape
+        needed = self.length + T
+        if self.buffer is None or self.buffer.shape[1] < needed or self.buffer.shape[0] != B:
+            grown = keys.new_empty(B, max(needed, 2 * (0 if self.buffer is None else self.buffer.shape[1])), d)
+            if self.buffer is not None and self.length:
+                grown[:, :self.length] = self.buffer[:, :self.length]
+            self.buffer = grown
+        self.buffer[:, self.length:needed] = keys
+        self.length = needed
+        return self.buffer[:, :needed]
+
+    def keys(self) -> torch.Tensor | None:
+        """(B, S, d_I) the cached keys, or None."""
+        return None if self.buffer is None else self.buffer[:, :self.length]
+
+
 class SparseInference:
     """The state of sparse inference installed on one model: its selection and indexer key cache.
 
@@ -66,7 +97,7 @@ class SparseInference:
         if windows and selection.selector != "dense":
             raise UserInputError(f"sparse inference needs full causal attention; layers {windows} use a sliding window")
         self.normed: dict[int, torch.Tensor] = {}  # layer -> (B, T, D) of the current forward
-        self.indexer_keys: dict[int, torch.Tensor] = {}  # layer -> (B, S, d_I): the indexer key cache
+        self.indexer_keys: dict[int, IndexerKeyCache] = {}  # layer -> its indexer key cache
         self.last_selected: dict[int, torch.Tensor] = {}  # layer -> (B, T, k) absolute key indices, -1 unfilled
         self._undo: Callable[[], None] | None = None
 
@@ -121,17 +152,13 @@ class SparseInference:
         cos, sin = cos[past:].to(normed.device), sin[past:].to(normed.device)
         with torch.no_grad():
             q, k_new, w = self.selection.indexers[layer].project(normed, cos, sin)
+        cache = self.indexer_keys.setdefault(layer, IndexerKeyCache())
         if past == 0:
-            keys = k_new
-        else:
-            cached = self.indexer_keys.get(layer)
-            if cached is None or cached.shape[1] != past:
-                raise UserInputError(f"the indexer key cache of layer {layer} holds "
-                                     f"{0 if cached is None else cached.shape[1]} keys, the KV cache {past}: "
-                                     "start a new generation (a prefill) instead of continuing another")
-            keys = torch.cat((cached, k_new), dim=1)  # (B, S, d_I)
-        self.indexer_keys[layer] = keys
-        return q, keys, w
+            return q, cache.reset(k_new), w
+        if cache.length != past:
+            raise UserInputError(f"the indexer key cache of layer {layer} holds {cache.length} keys, the KV cache "
+                                 f"{past}: start a new generation (a prefill) instead of continuing another")
+        return q, cache.append(k_new), w  # (B, S, d_I)
 
     def prefill_selection(self, layer: int, q: torch.Tensor, key: torch.Tensor, scaling: float,
                           projected) -> torch.Tensor:
@@ -188,21 +215,36 @@ def dense_attention_probs(q: torch.Tensor, key: torch.Tensor, scaling: float) ->
     return F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
 
-def padding_of(attention_mask: torch.Tensor | None, batch_size: int, length: int) -> list[int]:
-    """Left-padding length of each sequence, read from the last query's row of the model's mask.
+def sequence_spans(attention_mask: torch.Tensor | None, batch_size: int, length: int,
+                   position_ids: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """Each sequence's keys as (first, end): left padding before `first`, and from `end` on the
+    unfilled rows of a preallocated (static) cache.
+
+    `first` is read from the last query's row of the mask. `end` is the last query's position
+    plus one, counted from the first real token (transformers numbers positions so under left
+    padding); a static cache's mask cannot tell it (SDPA's mask builder may skip the mask of a
+    prefill into a longer cache).
 
     Args:
-        attention_mask: (B, 1, T, S) bool (True = attend) or additive float, or None (no padding).
+        attention_mask: (B, 1, T, S) bool (True = attend) or additive float, or None.
+        length: S, the keys the attention function was given.
+        position_ids: (B, T) or (1, T) positions of the queries, if the model passed them.
     """
-    if attention_mask is None:
-        return [0] * batch_size
-    row = attention_mask[:, 0, -1, :]  # (B, S): the last query sees every real key
-    allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    pads = [int((~allowed[b]).sum()) for b in range(batch_size)]
-    for b, pad in enumerate(pads):
-        if pad and bool(allowed[b, :pad].any()):
-            raise UserInputError("sparse inference needs left padding (a padded key after a real one)")
-    return pads
+    allowed = None
+    if attention_mask is not None:
+        row = attention_mask[:, 0, -1, :]  # (B, S): the last query sees every real key
+        allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    spans = []
+    for b in range(batch_size):
+        first = 0 if allowed is None else int(allowed[b].nonzero()[0])
+        if position_ids is not None:
+            end = first + int(position_ids[min(b, position_ids.shape[0] - 1), -1]) + 1
+        else:
+            end = length if allowed is None else int(allowed[b].nonzero()[-1]) + 1
+        if allowed is not None and not bool(allowed[b, first:end].all()):
+            raise UserInputError("sparse inference needs left padding (a padded key between real ones)")
+        spans.append((first, end))
+    return spans
 
 
 def sparse_inference_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -212,8 +254,9 @@ def sparse_inference_attention_forward(module: nn.Module, query: torch.Tensor, k
 
     Args:
         query: (B, H, T, hd) the new tokens; key, value: (B, Hkv, S, hd) the whole cache after this
-            step's update (S = T in a prefill), post-RoPE.
-        attention_mask: from transformers' SDPA mask builder: None, or (B, 1, T, S) with left padding.
+            step's update (S = T in a prefill; a static cache's unfilled rows too), post-RoPE.
+        attention_mask: from transformers' SDPA mask builder: None, or (B, 1, T, S) marking left
+            padding and a static cache's unfilled rows.
 
     Returns:
         (attn_output (B, T, H, hd), None).
@@ -228,18 +271,18 @@ def sparse_inference_attention_forward(module: nn.Module, query: torch.Tensor, k
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     B, H, T, hd = query.shape
-    S = key.shape[2]
+    spans = sequence_spans(attention_mask, B, key.shape[2], kwargs.get("position_ids"))
+    S = spans[0][1]  # the keys up to this step's last token: the same end for every (left-padded) row
     past = S - T
     projected = state.indexer_projections(layer, past) if state.selection.selector == "topk" else None
-    pads = padding_of(attention_mask, B, S)
     out = query.new_zeros(B, T, H, hd)
     chosen = torch.full((B, T, min(state.selection.top_k, S)), -1, dtype=torch.long, device=query.device)
-    for b, pad in enumerate(pads):
+    for b, (pad, _) in enumerate(spans):
         # The sequence's own keys and queries: rows before `pad` are padding (left zero).
         first = max(pad - past, 0)  # the first of this step's queries that is a real token
         if first >= T:
             continue
-        q_b, k_b, v_b = query[b:b + 1, :, first:], key[b:b + 1, :, pad:], value[b:b + 1, :, pad:]
+        q_b, k_b, v_b = query[b:b + 1, :, first:], key[b:b + 1, :, pad:S], value[b:b + 1, :, pad:S]
         proj_b = None
         if projected is not None:
             q_i, k_i, w = projected
