@@ -185,3 +185,11 @@ def test_warmup_kl_equals_a_brute_force_from_the_traced_probabilities():
         p = trace.dense_attn_probs.sum(1) / config.n_heads  # (1, T, T)
         rows = [hand_kl(p[0, t].tolist(), trace.index_scores[0, t].tolist()) for t in range(6)]
         assert out.indexer_kl[layer].item() == pytest.approx(sum(rows) / 6, rel=1e-4, abs=1e-7)
+
+
+def test_rope_tables_from_a_start_are_those_rows_of_the_whole_tables():
+    from sparse_viz.model.rope import rope_tables
+
+    cos, sin = rope_tables(8, 50, 10000.0)
+    part_cos, part_sin = rope_tables(8, 50, 10000.0, start=37)
+    assert torch.equal(part_cos, cos[37:]) and torch.equal(part_sin, sin[37:])

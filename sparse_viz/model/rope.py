@@ -11,19 +11,20 @@ import torch
 from torch import nn
 
 
-def rope_tables(dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine and sine tables for positions 0..max_seq_len-1.
+def rope_tables(dim: int, max_seq_len: int, theta: float, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine and sine tables for positions start..max_seq_len-1.
 
     Args:
         dim: rotated width (even).
-        max_seq_len: number of positions.
+        max_seq_len: one past the last position.
         theta: RoPE base.
+        start: the first position (a decode step needs only its own).
 
     Returns:
-        (cos, sin), each (max_seq_len, dim // 2) float32.
+        (cos, sin), each (max_seq_len - start, dim // 2) float32: rows of the tables from 0 on.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
-    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, dim/2)
+    angles = torch.arange(start, max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, dim/2)
     return angles.cos().float(), angles.sin().float()
 
 

@@ -148,8 +148,8 @@ class SparseInference:
         """
         normed = self.normed.pop(layer)  # (B, T, D)
         T = normed.shape[1]
-        cos, sin = rope_tables(self.selection.indexer_rope_dim, past + T, self.selection.indexer_rope_theta)
-        cos, sin = cos[past:].to(normed.device), sin[past:].to(normed.device)
+        cos, sin = rope_tables(self.selection.indexer_rope_dim, past + T, self.selection.indexer_rope_theta, start=past)
+        cos, sin = cos.to(normed.device), sin.to(normed.device)
         with torch.no_grad():
             q, k_new, w = self.selection.indexers[layer].project(normed, cos, sin)
         cache = self.indexer_keys.setdefault(layer, IndexerKeyCache())
