@@ -73,7 +73,9 @@ def generate_timed(model, input_ids: torch.Tensor, max_new_tokens: int, temperat
     generator = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
     device = input_ids.device
     started = time.perf_counter()
-    out = model(input_ids=input_ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    # The last position's logits only, as `generate` does: the prompt's others are never read.
+    out = model(input_ids=input_ids, past_key_values=DynamicCache(config=model.config), use_cache=True,
+                logits_to_keep=1)
     tokens = [next_token(out.logits[0, -1].cpu(), temperature, top_p, generator)]
     prefill = time.perf_counter() - started
     cache = out.past_key_values
