@@ -104,26 +104,7 @@ def check_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Path
             an earlier result without `overwrite`; a parent that cannot be created or written.
     """
     path = Path(output)
-    if path.exists() and not path.is_dir():
-        raise UserInputError(f"output {str(path)!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        foreign = foreign_files(path)
-        if foreign is None:
-            raise UserInputError(
-                f"output {str(path)!r} is a folder sparse_viz did not write (no {MANIFEST_NAME}); "
-                "nothing was changed: choose a new or empty folder"
-            )
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise UserInputError(
-                f"output {str(path)!r} holds files sparse_viz did not write ({shown}); "
-                "nothing was changed: choose a new or empty folder"
-            )
-        if not overwrite:
-            raise UserInputError(
-                f"output {str(path)!r} already holds an earlier result; pass --overwrite to replace it, "
-                "or choose another folder"
-            )
+    check_replaceable(path, overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}."):
@@ -131,6 +112,36 @@ def check_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Path
     except OSError as error:
         raise UserInputError(f"cannot write output directory {str(path)!r}: {error.strerror or error}") from error
     return path
+
+
+def check_replaceable(path: Path, overwrite: bool) -> None:
+    """What `path` holds allows it to be written (see `check_output_dir`); says nothing about
+    whether its parent can be written.
+
+    Raises:
+        UserInputError: as `check_output_dir`, but for the parent.
+    """
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"output {str(path)!r} exists and is not a directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    foreign = foreign_files(path)
+    if foreign is None:
+        raise UserInputError(
+            f"output {str(path)!r} is a folder sparse_viz did not write (no {MANIFEST_NAME}); "
+            "nothing was changed: choose a new or empty folder"
+        )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserInputError(
+            f"output {str(path)!r} holds files sparse_viz did not write ({shown}); "
+            "nothing was changed: choose a new or empty folder"
+        )
+    if not overwrite:
+        raise UserInputError(
+            f"output {str(path)!r} already holds an earlier result; pass --overwrite to replace it, "
+            "or choose another folder"
+        )
 
 
 def make_staging_dir(output: Path) -> Path:
@@ -173,8 +184,9 @@ def write_output_dir(output: str | os.PathLike, *, written_by: str, overwrite: b
     """Write a result folder whole: yields a staging folder; on success it gets its manifest and
     replaces `output`, on an exception it is removed and `output` is untouched.
 
-    The check of `check_output_dir` runs on entry and again just before the rename: files a user
-    put into the folder while the analysis ran are still refused.
+    The check of `check_output_dir` runs on entry, and what the folder holds is checked again just
+    before the rename: files a user put into it while the analysis ran are still refused (the
+    staging folder beside it has shown the parent can be written).
 
     Args:
         output: the result folder.
@@ -189,7 +201,7 @@ def write_output_dir(output: str | os.PathLike, *, written_by: str, overwrite: b
     try:
         yield staging
         write_manifest(staging, written_by)
-        check_output_dir(output, overwrite=overwrite)
+        check_replaceable(output, overwrite)
         replace_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -401,21 +401,21 @@ MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ nothing a user has is destroyed
     Mutation(
         "output_dir_replaces_a_result_holding_a_users_file", "sparse_viz/output_dir.py",
-        "        if foreign:\n",
-        "        if False:\n",
+        "    if foreign:\n",
+        "    if False:\n",
         ("tests/test_output_dir.py::test_an_earlier_result_with_a_file_added_by_the_user_is_not_replaced",),
         "--overwrite deletes a notes file the user put into an earlier result",
     ),
     Mutation(
         "output_dir_replaces_a_result_without_consent", "sparse_viz/output_dir.py",
-        "        if not overwrite:\n",
-        "        if False:\n",
+        "    if not overwrite:\n",
+        "    if False:\n",
         ("tests/test_output_dir.py::test_an_earlier_result_is_replaced_only_with_consent",),
         "a second run with the same --output replaces the first without --overwrite",
     ),
     Mutation(
         "output_dir_not_rechecked_before_the_rename", "sparse_viz/output_dir.py",
-        "        write_manifest(staging, written_by)\n        check_output_dir(output, overwrite=overwrite)\n",
+        "        write_manifest(staging, written_by)\n        check_replaceable(output, overwrite)\n",
         "        write_manifest(staging, written_by)\n",
         ("tests/test_output_dir.py::test_a_file_added_while_the_analysis_runs_stops_the_replacement",),
         "a file added while an analysis runs is deleted when its result moves in",
