@@ -97,22 +97,27 @@ def test_each_decode_step_equals_the_last_row_of_a_longer_prefill(tiny, selector
             assert set(row[row >= 0].tolist()) == set(selected[layer][selected[layer] >= 0].tolist()), (t, layer)
 
 
+def greedy_both_ways(model, ids, selection, max_new_tokens: int, **generate_kwargs) -> tuple[list, list]:
+    """Greedy tokens through the masked reference (no cache) and through sparse inference's caches."""
+    with selection_installed(model, selection):
+        want = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=False)
+    state = install_sparse_inference(model, selection)
+    try:
+        got = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+    finally:
+        state.uninstall()
+    return want.tolist(), got.tolist()
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("selector, k", [("topk", 4), ("sink_local", 5), ("oracle", 3)])
 def test_greedy_generate_through_the_caches_emits_the_reference_tokens(tiny, selector, k):
     model, tokenizer = tiny
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    selection = selection_for(model, selector, k)
-    with selection_installed(model, selection):
-        want = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
-    state = install_sparse_inference(model, selection)
-    try:
-        got = model.generate(ids, max_new_tokens=12, do_sample=False)
-    finally:
-        state.uninstall()
-    assert got.tolist() == want.tolist()
+    want, got = greedy_both_ways(model, ids, selection_for(model, selector, k), 12)
+    assert got == want
     dense = model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert dense.tolist() != want.tolist() or selector == "oracle"  # random weights: sparse changes the text
+    assert dense.tolist() != want or selector == "oracle"  # random weights: sparse changes the text
 
 
 @torch.no_grad()
@@ -243,12 +248,5 @@ def test_a_static_cache_decodes_as_the_reference_too(tiny, selector, k):
     filled, and only those are selected from."""
     model, tokenizer = tiny
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    selection = selection_for(model, selector, k)
-    with selection_installed(model, selection):
-        want = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
-    state = install_sparse_inference(model, selection)
-    try:
-        got = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
-    finally:
-        state.uninstall()
-    assert got.tolist() == want.tolist()
+    want, got = greedy_both_ways(model, ids, selection_for(model, selector, k), 8, cache_implementation="static")
+    assert got == want

@@ -75,7 +75,6 @@ class StepsProgressBar(RichProgressBar):
         if self.progress.tasks[self.train_progress_bar_id].total != total:
             self.progress.update(self.train_progress_bar_id, total=total)
 
-
     # ----------------------------------------------------------------- plain lines
     def writes_lines(self) -> bool:
         """Whether this bar writes plain lines: enabled (rank 0), and not drawing on a terminal or
